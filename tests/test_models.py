@@ -1,0 +1,128 @@
+"""Every architecture x backbone follows the forward(x, context) contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from wsiseg.errors import ModelConfigError, WeightsError
+from wsiseg.models import available_models, build_encoder, build_model, load_encoder_weights
+
+ARCHS = ["fcn", "deeplabv3", "unet", "segnet"]
+BACKBONES = ["resnet18", "resnet34", "resnet50", "mobilenet_v3_large"]
+
+
+def test_registry_lists_paper_architectures() -> None:
+    assert set(ARCHS) <= set(available_models())
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_contract_context_and_gradients(arch: str, backbone: str) -> None:
+    torch.manual_seed(0)
+    num_classes = 3
+    model = build_model(arch, num_classes, backbone=backbone)
+    assert model.spec == {"arch": arch, "backbone": backbone, "num_classes": num_classes}
+    height, width = 45, 70  # odd, not multiples of any stride
+    x = torch.rand(2, 3, height, width)
+
+    model.eval()
+    with torch.no_grad():
+        logits, features = model(x)
+        assert logits.shape == (2, num_classes, height, width)
+        assert features.shape == (2, model.feature_channels, *model.feature_shape(height, width))
+
+        # The context is added to the penultimate features before the classifier.
+        context = torch.randn_like(features)
+        logits_ctx, features_ctx = model(x, context)
+        torch.testing.assert_close(features_ctx, features + context)
+        expected = model.classifier(features + context)
+        if model.feature_stride > 1:
+            expected = F.interpolate(
+                expected, scale_factor=model.feature_stride, mode="bilinear", align_corners=False
+            )
+        torch.testing.assert_close(logits_ctx, expected[..., :height, :width])
+        assert not torch.allclose(logits_ctx, logits)
+        with pytest.raises(ValueError, match="context shape"):
+            model(x, context[..., :-1])
+
+    # Gradients reach the first layer of the encoder.
+    model.train()
+    logits, _ = model(x)
+    logits.square().mean().backward()
+    first_conv = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.weight.grad is not None
+    assert first_conv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_binary_model_has_one_logit(arch: str) -> None:
+    model = build_model(arch, 1, backbone="resnet18").eval()
+    with torch.no_grad():
+        logits, _ = model(torch.rand(1, 3, 33, 47))
+    assert logits.shape == (1, 1, 33, 47)
+
+
+def test_unknown_names_and_bad_class_counts_are_clear_errors() -> None:
+    with pytest.raises(ModelConfigError, match="unknown architecture 'pspnet'"):
+        build_model("pspnet", 2)
+    with pytest.raises(ModelConfigError, match="unknown backbone 'vgg16'"):
+        build_model("fcn", 2, backbone="vgg16")
+    with pytest.raises(ModelConfigError, match="num_classes"):
+        build_model("fcn", 0, backbone="resnet18")
+
+
+def test_backbone_weights_load_from_torchvision_checkpoint(tmp_path) -> None:
+    # A torchvision classification checkpoint (with its fc head) as users have on disk.
+    torch.manual_seed(1)
+    reference = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_model("unet", 2, backbone="resnet18", backbone_weights=path)
+    loaded = model.encoder.body.state_dict()
+    for key, value in reference.state_dict().items():
+        if not key.startswith("fc."):
+            assert torch.equal(loaded[key], value), key
+
+
+def test_backbone_weights_from_safetensors_for_dilated_encoder(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    source = build_encoder("resnet34", dilated=False)
+    path = tmp_path / "enc.safetensors"
+    save_file({f"encoder.body.{k}": v.contiguous() for k, v in source.body.state_dict().items()}, str(path))
+    model = build_model("deeplabv3", 2, backbone="resnet34", backbone_weights=path)
+    for key, value in source.body.state_dict().items():
+        assert torch.equal(model.encoder.body.state_dict()[key], value), key
+
+
+def test_missing_and_mismatched_backbone_weights_are_refused(tmp_path) -> None:
+    with pytest.raises(WeightsError, match="does not exist"):
+        build_model("fcn", 2, backbone="resnet18", backbone_weights=tmp_path / "nope.pth")
+    wrong = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), wrong)
+    with pytest.raises(WeightsError, match="does not fit backbone 'resnet18'.*unexpected"):
+        build_model("fcn", 2, backbone="resnet18", backbone_weights=wrong)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x00not a checkpoint" * 10)
+    with pytest.raises(WeightsError, match="cannot read weights file"):
+        load_encoder_weights(build_encoder("resnet18"), garbage)
+    shapes = tmp_path / "shapes.pth"
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["conv1.weight"] = torch.zeros(64, 3, 5, 5)
+    torch.save(state, shapes)
+    with pytest.raises(WeightsError, match="wrong shape"):
+        load_encoder_weights(build_encoder("resnet18"), shapes)
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path) -> None:
+    class Payload:
+        def __reduce__(self):  # pragma: no cover - must never run
+            return (print, ("unpickled!",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": Payload()}, path)
+    with pytest.raises(WeightsError, match="cannot read weights file"):
+        load_encoder_weights(build_encoder("resnet18"), path)

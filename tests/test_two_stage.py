@@ -1,0 +1,180 @@
+"""The in-memory two-stage engine: selection extremes, seamless tiling, composition."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TinyFCN, random_image
+from wsiseg.errors import InputError
+from wsiseg.models import build_model
+from wsiseg.models.base import logits_to_probabilities
+from wsiseg.tiling import Box, TileGrid, blend_weights
+from wsiseg.two_stage import (
+    ModelRunner,
+    TwoStageConfig,
+    downsample_mean,
+    run_stage1,
+    segment_full_resolution,
+    segment_image,
+    stage1_context,
+)
+from wsiseg.uncertainty import TileSelection, entropy, tile_scores
+
+
+def _pair(num_classes: int = 1, stride: int = 1, seed: int = 0) -> tuple[TinyFCN, TinyFCN]:
+    torch.manual_seed(seed)
+    return TinyFCN(num_classes, stride=stride), TinyFCN(num_classes, stride=stride)
+
+
+def _whole(model, image: np.ndarray, context: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference: the model on the whole image at once, (C, H, W) probabilities."""
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        logits, _ = model.eval()(x, None if context is None else context[None])
+    return logits_to_probabilities(logits)[0]
+
+
+def test_downsample_mean_matches_block_means(rng) -> None:
+    image = rng.integers(0, 256, (10, 13, 3), dtype=np.uint8)
+    low = downsample_mean(image, 4)
+    assert low.shape == (3, 4, 3)
+    assert low[0, 0, 1] == np.rint(image[:4, :4, 1].astype(float).mean())
+    assert low[2, 3, 2] == np.rint(image[8:, 12:, 2].astype(float).mean())  # partial block
+
+
+def test_threshold_above_one_refines_nothing_and_equals_upsampled_model1(rng) -> None:
+    image = random_image(rng, 150, 203)
+    model1, model2 = _pair(num_classes=3)
+    config = TwoStageConfig(ratio=4, tile_size=64, halo=8, selection=TileSelection.threshold(1.01))
+    result = segment_image(image, model1, model2, config, device="cpu")
+    assert not result.refined.any()
+    assert result.counts["tiles_refined"] == 0 and result.counts["tiles_total"] == 3 * 4
+
+    low = downsample_mean(image, 4)
+    low_probs = _whole(model1, low)  # (3, 38, 51)
+    np.testing.assert_allclose(result.stage1_probabilities, low_probs.numpy(), atol=1e-5)
+    upsampled = F.interpolate(low_probs[None], scale_factor=4, mode="bilinear", align_corners=False)[0]
+    expected = upsampled[:, :150, :203].numpy()
+    np.testing.assert_allclose(result.probabilities, expected, atol=1e-5)
+    np.testing.assert_array_equal(result.mask, np.argmax(expected, axis=0))
+    np.testing.assert_allclose(result.uncertainty, entropy(low_probs.numpy()), atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape", [(150, 203), (64, 64), (37, 250)])
+def test_threshold_zero_refines_all_and_tiled_model2_equals_whole_image(rng, shape, stride) -> None:
+    image = random_image(rng, *shape)
+    model1, model2 = _pair(num_classes=1, stride=stride)
+    # Receptive radius: 3 convs (+ the strided conv and the final interpolation
+    # at stride 2) = 3 px at stride 1, 9 px at stride 2; the halo must cover it.
+    halo = 8 * stride
+    config = TwoStageConfig(
+        ratio=4, tile_size=32, halo=halo, blend=8, batch_size=3, selection=TileSelection.threshold(0.0)
+    )
+    result = segment_image(image, model1, model2, config, device="cpu")
+    assert result.refined.all()
+    assert result.counts["tiles_refined"] == TileGrid(*shape, 32).num_tiles
+
+    # Reference: Model 2 on the whole image with the whole image's context.
+    low = downsample_mean(image, 4)
+    runner1 = ModelRunner(model1, "cpu", channels_last=False)
+    _, features1 = run_stage1(runner1, low, block=1024, halo=0, batch_size=1)
+    height, width = shape
+    context = stage1_context(
+        features1, 4 * model1.feature_stride, Box(0, height, 0, width),
+        model2.feature_shape(height, width), model2.feature_stride,
+    )
+    expected = _whole(model2, image, context)
+    np.testing.assert_allclose(result.probabilities, expected.numpy(), atol=2e-5)
+    np.testing.assert_array_equal(result.mask, (expected[0] >= 0.5).numpy())
+
+
+def test_stage1_in_blocks_equals_whole_low_resolution_image(rng) -> None:
+    low = random_image(rng, 90, 133)
+    model1, _ = _pair(num_classes=2, stride=2)
+    runner = ModelRunner(model1, "cpu", channels_last=False)
+    probs_blocks, feats_blocks = run_stage1(runner, low, block=32, halo=16, batch_size=2)
+    probs_whole, feats_whole = run_stage1(runner, low, block=1024, halo=0, batch_size=1)
+    np.testing.assert_allclose(probs_blocks, probs_whole, atol=2e-5)
+    torch.testing.assert_close(feats_blocks, feats_whole, atol=2e-5, rtol=1e-5)
+    assert feats_whole.shape == (model1.feature_channels, 45, 67)
+
+
+def test_mixed_selection_blends_model2_into_model1(rng) -> None:
+    image = random_image(rng, 96, 128)
+    model1, model2 = _pair(num_classes=1)
+    config = TwoStageConfig(ratio=4, tile_size=32, halo=8, blend=6, selection=TileSelection.top_n(4))
+    result = segment_image(image, model1, model2, config, device="cpu")
+    refined = result.refined
+    assert refined.sum() == 4
+    scores = tile_scores(result.uncertainty, TileGrid(96, 128, 32).edges(0), TileGrid(96, 128, 32).edges(1), (4.0, 4.0))
+    np.testing.assert_allclose(result.tile_scores, scores)
+    assert result.tile_scores[refined].min() >= result.tile_scores[~refined].max()
+
+    # Composition: w * p2 + (1 - w) * p1, tile by tile.
+    all_model1 = segment_image(image, model1, model2, TwoStageConfig(
+        ratio=4, tile_size=32, halo=8, selection=TileSelection.threshold(2.0)), device="cpu")
+    all_model2 = segment_image(image, model1, model2, TwoStageConfig(
+        ratio=4, tile_size=32, halo=8, selection=TileSelection.threshold(0.0)), device="cpu")
+    grid = TileGrid(96, 128, 32)
+    for row, col in grid.tiles():
+        tile = grid.tile(row, col)
+        w = blend_weights(refined, row, col, tile, 6)[None]
+        sl = (slice(None), *tile.slices())
+        expected = w * all_model2.probabilities[sl] + (1 - w) * all_model1.probabilities[sl]
+        np.testing.assert_allclose(result.probabilities[sl], expected, atol=2e-5)
+
+
+def test_full_resolution_mode_equals_whole_image_model(rng) -> None:
+    image = random_image(rng, 77, 121)
+    _, model = _pair(num_classes=2)
+    result = segment_full_resolution(image, model, tile_size=32, halo=8, batch_size=5, device="cpu")
+    assert result.refined.all() and result.stage1_probabilities is None
+    expected = _whole(model, image)
+    np.testing.assert_allclose(result.probabilities, expected.numpy(), atol=2e-5)
+    assert result.counts["tiles_refined"] == result.counts["tiles_total"] == 3 * 4
+
+
+def test_real_architecture_runs_and_reports_counts_and_timings(rng) -> None:
+    torch.manual_seed(0)
+    model1 = build_model("fcn", 2, backbone="resnet18")
+    model2 = build_model("fcn", 2, backbone="resnet18")
+    image = random_image(rng, 200, 260)
+    config = TwoStageConfig(ratio=2, tile_size=64, halo=16, selection=TileSelection.budget(0.25))
+    stages = []
+    result = segment_image(image, model1, model2, config, device="cpu", progress=lambda s, d, t: stages.append((s, d, t)))
+    assert result.mask.shape == (200, 260) and result.mask.dtype == np.uint8
+    assert result.probabilities.shape == (2, 200, 260)
+    np.testing.assert_allclose(result.probabilities.sum(0), 1.0, atol=1e-5)
+    assert result.counts["tiles_total"] == 4 * 5
+    assert result.counts["tiles_refined"] == 5  # round(0.25 * 20)
+    assert set(result.timings) == {"stage1", "select", "stage2", "compose", "total"}
+    assert ("stage2", 5, 5) in stages and stages[0][0] == "stage1"
+
+
+def test_bad_inputs_are_clear_errors(rng) -> None:
+    model1, model2 = _pair()
+    with pytest.raises(InputError, match="uint8 RGB"):
+        segment_image(np.zeros((10, 10), np.uint8), model1, model2)
+    _, strided = _pair(stride=2)
+    with pytest.raises(InputError, match="multiple of Model 2's feature stride"):
+        segment_image(random_image(rng, 40, 40), model1, strided, TwoStageConfig(tile_size=33), device="cpu")
+    with pytest.raises(InputError, match="3 classes but Model 2 has 1"):
+        segment_image(random_image(rng, 40, 40), TinyFCN(3), TinyFCN(1))
+    with pytest.raises(InputError, match="ratio"):
+        TwoStageConfig(ratio=0)
+
+
+def test_without_a_halo_tiles_leave_seams(rng) -> None:
+    """The seamless result above depends on the halo: without one, borders differ."""
+    image = random_image(rng, 96, 96)
+    model1, model2 = _pair(num_classes=1)
+    everything = TileSelection.threshold(0.0)
+    with_halo = segment_image(image, model1, model2, TwoStageConfig(ratio=4, tile_size=32, halo=8, selection=everything), device="cpu")
+    no_halo = segment_image(image, model1, model2, TwoStageConfig(ratio=4, tile_size=32, halo=0, selection=everything), device="cpu")
+    seam = np.abs(with_halo.probabilities - no_halo.probabilities)[0]
+    assert seam[:, 31:33].max() > 1e-3  # at the tile border
+    np.testing.assert_allclose(seam[8:24, 8:24], 0, atol=1e-6)  # tile interiors agree

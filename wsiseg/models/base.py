@@ -1,0 +1,145 @@
+"""The contract every wsiseg segmentation model follows.
+
+A model maps an RGB batch to class logits and exposes its penultimate feature
+map, into which a *context* of the same shape can be added before the final
+classifier. This is the path by which Model 1's features reach Model 2 in the
+two-stage framework (Cruz et al., Sensors 2023).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsiseg.errors import ModelConfigError
+
+#: ImageNet channel statistics; models normalise their [0, 1] input with them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class SegmentationModel(nn.Module):
+    """Base class: ``forward(x, context=None) -> (logits, features)``.
+
+    Subclasses implement :meth:`extract_features` and set ``classifier`` (a
+    1x1 convolution from ``feature_channels`` to ``num_classes``) and
+    ``feature_stride`` (the input-to-feature downsampling factor).
+
+    Inputs are RGB float tensors of shape ``(N, 3, H, W)`` with values in
+    ``[0, 1]``; the model normalises them with ImageNet statistics itself, so
+    callers never need to know the normalisation.
+
+    ``num_classes == 1`` means a binary task with one sigmoid logit;
+    ``num_classes >= 2`` means softmax over that many classes.
+    """
+
+    num_classes: int
+    feature_channels: int
+    feature_stride: int
+    classifier: nn.Module
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ModelConfigError(
+                f"num_classes must be 1 (binary) or an integer >= 2, got {num_classes!r}"
+            )
+        self.num_classes = num_classes
+        self.register_buffer(
+            "input_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "input_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False
+        )
+
+    def extract_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features of a normalised batch.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``(N, 3, H, W)`` float, already normalised.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(N, feature_channels, *feature_shape(H, W))`` float.
+        """
+        raise NotImplementedError
+
+    def feature_shape(self, height: int, width: int) -> tuple[int, int]:
+        """Spatial shape of the feature map for an ``height x width`` input."""
+        stride = self.feature_stride
+        return math.ceil(height / stride), math.ceil(width / stride)
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segment a batch.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``(N, 3, H, W)`` float RGB in ``[0, 1]``.
+        context : torch.Tensor, optional
+            ``(N, feature_channels, h, w)`` with ``(h, w) == feature_shape(H, W)``,
+            added to the penultimate features before the classifier.
+
+        Returns
+        -------
+        logits : torch.Tensor
+            ``(N, num_classes, H, W)`` float.
+        features : torch.Tensor
+            ``(N, feature_channels, h, w)``: the map the classifier saw, that
+            is the penultimate features plus ``context`` when one was given.
+        """
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected an (N, 3, H, W) batch, got shape {tuple(x.shape)}")
+        features = self.extract_features((x - self.input_mean) / self.input_std)
+        if context is not None:
+            if context.shape != features.shape:
+                raise ValueError(
+                    f"context shape {tuple(context.shape)} must equal the feature "
+                    f"shape {tuple(features.shape)}"
+                )
+            features = features + context
+        logits = self.classifier(features)
+        if self.feature_stride > 1:
+            # Upsample by exactly the stride, then crop: the same input pixel
+            # gets the same logit whether the model sees the whole image or a
+            # window starting at a multiple of the stride (seamless tiling).
+            logits = F.interpolate(
+                logits, scale_factor=self.feature_stride, mode="bilinear", align_corners=False
+            )
+        return logits[..., : x.shape[-2], : x.shape[-1]], features
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Sequential:
+    """``kernel_size`` convolution (same padding, no bias), batch norm, ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def logits_to_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """``(N, K, H, W)`` logits to probabilities: sigmoid for ``K == 1``, else softmax over K."""
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits)
+    return torch.softmax(logits, dim=1)
+
+
+def probabilities_to_labels(probs: np.ndarray) -> np.ndarray:
+    """``(C, H, W)`` probabilities to an ``(H, W)`` uint8 label image.
+
+    ``C == 1``: label 1 where P(foreground) >= 0.5; otherwise the arg-max class.
+    """
+    if probs.shape[0] == 1:
+        return (probs[0] >= 0.5).astype(np.uint8)
+    return np.argmax(probs, axis=0).astype(np.uint8)

@@ -1,0 +1,209 @@
+"""Geometry of the tile grid: tiles, halo windows, blend weights, resampling.
+
+Coordinates are full-resolution pixels, ``(y, x)``, half-open boxes. A map
+at another resolution (Model 1's output, its features) is described by its
+*scale*: full-resolution pixels per map pixel along each axis, with pixel
+``i`` of the map covering ``[i * scale, (i + 1) * scale)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from wsiseg.errors import InputError
+
+
+class Box(NamedTuple):
+    """Half-open pixel box ``[y0, y1) x [x0, x1)``."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(height, width)``."""
+        return self.y1 - self.y0, self.x1 - self.x0
+
+    def relative_to(self, outer: Box) -> Box:
+        """This box in the coordinates of ``outer``'s top-left corner."""
+        return Box(self.y0 - outer.y0, self.y1 - outer.y0, self.x0 - outer.x0, self.x1 - outer.x0)
+
+    def slices(self) -> tuple[slice, slice]:
+        """``(rows, cols)`` slices for indexing an array."""
+        return slice(self.y0, self.y1), slice(self.x0, self.x1)
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """A ``tile_size`` grid over a ``height x width`` image; edge tiles are smaller.
+
+    Parameters
+    ----------
+    height, width : int
+        Image size in pixels.
+    tile_size : int
+        Side of a full tile in pixels.
+    """
+
+    height: int
+    width: int
+    tile_size: int
+
+    def __post_init__(self) -> None:
+        if self.height < 1 or self.width < 1:
+            raise InputError(f"image size must be positive, got {self.height} x {self.width}")
+        if self.tile_size < 1:
+            raise InputError(f"tile size must be positive, got {self.tile_size}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Number of tiles ``(rows, cols)``."""
+        return math.ceil(self.height / self.tile_size), math.ceil(self.width / self.tile_size)
+
+    @property
+    def num_tiles(self) -> int:
+        rows, cols = self.shape
+        return rows * cols
+
+    def edges(self, axis: int) -> np.ndarray:
+        """Tile boundaries along ``axis`` (0 = y, 1 = x): ``[0, T, 2T, ..., size]``, int64."""
+        size = self.height if axis == 0 else self.width
+        return np.minimum(np.arange(self.shape[axis] + 1, dtype=np.int64) * self.tile_size, size)
+
+    def tile(self, row: int, col: int) -> Box:
+        """The box of tile ``(row, col)``."""
+        t = self.tile_size
+        return Box(row * t, min((row + 1) * t, self.height), col * t, min((col + 1) * t, self.width))
+
+    def window(self, row: int, col: int, halo: int) -> Box:
+        """Tile ``(row, col)`` grown by ``halo`` on every side, clipped to the image.
+
+        Clipping (rather than padding) means a window at the image border sees
+        exactly the border the whole image has, so tiled inference can equal
+        whole-image inference.
+        """
+        b = self.tile(row, col)
+        return Box(
+            max(b.y0 - halo, 0), min(b.y1 + halo, self.height),
+            max(b.x0 - halo, 0), min(b.x1 + halo, self.width),
+        )
+
+    def tiles(self) -> Iterator[tuple[int, int]]:
+        """All ``(row, col)`` indices, row-major."""
+        rows, cols = self.shape
+        for row in range(rows):
+            for col in range(cols):
+                yield row, col
+
+
+def round_up(value: int, multiple: int) -> int:
+    """Smallest multiple of ``multiple`` that is >= ``value``."""
+    return -(-value // multiple) * multiple
+
+
+def blend_weights(refined: np.ndarray, row: int, col: int, tile: Box, width: int) -> np.ndarray:
+    """Weight of Model 2 in tile ``(row, col)`` when composing with Model 1.
+
+    Inside a refined tile the weight ramps linearly from near 0 at a border
+    shared with an unrefined tile (one of its 8 neighbours) to 1 at
+    ``width`` pixels from it: ``w = min(1, (d - 0.5) / width)`` with ``d``
+    the chessboard distance, in pixels, to the nearest unrefined neighbour.
+    Borders with the image edge or with refined tiles do not ramp. An
+    unrefined tile's weight is 0 everywhere.
+
+    Parameters
+    ----------
+    refined : np.ndarray
+        ``(rows, cols)`` bool map of refined tiles.
+    row, col : int
+        The tile.
+    tile : Box
+        Its box (for the size).
+    width : int
+        Ramp width in pixels; 0 disables blending.
+
+    Returns
+    -------
+    np.ndarray
+        ``(tile height, tile width)`` float32 in ``[0, 1]``.
+    """
+    height, wide = tile.shape
+    if not refined[row, col]:
+        return np.zeros((height, wide), np.float32)
+    if width <= 0:
+        return np.ones((height, wide), np.float32)
+    rows, cols = refined.shape
+    # Distance (in pixels, >= 1) from each row / column to the tile's four sides.
+    to_top = np.arange(1, height + 1, dtype=np.float32)[:, None]
+    to_bottom = to_top[::-1]
+    to_left = np.arange(1, wide + 1, dtype=np.float32)[None, :]
+    to_right = to_left[:, ::-1]
+    vertical = {-1: to_top, 0: None, 1: to_bottom}
+    horizontal = {-1: to_left, 0: None, 1: to_right}
+    distance = np.full((height, wide), np.inf, np.float32)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            r, c = row + dy, col + dx
+            if (dy, dx) == (0, 0) or not (0 <= r < rows and 0 <= c < cols) or refined[r, c]:
+                continue
+            parts = [p for p in (vertical[dy], horizontal[dx]) if p is not None]
+            d = parts[0] if len(parts) == 1 else np.maximum(parts[0], parts[1])
+            distance = np.minimum(distance, d)
+    return np.clip((distance - 0.5) / width, 0.0, 1.0).astype(np.float32)
+
+
+def linear_resample(
+    values: torch.Tensor, rows: torch.Tensor | np.ndarray, cols: torch.Tensor | np.ndarray
+) -> torch.Tensor:
+    """Sample a map bilinearly at given row and column positions.
+
+    Positions are in pixel-centre coordinates of ``values`` (pixel ``i`` has
+    its centre at ``i``) and are clamped to the map, which matches
+    ``F.interpolate(..., mode="bilinear", align_corners=False)`` and
+    ``grid_sample(padding_mode="border")``.
+
+    Parameters
+    ----------
+    values : torch.Tensor
+        ``(..., H, W)``.
+    rows, cols : 1-D arrays
+        ``(h,)`` and ``(w,)`` float positions.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(..., h, w)``.
+    """
+    out = _resample_axis(values, torch.as_tensor(rows, dtype=torch.float64), axis=-2)
+    return _resample_axis(out, torch.as_tensor(cols, dtype=torch.float64), axis=-1)
+
+
+def _resample_axis(values: torch.Tensor, positions: torch.Tensor, axis: int) -> torch.Tensor:
+    size = values.shape[axis]
+    positions = positions.clamp(0, size - 1)
+    lower = positions.floor().long().clamp(max=size - 1)
+    upper = (lower + 1).clamp(max=size - 1)
+    frac = (positions - lower).to(values.dtype).to(values.device)
+    lower, upper = lower.to(values.device), upper.to(values.device)
+    shape = [1] * values.ndim
+    shape[axis] = -1
+    frac = frac.view(shape)
+    return values.index_select(axis, lower) * (1 - frac) + values.index_select(axis, upper) * frac
+
+
+def pixel_centres(start: int, count: int, step: float, scale: float) -> np.ndarray:
+    """Centres of ``count`` pixels of size ``step`` from full-res ``start``, in map coordinates.
+
+    The result indexes a map whose pixels are ``scale`` full-resolution pixels
+    wide, in the pixel-centre convention of :func:`linear_resample`.
+    """
+    centres = start + (np.arange(count, dtype=np.float64) + 0.5) * step
+    return centres / scale - 0.5

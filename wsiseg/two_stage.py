@@ -1,0 +1,594 @@
+"""The two-stage data flow: stage 1, score, select, stage 2, compose.
+
+1. **Stage 1.** Model 1 segments the image downsampled by ``ratio`` (in
+   overlapping blocks, so block borders leave no seams), giving class
+   probabilities and penultimate features at low resolution.
+2. **Score.** Each full-resolution tile's score is the mean uncertainty of
+   Model 1's probabilities over its footprint (:mod:`wsiseg.uncertainty`).
+3. **Select.** A :class:`~wsiseg.uncertainty.TileSelection` picks the tiles
+   to refine (threshold, top-N or budget).
+4. **Stage 2.** Model 2 re-segments each selected tile at full resolution,
+   read with a halo so tile borders leave no seams, with Model 1's features
+   over the same footprint resampled to Model 2's feature grid as context.
+5. **Compose.** Refined tiles take Model 2's probabilities, the others
+   Model 1's upsampled ones, blended linearly across the border between a
+   refined and an unrefined tile (:func:`~wsiseg.tiling.blend_weights`).
+
+The building blocks (:class:`ModelRunner`, :func:`predict_tiles`,
+:func:`stage1_context`, :func:`upsample_stage1`, :func:`compose_tile`) are
+shared with the out-of-core Dask graph; :func:`segment_image` and
+:func:`segment_full_resolution` run the flow on one in-memory image.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from wsiseg.errors import InputError
+from wsiseg.models.base import SegmentationModel, logits_to_probabilities, probabilities_to_labels
+from wsiseg.runtime import resolve_device, synchronize
+from wsiseg.tiling import Box, TileGrid, blend_weights, linear_resample, pixel_centres, round_up
+from wsiseg.uncertainty import TileSelection, tile_scores, uncertainty_map
+
+#: ``progress(stage, done, total)``: called as work completes; stage is
+#: ``"stage1"`` or ``"stage2"``, counts are tiles (stage 1: low-resolution blocks).
+ProgressCallback = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class TwoStageConfig:
+    """Parameters of a two-stage run.
+
+    Attributes
+    ----------
+    ratio : int
+        Downsampling factor of Model 1's input (the paper's R).
+    tile_size : int
+        Full-resolution tile side; a multiple of Model 2's feature stride.
+    halo : int
+        Extra context read around each tile for Model 2 (rounded up to a
+        multiple of the feature stride).
+    selection : TileSelection
+        Which tiles to refine.
+    uncertainty : {"entropy", "margin"}
+        Per-pixel uncertainty measure.
+    blend : int
+        Width in pixels of the linear ramp between refined and unrefined tiles.
+    batch_size : int
+        Windows per Model 2 (and Model 1 block) forward pass.
+    stage1_block : int
+        Side of Model 1's low-resolution blocks.
+    stage1_halo : int
+        Halo of Model 1's blocks, in low-resolution pixels.
+    """
+
+    ratio: int = 4
+    tile_size: int = 512
+    halo: int = 32
+    selection: TileSelection = field(default_factory=lambda: TileSelection.threshold(0.25))
+    uncertainty: str = "entropy"
+    blend: int = 16
+    batch_size: int = 4
+    stage1_block: int = 1024
+    stage1_halo: int = 32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ratio, int) or self.ratio < 1:
+            raise InputError(f"ratio must be a whole number >= 1, got {self.ratio!r}")
+        for name in ("tile_size", "batch_size", "stage1_block"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("halo", "blend", "stage1_halo"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class SegmentationResult:
+    """What a run produces.
+
+    Attributes
+    ----------
+    mask : np.ndarray
+        ``(H, W)`` uint8 labels.
+    probabilities : np.ndarray
+        ``(C, H, W)`` float32 composed probabilities (``C == 1``: P(foreground)).
+    stage1_probabilities : np.ndarray or None
+        ``(C, h, w)`` float32 Model 1 probabilities at low resolution.
+    uncertainty : np.ndarray or None
+        ``(h, w)`` float32 per-pixel uncertainty of Model 1.
+    tile_scores : np.ndarray or None
+        ``(rows, cols)`` float32 mean uncertainty per tile.
+    refined : np.ndarray
+        ``(rows, cols)`` bool, the tiles Model 2 (or the baseline) ran on.
+    tile_size : int
+        Side of the tiles of ``refined``.
+    counts : dict
+        ``tiles_total``, ``tiles_refined``, ``refined_fraction``,
+        ``pixels``, ``stage2_input_pixels`` (halo included).
+    timings : dict
+        Seconds: ``stage1``, ``select``, ``stage2``, ``compose``, ``total``.
+    """
+
+    mask: np.ndarray
+    probabilities: np.ndarray
+    stage1_probabilities: np.ndarray | None
+    uncertainty: np.ndarray | None
+    tile_scores: np.ndarray | None
+    refined: np.ndarray
+    tile_size: int
+    counts: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class ModelRunner:
+    """Runs a model in inference mode on batches of uint8 RGB windows.
+
+    Parameters
+    ----------
+    model : SegmentationModel
+        Moved to ``device`` and put in eval mode.
+    device : str or torch.device
+        ``"auto"``: CUDA when available, else CPU.
+    channels_last : bool, optional
+        Use the channels-last memory layout (faster convolutions on CPU);
+        defaults to True on CPU.
+    """
+
+    def __init__(
+        self, model: SegmentationModel, device: str | torch.device = "auto", channels_last: bool | None = None
+    ) -> None:
+        self.device = resolve_device(device)
+        self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=memory_format).eval()
+
+    @property
+    def stride(self) -> int:
+        return self.model.feature_stride
+
+    def predict(
+        self, images: np.ndarray, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probabilities and features of a batch.
+
+        Parameters
+        ----------
+        images : np.ndarray
+            ``(N, h, w, 3)`` uint8.
+        context : torch.Tensor, optional
+            ``(N, F, *feature_shape(h, w))`` float32, added to the features.
+
+        Returns
+        -------
+        probs : torch.Tensor
+            ``(N, C, h, w)`` float32 on the CPU.
+        features : torch.Tensor
+            ``(N, F, fh, fw)`` float32 on the CPU.
+        """
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if context is not None:
+            context = context.to(self.device)
+        with torch.inference_mode():
+            logits, features = self.model(x, context)
+            probs = logits_to_probabilities(logits)
+        return probs.float().cpu().contiguous(), features.float().cpu().contiguous()
+
+
+ReadWindow = Callable[[Box], np.ndarray]
+ContextFor = Callable[[Box, tuple[int, int]], torch.Tensor]
+
+
+def predict_tiles(
+    runner: ModelRunner,
+    read_window: ReadWindow,
+    grid: TileGrid,
+    halo: int,
+    tiles: Iterable[tuple[int, int]],
+    batch_size: int,
+    context_for: ContextFor | None = None,
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """Run a model on tiles read with a halo; yield each tile's cropped output.
+
+    Windows of equal shape are batched together (interior tiles share one
+    shape; edge tiles form a few more groups).
+
+    Parameters
+    ----------
+    runner : ModelRunner
+    read_window : callable
+        ``read_window(box) -> (h, w, 3) uint8`` pixels of a box of the image.
+    grid : TileGrid
+        Tile size must be a multiple of the model's feature stride.
+    halo : int
+        Pixels read around each tile (rounded up to a multiple of the stride).
+    tiles : iterable of (row, col)
+    batch_size : int
+    context_for : callable, optional
+        ``context_for(window, feature_shape) -> (F, fh, fw)`` context tensor.
+
+    Yields
+    ------
+    row, col : int
+    probs : torch.Tensor
+        ``(C, th, tw)`` float32, the tile's probabilities.
+    features : torch.Tensor
+        ``(F, fth, ftw)`` float32, the tile's features (stride ``runner.stride``).
+    """
+    stride = runner.stride
+    if grid.tile_size % stride:
+        raise InputError(
+            f"tile size {grid.tile_size} must be a multiple of the model's feature stride {stride}"
+        )
+    halo = round_up(halo, stride)
+    groups: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
+    for row, col in tiles:
+        groups[grid.window(row, col, halo).shape].append((row, col))
+    for shape, members in groups.items():
+        feature_shape = runner.model.feature_shape(*shape)
+        for start in range(0, len(members), batch_size):
+            batch = members[start : start + batch_size]
+            windows = [grid.window(r, c, halo) for r, c in batch]
+            images = np.stack([read_window(w) for w in windows])
+            context = None
+            if context_for is not None:
+                context = torch.stack([context_for(w, feature_shape) for w in windows])
+            probs, features = runner.predict(images, context)
+            for i, ((row, col), window) in enumerate(zip(batch, windows)):
+                tile = grid.tile(row, col).relative_to(window)
+                feature_box = Box(
+                    tile.y0 // stride, -(-tile.y1 // stride), tile.x0 // stride, -(-tile.x1 // stride)
+                )
+                yield (
+                    row,
+                    col,
+                    probs[i][(slice(None), *tile.slices())],
+                    features[i][(slice(None), *feature_box.slices())],
+                )
+
+
+def downsample_mean(image: np.ndarray, ratio: int) -> np.ndarray:
+    """Block-mean downsampling by an integer factor.
+
+    Parameters
+    ----------
+    image : np.ndarray
+        ``(H, W, 3)`` uint8.
+    ratio : int
+
+    Returns
+    -------
+    np.ndarray
+        ``(ceil(H / ratio), ceil(W / ratio), 3)`` uint8; output pixel ``(i, j)``
+        is the rounded mean of input ``[i*r, (i+1)*r) x [j*r, (j+1)*r)``
+        (partial blocks at the far edges average the pixels they have).
+    """
+    if ratio == 1:
+        return image
+    height, width = image.shape[:2]
+    out_h, out_w = -(-height // ratio), -(-width // ratio)
+    padded = np.zeros((out_h * ratio, out_w * ratio, image.shape[2]), np.float64)
+    padded[:height, :width] = image
+    counts = np.zeros((out_h * ratio, out_w * ratio, 1), np.float64)
+    counts[:height, :width] = 1
+    shape = (out_h, ratio, out_w, ratio, -1)
+    sums = padded.reshape(shape).sum(axis=(1, 3))
+    n = counts.reshape(shape).sum(axis=(1, 3))
+    return np.rint(sums / n).astype(np.uint8)
+
+
+def stage1_context(
+    features1: torch.Tensor, feature_scale: float, window: Box, feature_shape: tuple[int, int], stride2: int
+) -> torch.Tensor:
+    """Model 1's features over a window, resampled onto Model 2's feature grid.
+
+    Parameters
+    ----------
+    features1 : torch.Tensor
+        ``(F, fh1, fw1)`` Model 1 features; pixel ``i`` covers full-resolution
+        ``[i * feature_scale, (i + 1) * feature_scale)``.
+    feature_scale : float
+        Full-resolution pixels per Model 1 feature pixel (ratio x Model 1 stride).
+    window : Box
+        The full-resolution window Model 2 reads.
+    feature_shape : (fh2, fw2)
+        Model 2's feature shape for that window.
+    stride2 : int
+        Model 2's feature stride.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(F, fh2, fw2)`` float32: bilinear samples of ``features1`` at the
+        centres of Model 2's feature pixels.
+    """
+    rows = pixel_centres(window.y0, feature_shape[0], stride2, feature_scale)
+    cols = pixel_centres(window.x0, feature_shape[1], stride2, feature_scale)
+    return linear_resample(features1, rows, cols)
+
+
+def upsample_stage1(probs1: torch.Tensor, scale: tuple[float, float], tile: Box) -> torch.Tensor:
+    """Model 1's low-resolution probabilities bilinearly upsampled over one tile.
+
+    Parameters
+    ----------
+    probs1 : torch.Tensor
+        ``(C, h, w)``; pixel ``(i, j)`` covers ``scale`` full-resolution pixels.
+    scale : (sy, sx)
+    tile : Box
+
+    Returns
+    -------
+    torch.Tensor
+        ``(C, th, tw)`` float32.
+    """
+    rows = pixel_centres(tile.y0, tile.shape[0], 1.0, scale[0])
+    cols = pixel_centres(tile.x0, tile.shape[1], 1.0, scale[1])
+    return linear_resample(probs1, rows, cols)
+
+
+def compose_tile(
+    stage1_probs: torch.Tensor, stage2_probs: torch.Tensor | None, weights: np.ndarray
+) -> np.ndarray:
+    """``weights * stage2 + (1 - weights) * stage1`` for one tile.
+
+    Parameters
+    ----------
+    stage1_probs : torch.Tensor
+        ``(C, th, tw)`` upsampled Model 1 probabilities.
+    stage2_probs : torch.Tensor or None
+        ``(C, th, tw)`` Model 2 probabilities; None for an unrefined tile.
+    weights : np.ndarray
+        ``(th, tw)`` weight of Model 2, from :func:`~wsiseg.tiling.blend_weights`.
+
+    Returns
+    -------
+    np.ndarray
+        ``(C, th, tw)`` float32.
+    """
+    p1 = stage1_probs.numpy()
+    if stage2_probs is None:
+        return p1.astype(np.float32, copy=False)
+    w = weights[None]
+    return (w * stage2_probs.numpy() + (1.0 - w) * p1).astype(np.float32)
+
+
+def run_stage1(
+    runner: ModelRunner,
+    low_image: np.ndarray,
+    block: int,
+    halo: int,
+    batch_size: int,
+    progress: ProgressCallback | None = None,
+) -> tuple[np.ndarray, torch.Tensor]:
+    """Model 1 over a whole low-resolution image, in overlapping blocks.
+
+    Parameters
+    ----------
+    runner : ModelRunner
+    low_image : np.ndarray
+        ``(h, w, 3)`` uint8.
+    block, halo : int
+        Block side and halo (both rounded up to the model's feature stride).
+
+    Returns
+    -------
+    probs : np.ndarray
+        ``(C, h, w)`` float32.
+    features : torch.Tensor
+        ``(F, ceil(h / s), ceil(w / s))`` float32, ``s`` the feature stride.
+    """
+    stride = runner.stride
+    height, width = low_image.shape[:2]
+    grid = TileGrid(height, width, round_up(block, stride))
+    fh, fw = runner.model.feature_shape(height, width)
+    probs = np.zeros((runner.model.num_classes, height, width), np.float32)
+    features = torch.zeros((runner.model.feature_channels, fh, fw), dtype=torch.float32)
+    done = 0
+    for row, col, p, f in predict_tiles(
+        runner, lambda b: low_image[b.slices()], grid, halo, grid.tiles(), batch_size
+    ):
+        tile = grid.tile(row, col)
+        probs[(slice(None), *tile.slices())] = p.numpy()
+        fy, fx = tile.y0 // stride, tile.x0 // stride
+        features[:, fy : fy + f.shape[1], fx : fx + f.shape[2]] = f
+        done += 1
+        if progress:
+            progress("stage1", done, grid.num_tiles)
+    return probs, features
+
+
+def _check_pair(model1: SegmentationModel, model2: SegmentationModel) -> None:
+    if model1.num_classes != model2.num_classes:
+        raise InputError(
+            f"Model 1 has {model1.num_classes} classes but Model 2 has {model2.num_classes}"
+        )
+    if model1.feature_channels != model2.feature_channels:
+        raise InputError(
+            f"Model 1 has {model1.feature_channels} feature channels but Model 2 has "
+            f"{model2.feature_channels}; the context path needs them equal"
+        )
+
+
+def _check_image(image: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise InputError(
+            f"expected an (H, W, 3) uint8 RGB image, got shape {image.shape} and dtype {image.dtype}"
+        )
+
+
+def segment_image(
+    image: np.ndarray,
+    model1: SegmentationModel,
+    model2: SegmentationModel,
+    config: TwoStageConfig = TwoStageConfig(),
+    device: str | torch.device = "auto",
+    progress: ProgressCallback | None = None,
+) -> SegmentationResult:
+    """Two-stage segmentation of one in-memory image.
+
+    Parameters
+    ----------
+    image : np.ndarray
+        ``(H, W, 3)`` uint8 RGB.
+    model1, model2 : SegmentationModel
+        Same class count and feature channels.
+    config : TwoStageConfig
+    device : str or torch.device
+        ``"auto"``: CUDA when available, else CPU.
+    progress : callable, optional
+        ``progress(stage, done, total)``.
+
+    Returns
+    -------
+    SegmentationResult
+    """
+    _check_image(image)
+    _check_pair(model1, model2)
+    height, width = image.shape[:2]
+    runner1 = ModelRunner(model1, device)
+    runner2 = ModelRunner(model2, device)
+    if config.tile_size % runner2.stride:
+        raise InputError(
+            f"tile size {config.tile_size} must be a multiple of Model 2's feature stride {runner2.stride}"
+        )
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+
+    # Stage 1: Model 1 on the downsampled image.
+    low = downsample_mean(image, config.ratio)
+    scale = (float(config.ratio), float(config.ratio))
+    probs1, features1 = run_stage1(
+        runner1, low, config.stage1_block, config.stage1_halo, config.batch_size, progress
+    )
+    synchronize(runner1.device)
+    timings["stage1"] = time.perf_counter() - start
+
+    # Score and select.
+    mark = time.perf_counter()
+    grid = TileGrid(height, width, config.tile_size)
+    uncertainty = uncertainty_map(probs1, config.uncertainty)
+    scores = tile_scores(uncertainty, grid.edges(0), grid.edges(1), scale)
+    refined = config.selection.select(scores)
+    timings["select"] = time.perf_counter() - mark
+
+    # Stage 2 on the selected tiles, composing each as it arrives.
+    probs1_t = torch.from_numpy(probs1)
+    feature_scale = config.ratio * runner1.stride
+    out = np.zeros((probs1.shape[0], height, width), np.float32)
+    compose_seconds = 0.0
+
+    def compose_into(row: int, col: int, stage2: torch.Tensor | None) -> None:
+        nonlocal compose_seconds
+        t = time.perf_counter()
+        tile = grid.tile(row, col)
+        weights = blend_weights(refined, row, col, tile, config.blend)
+        out[(slice(None), *tile.slices())] = compose_tile(
+            upsample_stage1(probs1_t, scale, tile), stage2, weights
+        )
+        compose_seconds += time.perf_counter() - t
+
+    selected = [tuple(rc) for rc in np.argwhere(refined)]
+    mark = time.perf_counter()
+    done = 0
+    for row, col, p2, _ in predict_tiles(
+        runner2,
+        lambda b: image[b.slices()],
+        grid,
+        config.halo,
+        selected,
+        config.batch_size,
+        context_for=lambda window, shape: stage1_context(
+            features1, feature_scale, window, shape, runner2.stride
+        ),
+    ):
+        compose_into(row, col, p2)
+        done += 1
+        if progress:
+            progress("stage2", done, len(selected))
+    synchronize(runner2.device)
+    for row, col in grid.tiles():
+        if not refined[row, col]:
+            compose_into(row, col, None)
+    timings["stage2"] = time.perf_counter() - mark - compose_seconds
+    timings["compose"] = compose_seconds
+    timings["total"] = time.perf_counter() - start
+    halo = round_up(config.halo, runner2.stride)
+    return SegmentationResult(
+        mask=probabilities_to_labels(out),
+        probabilities=out,
+        stage1_probabilities=probs1,
+        uncertainty=uncertainty,
+        tile_scores=scores,
+        refined=refined,
+        tile_size=config.tile_size,
+        counts=_counts(grid, refined, halo),
+        timings=timings,
+    )
+
+
+def segment_full_resolution(
+    image: np.ndarray,
+    model: SegmentationModel,
+    tile_size: int = 512,
+    halo: int = 32,
+    batch_size: int = 4,
+    device: str | torch.device = "auto",
+    progress: ProgressCallback | None = None,
+) -> SegmentationResult:
+    """The baseline: one model on every full-resolution tile, same tiling code.
+
+    Parameters and result as :func:`segment_image`; the result has no stage 1
+    outputs and every tile marked refined.
+    """
+    _check_image(image)
+    runner = ModelRunner(model, device)
+    height, width = image.shape[:2]
+    grid = TileGrid(height, width, tile_size)
+    start = time.perf_counter()
+    out = np.zeros((model.num_classes, height, width), np.float32)
+    done = 0
+    for row, col, p, _ in predict_tiles(
+        runner, lambda b: image[b.slices()], grid, halo, grid.tiles(), batch_size
+    ):
+        out[(slice(None), *grid.tile(row, col).slices())] = p.numpy()
+        done += 1
+        if progress:
+            progress("stage2", done, grid.num_tiles)
+    synchronize(runner.device)
+    elapsed = time.perf_counter() - start
+    refined = np.ones(grid.shape, bool)
+    return SegmentationResult(
+        mask=probabilities_to_labels(out),
+        probabilities=out,
+        stage1_probabilities=None,
+        uncertainty=None,
+        tile_scores=None,
+        refined=refined,
+        tile_size=tile_size,
+        counts=_counts(grid, refined, round_up(halo, runner.stride)),
+        timings={"stage1": 0.0, "select": 0.0, "stage2": elapsed, "compose": 0.0, "total": elapsed},
+    )
+
+
+def _counts(grid: TileGrid, refined: np.ndarray, halo: int) -> dict[str, float]:
+    input_pixels = 0
+    for row, col in np.argwhere(refined):
+        h, w = grid.window(int(row), int(col), halo).shape
+        input_pixels += h * w
+    return {
+        "tiles_total": grid.num_tiles,
+        "tiles_refined": int(refined.sum()),
+        "refined_fraction": float(refined.sum()) / grid.num_tiles,
+        "pixels": grid.height * grid.width,
+        "stage2_input_pixels": input_pixels,
+    }
