@@ -46,3 +46,93 @@ def random_image(rng: np.random.Generator, height: int, width: int) -> np.ndarra
     noise = rng.random((height // 8 + 2, width // 8 + 2, 3))
     big = np.kron(noise, np.ones((8, 8, 1)))[:height, :width]
     return (255 * (0.7 * big + 0.3 * rng.random((height, width, 3)))).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- slides and bundles
+
+import tifffile  # noqa: E402
+
+
+def structured_image(rng: np.random.Generator, height: int, width: int, cell: int = 16) -> np.ndarray:
+    """Blocky random RGB uint8 with some fine texture, like tissue at a glance."""
+    noise = rng.random((height // cell + 2, width // cell + 2, 3))
+    big = np.kron(noise, np.ones((cell, cell, 1)))[:height, :width]
+    return (255 * (0.8 * big + 0.2 * rng.random((height, width, 3)))).astype(np.uint8)
+
+
+def write_pyramid(
+    path, image: np.ndarray, tile: int = 128, factors=(1, 2, 4), mpp: float | None = 0.5, compression: str = "zlib"
+):
+    """A generic tiled pyramidal TIFF that both OpenSlide and tifffile open.
+
+    Level 0 first, reduced levels (exact block means of level 0, as
+    :func:`~wsiseg.two_stage.downsample_mean` computes them) as separate tiled
+    pages with subfiletype 1.
+    """
+    from wsiseg.two_stage import downsample_mean
+
+    extra = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"} if mpp else {}
+    with tifffile.TiffWriter(path) as writer:
+        for index, factor in enumerate(factors):
+            level = downsample_mean(image, factor)
+            writer.write(
+                level, tile=(tile, tile), photometric="rgb", compression=compression,
+                subfiletype=1 if index else 0, **(extra if index == 0 else {}),
+            )
+    return path
+
+
+def centred_model(arch: str, backbone: str, image: np.ndarray, seed: int):
+    """A random-weight model rescaled so that its logits on ``image`` have median 0
+    and standard deviation 4: masks about half foreground, with structure, and
+    probabilities far enough from 0.5 that round-off never flips a label."""
+    from wsiseg.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(arch, 1, backbone=backbone).eval()
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        logits, _ = model(x)
+        gain = 4.0 / float(logits.std())
+        model.classifier.weight *= gain
+        model.classifier.bias.copy_((model.classifier.bias - logits.median()) * gain)
+    return model
+
+
+@pytest.fixture(scope="session")
+def slide_image() -> np.ndarray:
+    return structured_image(np.random.default_rng(42), 768, 1000)
+
+
+@pytest.fixture(scope="session")
+def pyramid_slide(tmp_path_factory, slide_image):
+    """768 x 1000 pyramid (downsamples 1, 2, 4), 128-pixel zlib tiles, 0.5 um/px."""
+    return write_pyramid(tmp_path_factory.mktemp("slides") / "pyramid.tif", slide_image)
+
+
+@pytest.fixture(scope="session")
+def test_bundle(tmp_path_factory, slide_image):
+    """A two-stage pair plus a baseline (U-Net / MobileNetV3, random but centred)."""
+    from wsiseg.bundle import save_bundle
+    from wsiseg.two_stage import downsample_mean
+
+    models = {
+        "model1": centred_model("unet", "mobilenet_v3_large", downsample_mean(slide_image, 4), 1),
+        "model2": centred_model("unet", "mobilenet_v3_large", slide_image, 2),
+        "model": centred_model("unet", "mobilenet_v3_large", slide_image, 3),
+    }
+    config = {"ratio": 4, "halo": 32, "classes": ["background", "tissue"]}
+    return save_bundle(tmp_path_factory.mktemp("bundles") / "test.safetensors", models, config)
+
+
+@pytest.fixture(scope="module")
+def local_client():
+    """An in-process Dask cluster (2 workers x 1 thread): tasks run in this process."""
+    import logging
+
+    from wsiseg.cluster import start_client
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    client = start_client(workers=2, processes=False)
+    yield client
+    client.close()

@@ -1,10 +1,14 @@
-"""The command line answers help, lists models, and turns errors into one line."""
+"""The command line: help, info, segment end to end, and one clear line for every bad input."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+import zarr
 from click.testing import CliRunner
 
 from wsiseg.cli import main
@@ -15,6 +19,9 @@ def test_help_lists_commands() -> None:
     assert result.exit_code == 0
     for command in ("segment", "train", "evaluate", "info", "models"):
         assert command in result.output
+    seg = CliRunner().invoke(main, ["segment", "--help"])
+    for option in ("--threshold", "--top", "--budget", "--full-resolution", "--scheduler", "--workers", "--resume", "--geojson"):
+        assert option in seg.output
 
 
 def test_models_lists_registry() -> None:
@@ -28,3 +35,88 @@ def test_console_script_help_does_not_import_torch() -> None:
     code = "import sys; from wsiseg.cli import main; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_info_prints_levels_and_pixel_size(pyramid_slide) -> None:
+    result = CliRunner().invoke(main, ["info", str(pyramid_slide)])
+    assert result.exit_code == 0
+    assert "format:    tiff (read with tifffile)" in result.output
+    assert "size:      1000 x 768 pixels" in result.output
+    assert "mpp:       0.5 x 0.5 um/pixel" in result.output
+    assert "1: 500 x 384, downsample 2, tiles 128 x 128" in result.output
+
+
+def test_segment_end_to_end_through_the_console_script(tmp_path, pyramid_slide, test_bundle) -> None:
+    out = tmp_path / "run.zarr"
+    command = [sys.executable, "-m", "wsiseg.cli", "segment", str(pyramid_slide), "--model", str(test_bundle),
+               "--out", str(out), "--workers", "1", "--tile-size", "256", "--budget", "0.25", "--geojson"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert f"{out}: 3 of 12 tiles refined (25.0 %)" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["tiles"]["refined"] == 3 and report["settings"]["selection"] == "budget 0.25"
+    assert report["outputs"]["geojson"] == "mask.geojson"
+    mask = zarr.open_array(str(out / "mask/0"), mode="r")
+    assert mask.shape == (768, 1000) and mask.chunks == (256, 256)
+    assert json.loads((out / "mask.geojson").read_text())["type"] == "FeatureCollection"
+    # A second run into the same output is refused; --overwrite replaces it.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "already exists; use --overwrite" in again.stderr
+
+
+def _bad_inputs(tmp_path, pyramid_slide) -> dict[str, object]:
+    (tmp_path / "empty.svs").write_bytes(b"")
+    (tmp_path / "random.svs").write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)))
+    raw = pyramid_slide.read_bytes()
+    (tmp_path / "truncated.tif").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "notes.txt").write_text("not an image\n")
+    (tmp_path / "folder").mkdir()
+    return {
+        "missing": (tmp_path / "missing.svs", "no such file"),
+        "empty": (tmp_path / "empty.svs", "is empty"),
+        "random": (tmp_path / "random.svs", "unsupported or unrecognised file format"),
+        "truncated": (tmp_path / "truncated.tif", "truncated"),
+        "unsupported": (tmp_path / "notes.txt", "unsupported or unrecognised file format"),
+        "folder": (tmp_path / "folder", "is a folder"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "random", "truncated", "unsupported", "folder"])
+def test_bad_slides_exit_2_with_one_line_and_no_output(tmp_path, pyramid_slide, test_bundle, kind) -> None:
+    path, message = _bad_inputs(tmp_path, pyramid_slide)[kind]
+    out = tmp_path / "out.zarr"
+    result = CliRunner().invoke(main, ["segment", str(path), "--model", str(test_bundle), "--out", str(out)])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    assert not out.exists()
+
+
+def test_bad_options_and_models_exit_2(tmp_path, pyramid_slide, test_bundle) -> None:
+    runner = CliRunner()
+    cases = [
+        (["--model", str(tmp_path / "none.safetensors")], "does not exist"),
+        (["--model", str(pyramid_slide)], None),  # not a bundle: refused when loading
+        (["--threshold", "0.3", "--top", "4"], "only one of --threshold, --top and --budget"),
+        (["--budget", "2"], "budget must be a fraction"),
+        (["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "either --scheduler or --workers"),
+    ]
+    for extra, message in cases:
+        result = runner.invoke(main, ["segment", str(pyramid_slide), "--out", str(tmp_path / "o.zarr"), *extra])
+        assert result.exit_code == 2, (extra, result.output)
+        line = result.stderr.strip().splitlines()
+        assert len(line) == 1 and line[0].startswith("Error: ")
+        if message:
+            assert message in line[0]
+    occupied = tmp_path / "occupied.zarr"
+    occupied.mkdir()
+    result = runner.invoke(main, ["segment", str(pyramid_slide), "--model", str(test_bundle), "--out", str(occupied)])
+    assert result.exit_code == 2 and "already exists" in result.stderr
+
+
+def test_unreachable_scheduler_is_one_line(pyramid_slide, test_bundle, tmp_path) -> None:
+    result = CliRunner().invoke(main, ["segment", str(pyramid_slide), "--model", str(test_bundle),
+                                       "--out", str(tmp_path / "o.zarr"), "--scheduler", "tcp://127.0.0.1:9"])
+    assert result.exit_code == 2 and "cannot reach a Dask scheduler at tcp://127.0.0.1:9" in result.stderr
+    assert not (tmp_path / "o.zarr").exists()

@@ -12,7 +12,9 @@ from wsiseg.errors import InputError
 from wsiseg.models import build_model
 from wsiseg.models.base import logits_to_probabilities
 from wsiseg.tiling import Box, TileGrid, blend_weights
+from wsiseg.tiling import linear_resample
 from wsiseg.two_stage import (
+    LowResView,
     ModelRunner,
     TwoStageConfig,
     downsample_mean,
@@ -20,6 +22,8 @@ from wsiseg.two_stage import (
     segment_full_resolution,
     segment_image,
     stage1_context,
+    stage1_crop,
+    upsample_stage1,
 )
 from wsiseg.uncertainty import TileSelection, entropy, tile_scores
 
@@ -78,15 +82,17 @@ def test_threshold_zero_refines_all_and_tiled_model2_equals_whole_image(rng, sha
     assert result.refined.all()
     assert result.counts["tiles_refined"] == TileGrid(*shape, 32).num_tiles
 
-    # Reference: Model 2 on the whole image with the whole image's context.
-    low = downsample_mean(image, 4)
-    runner1 = ModelRunner(model1, "cpu", channels_last=False)
-    _, features1 = run_stage1(runner1, low, block=1024, halo=0, batch_size=1)
+    # Reference: Model 2 on the whole image, its context sampled from Model 1's
+    # features of the whole low-resolution image at Model 2's feature centres.
     height, width = shape
-    context = stage1_context(
-        features1, 4 * model1.feature_stride, Box(0, height, 0, width),
-        model2.feature_shape(height, width), model2.feature_stride,
-    )
+    low = downsample_mean(image, 4)
+    with torch.no_grad():
+        _, features1 = model1.eval()(torch.from_numpy(low).permute(2, 0, 1)[None].float() / 255)
+    fh2, fw2 = model2.feature_shape(height, width)
+    step = 4 * model1.feature_stride  # full-resolution pixels per Model 1 feature pixel
+    rows = (np.arange(fh2) + 0.5) * model2.feature_stride / step - 0.5
+    cols = (np.arange(fw2) + 0.5) * model2.feature_stride / step - 0.5
+    context = linear_resample(features1[0], rows, cols)
     expected = _whole(model2, image, context)
     np.testing.assert_allclose(result.probabilities, expected.numpy(), atol=2e-5)
     np.testing.assert_array_equal(result.mask, (expected[0] >= 0.5).numpy())
@@ -96,11 +102,37 @@ def test_stage1_in_blocks_equals_whole_low_resolution_image(rng) -> None:
     low = random_image(rng, 90, 133)
     model1, _ = _pair(num_classes=2, stride=2)
     runner = ModelRunner(model1, "cpu", channels_last=False)
-    probs_blocks, feats_blocks = run_stage1(runner, low, block=32, halo=16, batch_size=2)
-    probs_whole, feats_whole = run_stage1(runner, low, block=1024, halo=0, batch_size=1)
+    probs_blocks = run_stage1(runner, low, block=32, halo=16, batch_size=2)
+    probs_whole = run_stage1(runner, low, block=1024, halo=0, batch_size=1)
     np.testing.assert_allclose(probs_blocks, probs_whole, atol=2e-5)
-    torch.testing.assert_close(feats_blocks, feats_whole, atol=2e-5, rtol=1e-5)
-    assert feats_whole.shape == (model1.feature_channels, 45, 67)
+    np.testing.assert_allclose(probs_whole, _whole(model1, low).numpy(), atol=2e-5)
+
+
+def test_stage1_context_from_a_footprint_equals_the_whole_image_features(rng) -> None:
+    image = random_image(rng, 200, 168)
+    low = downsample_mean(image, 4)
+    model1, _ = _pair(num_classes=1, stride=2)
+    runner = ModelRunner(model1, "cpu", channels_last=False)
+    with torch.no_grad():
+        _, whole = model1(torch.from_numpy(low).permute(2, 0, 1)[None].float() / 255)
+    view = LowResView(low.shape[:2], (4.0, 4.0), lambda b: low[b.slices()])
+    windows = [Box(40, 104, 64, 128), Box(136, 200, 104, 168), Box(0, 64, 0, 64)]
+    context = stage1_context(runner, view, windows, (32, 32), 2, halo1=16)
+    for window, got in zip(windows, context):
+        rows = (window.y0 + (np.arange(32) + 0.5) * 2) / 8 - 0.5
+        cols = (window.x0 + (np.arange(32) + 0.5) * 2) / 8 - 0.5
+        expected = linear_resample(whole[0], np.clip(rows, 0, None), np.clip(cols, 0, None))
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_upsample_from_a_crop_equals_from_the_whole_map(rng) -> None:
+    probs = torch.from_numpy(rng.random((2, 30, 41)).astype(np.float32))
+    low_shape = (30, 41)
+    for tile in (Box(0, 32, 0, 32), Box(64, 96, 128, 160), Box(96, 120, 128, 163)):
+        crop = stage1_crop(tile, (4.0, 4.0), low_shape)
+        whole = upsample_stage1(probs, (4.0, 4.0), tile)
+        part = upsample_stage1(probs[(slice(None), *crop.slices())], (4.0, 4.0), tile, low_shape, (crop.y0, crop.x0))
+        torch.testing.assert_close(part, whole)
 
 
 def test_mixed_selection_blends_model2_into_model1(rng) -> None:

@@ -130,3 +130,21 @@ def test_random_sampling_is_uniform_and_distinct() -> None:
     assert sorted(many.tolist()) == [0, 1, 2, 3]
     with pytest.raises(InputError, match="unknown sampling"):
         sample_tiles(scores, 1, "greedy", rng)
+
+
+def test_block_integrals_add_up_to_whole_map_scores(rng) -> None:
+    from wsiseg.uncertainty import scores_from_integrals, tile_integrals
+
+    u = rng.random((37, 29))
+    scale = (3.0, 5.0)  # footprints straddle map pixels and blocks
+    y_edges = np.array([0, 16, 32, 48, 64, 80, 96, 111])
+    x_edges = np.array([0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 145])
+    whole = tile_scores(u, y_edges, x_edges, scale)
+    sums, areas = np.zeros(whole.shape), np.zeros(whole.shape)
+    for by in range(0, 37, 10):
+        for bx in range(0, 29, 8):
+            block = u[by : by + 10, bx : bx + 8]
+            r0, c0, s, a = tile_integrals(block, y_edges, x_edges, scale, origin=(by, bx))
+            sums[r0 : r0 + s.shape[0], c0 : c0 + s.shape[1]] += s
+            areas[r0 : r0 + a.shape[0], c0 : c0 + a.shape[1]] += a
+    np.testing.assert_allclose(scores_from_integrals(sums, areas), whole, rtol=1e-5)

@@ -30,6 +30,10 @@ import torch
 from wsiseg.errors import BundleError, WsisegError
 from wsiseg.models import SegmentationModel, build_model
 
+#: How commands refer to the model shipped inside the package.
+DEFAULT_MODEL = "wsiseg:default"
+DEFAULT_MODEL_FILE = "default.safetensors"
+
 BUNDLE_FORMAT = "wsiseg-bundle"
 BUNDLE_VERSION = 1
 ROLES = ("model1", "model2", "model")
@@ -49,6 +53,7 @@ class Bundle:
 
     models: dict[str, SegmentationModel]
     config: dict[str, Any] = field(default_factory=dict)
+    checksum: str = ""
 
     @property
     def is_two_stage(self) -> bool:
@@ -146,6 +151,52 @@ def save_bundle(
     return path
 
 
+def inspect_bundle(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a bundle's header only (cheap): its model descriptions and config.
+
+    Raises :class:`BundleError` for the same unreadable, foreign or newer
+    files :func:`load_bundle` refuses; the checksum is verified by
+    :func:`load_bundle` alone.
+    """
+    metadata = _read_header(Path(path))
+    try:
+        return {"models": json.loads(metadata.get("models", "")), "config": json.loads(metadata.get("config", ""))}
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"model bundle {str(path)!r} has unreadable metadata") from exc
+
+
+def _read_header(path: Path) -> dict[str, str]:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.exists():
+        raise BundleError(f"model bundle {str(path)!r} does not exist; give the path of a .safetensors bundle")
+    if not path.is_file():
+        raise BundleError(f"model bundle {str(path)!r} is not a file")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise BundleError(
+            f"model bundle {str(path)!r} is truncated or not a safetensors file ({exc}); copy or train it again"
+        ) from exc
+    _check_format(path, metadata)
+    return metadata
+
+
+def _check_format(path: Path, metadata: dict[str, str]) -> None:
+    if metadata.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{str(path)!r} is a safetensors file but not a wsiseg model bundle")
+    try:
+        version = int(metadata.get("version", ""))
+    except ValueError:
+        version = -1
+    if not 1 <= version <= BUNDLE_VERSION:
+        raise BundleError(
+            f"model bundle {str(path)!r} has format version {metadata.get('version')!r}; "
+            f"this wsiseg reads version {BUNDLE_VERSION}: upgrade wsiseg"
+        )
+
+
 def load_bundle(path: str | os.PathLike[str]) -> Bundle:
     """Read a bundle written by :func:`save_bundle`, verifying its checksum.
 
@@ -164,10 +215,7 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    if not path.exists():
-        raise BundleError(f"model bundle {str(path)!r} does not exist; give the path of a .safetensors bundle")
-    if not path.is_file():
-        raise BundleError(f"model bundle {str(path)!r} is not a file")
+    _read_header(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
@@ -177,17 +225,7 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
             f"model bundle {str(path)!r} is truncated or not a safetensors file ({exc}); "
             "copy or train it again"
         ) from exc
-    if metadata.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{str(path)!r} is a safetensors file but not a wsiseg model bundle")
-    try:
-        version = int(metadata.get("version", ""))
-    except ValueError:
-        version = -1
-    if not 1 <= version <= BUNDLE_VERSION:
-        raise BundleError(
-            f"model bundle {str(path)!r} has format version {metadata.get('version')!r}; "
-            f"this wsiseg reads version {BUNDLE_VERSION}: upgrade wsiseg"
-        )
+    _check_format(path, metadata)
     models_doc, config_doc = metadata.get("models", ""), metadata.get("config", "")
     if _checksum(models_doc, config_doc, tensors) != metadata.get("checksum"):
         raise BundleError(
@@ -199,7 +237,7 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
     except json.JSONDecodeError as exc:
         raise BundleError(f"model bundle {str(path)!r} has unreadable metadata") from exc
     models = {role: _rebuild(path, role, spec, tensors) for role, spec in specs.items()}
-    return Bundle(models=models, config=config)
+    return Bundle(models=models, config=config, checksum=str(metadata["checksum"]))
 
 
 def _rebuild(path: Path, role: str, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> SegmentationModel:
@@ -223,3 +261,25 @@ def _rebuild(path: Path, role: str, spec: Mapping[str, Any], tensors: Mapping[st
     model.load_state_dict(state, strict=True)
     model.spec = dict(spec)
     return model.eval()
+
+
+def resolve_model(ref: str | os.PathLike[str] | None) -> Path:
+    """The file behind a model reference: a path, or :data:`DEFAULT_MODEL`.
+
+    The default model ships inside the package (``wsiseg/data``), so each
+    Dask worker resolves it in its own installation.
+    """
+    if ref is None or str(ref) == DEFAULT_MODEL:
+        from importlib.resources import files
+
+        path = Path(str(files("wsiseg") / "data" / DEFAULT_MODEL_FILE))
+        if not path.is_file():
+            raise BundleError(
+                "no default model is shipped with this wsiseg; pass --model BUNDLE "
+                "(a bundle written by 'wsiseg train' or wsiseg.save_bundle)"
+            )
+        return path
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise BundleError(f"model bundle {str(path)!r} does not exist; give the path of a .safetensors bundle")
+    return path.resolve()

@@ -10,14 +10,20 @@
 4. **Stage 2.** Model 2 re-segments each selected tile at full resolution,
    read with a halo so tile borders leave no seams, with Model 1's features
    over the same footprint resampled to Model 2's feature grid as context.
+   Those features are recomputed from the low-resolution view of the window
+   (plus a halo) rather than stored for the whole image: a stored feature
+   map would be many times the size of the slide for decoders that keep
+   features at full resolution, while the recomputation costs a few percent
+   of stage 2.
 5. **Compose.** Refined tiles take Model 2's probabilities, the others
    Model 1's upsampled ones, blended linearly across the border between a
    refined and an unrefined tile (:func:`~wsiseg.tiling.blend_weights`).
 
 The building blocks (:class:`ModelRunner`, :func:`predict_tiles`,
 :func:`stage1_context`, :func:`upsample_stage1`, :func:`compose_tile`) are
-shared with the out-of-core Dask graph; :func:`segment_image` and
-:func:`segment_full_resolution` run the flow on one in-memory image.
+shared with the out-of-core Dask graph of :mod:`wsiseg.segment`;
+:func:`segment_image` and :func:`segment_full_resolution` run the flow on one
+in-memory image.
 """
 
 from __future__ import annotations
@@ -185,7 +191,8 @@ class ModelRunner:
 
 
 ReadWindow = Callable[[Box], np.ndarray]
-ContextFor = Callable[[Box, tuple[int, int]], torch.Tensor]
+#: ``context_for(windows, feature_shape) -> (N, F, fh, fw)`` context of a batch.
+ContextFor = Callable[[list[Box], tuple[int, int]], torch.Tensor]
 
 
 def predict_tiles(
@@ -214,7 +221,7 @@ def predict_tiles(
     tiles : iterable of (row, col)
     batch_size : int
     context_for : callable, optional
-        ``context_for(window, feature_shape) -> (F, fh, fw)`` context tensor.
+        ``context_for(windows, feature_shape) -> (N, F, fh, fw)`` context of a batch.
 
     Yields
     ------
@@ -239,9 +246,7 @@ def predict_tiles(
             batch = members[start : start + batch_size]
             windows = [grid.window(r, c, halo) for r, c in batch]
             images = np.stack([read_window(w) for w in windows])
-            context = None
-            if context_for is not None:
-                context = torch.stack([context_for(w, feature_shape) for w in windows])
+            context = context_for(windows, feature_shape) if context_for is not None else None
             probs, features = runner.predict(images, context)
             for i, ((row, col), window) in enumerate(zip(batch, windows)):
                 tile = grid.tile(row, col).relative_to(window)
@@ -286,54 +291,143 @@ def downsample_mean(image: np.ndarray, ratio: int) -> np.ndarray:
     return np.rint(sums / n).astype(np.uint8)
 
 
+@dataclass(frozen=True)
+class LowResView:
+    """Model 1's input: the image downsampled by ``scale``, readable by box.
+
+    Attributes
+    ----------
+    shape : (h, w)
+    scale : (sy, sx)
+        Full-resolution pixels per low-resolution pixel: pixel ``(i, j)``
+        covers ``[i*sy, (i+1)*sy) x [j*sx, (j+1)*sx)``.
+    read : callable
+        ``read(box) -> (bh, bw, 3)`` uint8 pixels of a low-resolution box.
+    """
+
+    shape: tuple[int, int]
+    scale: tuple[float, float]
+    read: ReadWindow
+
+
 def stage1_context(
-    features1: torch.Tensor, feature_scale: float, window: Box, feature_shape: tuple[int, int], stride2: int
+    runner1: ModelRunner,
+    view: LowResView,
+    windows: list[Box],
+    feature_shape: tuple[int, int],
+    stride2: int,
+    halo1: int,
 ) -> torch.Tensor:
-    """Model 1's features over a window, resampled onto Model 2's feature grid.
+    """Model 1's features over each window, resampled onto Model 2's feature grid.
+
+    For each full-resolution window, Model 1 runs on the low-resolution
+    pixels under it (grown by ``halo1``, origin aligned to Model 1's stride so
+    that its feature grid coincides with the whole image's), and its features
+    are sampled bilinearly at the centres of Model 2's feature pixels.
 
     Parameters
     ----------
-    features1 : torch.Tensor
-        ``(F, fh1, fw1)`` Model 1 features; pixel ``i`` covers full-resolution
-        ``[i * feature_scale, (i + 1) * feature_scale)``.
-    feature_scale : float
-        Full-resolution pixels per Model 1 feature pixel (ratio x Model 1 stride).
-    window : Box
-        The full-resolution window Model 2 reads.
+    runner1 : ModelRunner
+        Model 1.
+    view : LowResView
+    windows : list of Box
+        Full-resolution windows of one shape.
     feature_shape : (fh2, fw2)
-        Model 2's feature shape for that window.
+        Model 2's feature shape for that window shape.
     stride2 : int
         Model 2's feature stride.
+    halo1 : int
+        Low-resolution pixels of context around each footprint.
 
     Returns
     -------
     torch.Tensor
-        ``(F, fh2, fw2)`` float32: bilinear samples of ``features1`` at the
-        centres of Model 2's feature pixels.
+        ``(N, F, fh2, fw2)`` float32.
     """
-    rows = pixel_centres(window.y0, feature_shape[0], stride2, feature_scale)
-    cols = pixel_centres(window.x0, feature_shape[1], stride2, feature_scale)
-    return linear_resample(features1, rows, cols)
+    stride1 = runner1.stride
+    halo1 = round_up(halo1, stride1)
+    low_h, low_w = view.shape
+    full_fh, full_fw = runner1.model.feature_shape(low_h, low_w)
+    plans = []
+    for window in windows:
+        # Model 1 feature coordinates of Model 2's feature-pixel centres.
+        rows = np.clip(pixel_centres(window.y0, feature_shape[0], stride2, view.scale[0] * stride1), 0, full_fh - 1)
+        cols = np.clip(pixel_centres(window.x0, feature_shape[1], stride2, view.scale[1] * stride1), 0, full_fw - 1)
+        f_y0, f_y1 = int(np.floor(rows.min())), min(int(np.floor(rows.max())) + 1, full_fh - 1)
+        f_x0, f_x1 = int(np.floor(cols.min())), min(int(np.floor(cols.max())) + 1, full_fw - 1)
+        crop = Box(
+            max(0, f_y0 * stride1 - halo1), min(low_h, (f_y1 + 1) * stride1 + halo1),
+            max(0, f_x0 * stride1 - halo1), min(low_w, (f_x1 + 1) * stride1 + halo1),
+        )
+        plans.append((crop, rows - crop.y0 // stride1, cols - crop.x0 // stride1))
+    context = torch.empty((len(windows), runner1.model.feature_channels, *feature_shape), dtype=torch.float32)
+    by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, (crop, _, _) in enumerate(plans):
+        by_shape[crop.shape].append(index)
+    for members in by_shape.values():
+        images = np.stack([view.read(plans[i][0]) for i in members])
+        _, features = runner1.predict(images)
+        for k, i in enumerate(members):
+            context[i] = linear_resample(features[k], plans[i][1], plans[i][2])
+    return context
 
 
-def upsample_stage1(probs1: torch.Tensor, scale: tuple[float, float], tile: Box) -> torch.Tensor:
+def stage1_crop(tile: Box, scale: tuple[float, float], low_shape: tuple[int, int]) -> Box:
+    """Low-resolution box holding every bilinear tap :func:`upsample_stage1` needs for ``tile``."""
+    rows = np.clip(pixel_centres(tile.y0, tile.shape[0], 1.0, scale[0]), 0, low_shape[0] - 1)
+    cols = np.clip(pixel_centres(tile.x0, tile.shape[1], 1.0, scale[1]), 0, low_shape[1] - 1)
+    return Box(
+        int(np.floor(rows.min())), min(int(np.floor(rows.max())) + 2, low_shape[0]),
+        int(np.floor(cols.min())), min(int(np.floor(cols.max())) + 2, low_shape[1]),
+    )
+
+
+def upsample_stage1(
+    probs1: torch.Tensor,
+    scale: tuple[float, float],
+    tile: Box,
+    low_shape: tuple[int, int] | None = None,
+    origin: tuple[int, int] = (0, 0),
+) -> torch.Tensor:
     """Model 1's low-resolution probabilities bilinearly upsampled over one tile.
 
     Parameters
     ----------
     probs1 : torch.Tensor
-        ``(C, h, w)``; pixel ``(i, j)`` covers ``scale`` full-resolution pixels.
+        ``(C, ch, cw)``: the whole low-resolution map, or a crop of it whose
+        top-left pixel is ``origin`` (see :func:`stage1_crop`).
     scale : (sy, sx)
     tile : Box
+    low_shape : (h, w), optional
+        Shape of the whole map (default: ``probs1``'s, i.e. no crop).
+    origin : (y, x)
 
     Returns
     -------
     torch.Tensor
-        ``(C, th, tw)`` float32.
+        ``(C, th, tw)`` float32, equal whether given the whole map or a crop.
     """
-    rows = pixel_centres(tile.y0, tile.shape[0], 1.0, scale[0])
-    cols = pixel_centres(tile.x0, tile.shape[1], 1.0, scale[1])
+    low_shape = low_shape or tuple(probs1.shape[-2:])
+    rows = np.clip(pixel_centres(tile.y0, tile.shape[0], 1.0, scale[0]), 0, low_shape[0] - 1) - origin[0]
+    cols = np.clip(pixel_centres(tile.x0, tile.shape[1], 1.0, scale[1]), 0, low_shape[1] - 1) - origin[1]
     return linear_resample(probs1, rows, cols)
+
+
+def neighbourhood(refined: np.ndarray, row: int, col: int) -> np.ndarray:
+    """3 x 3 refined flags around ``(row, col)``; outside the grid counts as refined.
+
+    Counting the image border as refined means it never ramps, so
+    ``blend_weights(neighbourhood(refined, r, c), 1, 1, ...)`` equals
+    ``blend_weights(refined, r, c, ...)``.
+    """
+    rows, cols = refined.shape
+    out = np.ones((3, 3), bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            r, c = row + dy, col + dx
+            if 0 <= r < rows and 0 <= c < cols:
+                out[dy + 1, dx + 1] = refined[r, c]
+    return out
 
 
 def compose_tile(
@@ -369,8 +463,8 @@ def run_stage1(
     halo: int,
     batch_size: int,
     progress: ProgressCallback | None = None,
-) -> tuple[np.ndarray, torch.Tensor]:
-    """Model 1 over a whole low-resolution image, in overlapping blocks.
+) -> np.ndarray:
+    """Model 1's probabilities over a whole low-resolution image, in overlapping blocks.
 
     Parameters
     ----------
@@ -382,29 +476,21 @@ def run_stage1(
 
     Returns
     -------
-    probs : np.ndarray
+    np.ndarray
         ``(C, h, w)`` float32.
-    features : torch.Tensor
-        ``(F, ceil(h / s), ceil(w / s))`` float32, ``s`` the feature stride.
     """
-    stride = runner.stride
     height, width = low_image.shape[:2]
-    grid = TileGrid(height, width, round_up(block, stride))
-    fh, fw = runner.model.feature_shape(height, width)
+    grid = TileGrid(height, width, round_up(block, runner.stride))
     probs = np.zeros((runner.model.num_classes, height, width), np.float32)
-    features = torch.zeros((runner.model.feature_channels, fh, fw), dtype=torch.float32)
     done = 0
-    for row, col, p, f in predict_tiles(
+    for row, col, p, _ in predict_tiles(
         runner, lambda b: low_image[b.slices()], grid, halo, grid.tiles(), batch_size
     ):
-        tile = grid.tile(row, col)
-        probs[(slice(None), *tile.slices())] = p.numpy()
-        fy, fx = tile.y0 // stride, tile.x0 // stride
-        features[:, fy : fy + f.shape[1], fx : fx + f.shape[2]] = f
+        probs[(slice(None), *grid.tile(row, col).slices())] = p.numpy()
         done += 1
         if progress:
             progress("stage1", done, grid.num_tiles)
-    return probs, features
+    return probs
 
 
 def _check_pair(model1: SegmentationModel, model2: SegmentationModel) -> None:
@@ -467,9 +553,9 @@ def segment_image(
     # Stage 1: Model 1 on the downsampled image.
     low = downsample_mean(image, config.ratio)
     scale = (float(config.ratio), float(config.ratio))
-    probs1, features1 = run_stage1(
-        runner1, low, config.stage1_block, config.stage1_halo, config.batch_size, progress
-    )
+    # One block per forward pass (blocks are large): the same computation as
+    # one Dask task per block, so both paths give identical numbers.
+    probs1 = run_stage1(runner1, low, config.stage1_block, config.stage1_halo, 1, progress)
     synchronize(runner1.device)
     timings["stage1"] = time.perf_counter() - start
 
@@ -483,7 +569,7 @@ def segment_image(
 
     # Stage 2 on the selected tiles, composing each as it arrives.
     probs1_t = torch.from_numpy(probs1)
-    feature_scale = config.ratio * runner1.stride
+    view = LowResView(low.shape[:2], scale, lambda b: low[b.slices()])
     out = np.zeros((probs1.shape[0], height, width), np.float32)
     compose_seconds = 0.0
 
@@ -507,8 +593,8 @@ def segment_image(
         config.halo,
         selected,
         config.batch_size,
-        context_for=lambda window, shape: stage1_context(
-            features1, feature_scale, window, shape, runner2.stride
+        context_for=lambda windows, shape: stage1_context(
+            runner1, view, windows, shape, runner2.stride, config.stage1_halo
         ),
     ):
         compose_into(row, col, p2)

@@ -36,6 +36,8 @@ __all__ = [
     "entropy",
     "margin",
     "sample_tiles",
+    "scores_from_integrals",
+    "tile_integrals",
     "tile_scores",
     "uncertainty_map",
 ]
@@ -102,6 +104,59 @@ def uncertainty_map(probs: np.ndarray, measure: str = "entropy") -> np.ndarray:
     return UNCERTAINTY_MEASURES[measure](probs)
 
 
+def tile_integrals(
+    uncertainty: np.ndarray,
+    y_edges: np.ndarray,
+    x_edges: np.ndarray,
+    scale: tuple[float, float],
+    origin: tuple[int, int] = (0, 0),
+) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """Integral of a block of the uncertainty map over each tile footprint it meets.
+
+    Integrals are additive over blocks, so a map processed block by block
+    gives exactly the scores of the whole map once the blocks' sums and areas
+    are added up (:func:`tile_scores` is the one-block case).
+
+    Parameters
+    ----------
+    uncertainty : np.ndarray
+        ``(bh, bw)`` block whose top-left pixel is map pixel ``origin``; map
+        pixel ``(i, j)`` covers full-resolution
+        ``[i*sy, (i+1)*sy) x [j*sx, (j+1)*sx)``.
+    y_edges, x_edges : np.ndarray
+        Full-resolution tile boundaries, ``(rows + 1,)`` and ``(cols + 1,)``.
+    scale : (sy, sx)
+        Full-resolution pixels per map pixel.
+    origin : (y, x)
+
+    Returns
+    -------
+    row0, col0 : int
+        First tile row and column the block meets.
+    sums, areas : np.ndarray
+        ``(n_rows, n_cols)`` float64: the integral of the map over each
+        footprint's overlap with the block, and that overlap's area (in map
+        pixels). Fractional overlaps are exact: the map is piecewise constant.
+    """
+    u = np.asarray(uncertainty, dtype=np.float64)
+    h, w = u.shape
+    ys = np.clip(np.asarray(y_edges, np.float64) / scale[0] - origin[0], 0, h)
+    xs = np.clip(np.asarray(x_edges, np.float64) / scale[1] - origin[1], 0, w)
+    rows = np.flatnonzero(np.diff(ys) > 0)
+    cols = np.flatnonzero(np.diff(xs) > 0)
+    if not len(rows) or not len(cols):
+        return 0, 0, np.zeros((0, 0)), np.zeros((0, 0))
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    ys, xs = ys[r0 : r1 + 1], xs[c0 : c1 + 1]
+    integral = np.zeros((h + 1, w + 1), np.float64)
+    integral[1:, 1:] = u.cumsum(0).cumsum(1)
+    # The integral of a piecewise-constant map is bilinear between grid points.
+    at_edges = _interpolate_axis(_interpolate_axis(integral, ys, 0), xs, 1)
+    sums = at_edges[1:, 1:] - at_edges[:-1, 1:] - at_edges[1:, :-1] + at_edges[:-1, :-1]
+    areas = np.diff(ys)[:, None] * np.diff(xs)[None, :]
+    return int(r0), int(c0), sums, areas
+
+
 def tile_scores(
     uncertainty: np.ndarray,
     y_edges: np.ndarray,
@@ -123,22 +178,21 @@ def tile_scores(
     Returns
     -------
     np.ndarray
-        ``(rows, cols)`` float32 area-weighted means. Footprints that do not
-        fall on whole map pixels use the fractional overlap, so a tile's score
-        is the integral of the (piecewise constant) map over the tile divided
-        by its area.
+        ``(rows, cols)`` float32: the integral of the (piecewise constant) map
+        over each tile divided by the tile's area, so footprints that do not
+        fall on whole map pixels use the fractional overlap.
     """
-    u = np.asarray(uncertainty, dtype=np.float64)
-    h, w = u.shape
-    integral = np.zeros((h + 1, w + 1), np.float64)
-    integral[1:, 1:] = u.cumsum(0).cumsum(1)
-    ys = np.clip(np.asarray(y_edges, np.float64) / scale[0], 0, h)
-    xs = np.clip(np.asarray(x_edges, np.float64) / scale[1], 0, w)
-    # The integral of a piecewise-constant map is bilinear between grid points.
-    at_edges = _interpolate_axis(_interpolate_axis(integral, ys, 0), xs, 1)
-    sums = at_edges[1:, 1:] - at_edges[:-1, 1:] - at_edges[1:, :-1] + at_edges[:-1, :-1]
-    areas = np.diff(ys)[:, None] * np.diff(xs)[None, :]
-    return (sums / np.maximum(areas, 1e-12)).astype(np.float32)
+    rows, cols = len(y_edges) - 1, len(x_edges) - 1
+    sums, areas = np.zeros((rows, cols)), np.zeros((rows, cols))
+    r0, c0, s, a = tile_integrals(uncertainty, y_edges, x_edges, scale)
+    sums[r0 : r0 + s.shape[0], c0 : c0 + s.shape[1]] = s
+    areas[r0 : r0 + a.shape[0], c0 : c0 + a.shape[1]] = a
+    return scores_from_integrals(sums, areas)
+
+
+def scores_from_integrals(sums: np.ndarray, areas: np.ndarray) -> np.ndarray:
+    """``sums / areas`` as float32 (0 where a tile has no area)."""
+    return np.where(areas > 0, sums / np.maximum(areas, 1e-12), 0.0).astype(np.float32)
 
 
 def _interpolate_axis(values: np.ndarray, positions: np.ndarray, axis: int) -> np.ndarray:

@@ -1,0 +1,374 @@
+"""The OME-Zarr output of a run: arrays, NGFF metadata, run record, report, overlay.
+
+Layout of ``OUT.zarr`` (OME-NGFF 0.4 on zarr v2, which napari, QuPath /
+Bio-Formats, OMERO and vizarr read)::
+
+    OUT.zarr/
+      mask/          multiscale label image: 0 = (H, W) uint8, 1, 2, ... = /2 each
+      probability/   Model 1's class probabilities (C, h, w) float32, low resolution
+      uncertainty/   Model 1's per-pixel uncertainty (h, w) float32
+      tile_scores/   mean uncertainty per tile (rows, cols) float32
+      refined/       1 where Model 2 refined the tile (rows, cols) uint8
+      report.json    what ran, on what, how long, with which versions
+      overlay.png    thumbnail with the mask and the refined tiles outlined
+      .wsiseg/       run record (settings, completed work) used by --resume
+
+Each image group carries ``multiscales`` metadata whose scales place it over
+the slide in micrometres (or pixels when the pixel size is unknown). The
+metadata and ``report.json`` are written only when the run completes, so an
+interrupted output never looks like a finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsiseg.errors import InputError
+
+NGFF_VERSION = "0.4"
+RECORD_DIR = ".wsiseg"
+LOWRES_ARRAY = f"{RECORD_DIR}/lowres"
+#: Label colours (RGBA) for napari / QuPath: class 1, 2, ...
+LABEL_COLOURS = [
+    (0, 200, 80, 255), (230, 60, 60, 255), (50, 110, 230, 255), (240, 200, 30, 255),
+    (170, 60, 200, 255), (30, 200, 200, 255), (240, 130, 30, 255), (120, 120, 120, 255),
+]
+
+
+def _zarr() -> Any:
+    import zarr
+
+    return zarr
+
+
+def _compressor() -> Any:
+    import numcodecs
+
+    return numcodecs.Zstd(level=3)
+
+
+_ARRAYS: dict[tuple[str, str], Any] = {}
+_ARRAYS_LOCK = threading.Lock()
+
+
+def open_array(out: str | os.PathLike[str], name: str) -> Any:
+    """A zarr array of an output, opened once per process for reading and writing."""
+    key = (str(out), name)
+    array = _ARRAYS.get(key)
+    if array is None:
+        with _ARRAYS_LOCK:
+            array = _ARRAYS.get(key)
+            if array is None:
+                array = _zarr().open_array(str(Path(out) / name), mode="r+")
+                _ARRAYS[key] = array
+    return array
+
+
+def forget_arrays(out: str | os.PathLike[str]) -> None:
+    """Drop this process's cached arrays of ``out`` (after it is rewritten)."""
+    with _ARRAYS_LOCK:
+        for key in [k for k in _ARRAYS if k[0] == str(out)]:
+            del _ARRAYS[key]
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """An array to create: group-relative name, shape, chunks, dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: str
+
+
+class RunRecord:
+    """The settings of a run and the work it has finished, for ``--resume``.
+
+    ``run.json`` holds the settings signature; ``progress.jsonl`` gets one
+    JSON line per finished piece of work, appended and flushed by the driver
+    only, so a crash loses at most the pieces in flight (which are then
+    recomputed: every task writes only its own chunks).
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.dir = out / RECORD_DIR
+        self._progress = self.dir / "progress.jsonl"
+
+    def write_signature(self, signature: Mapping[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "run.json").write_text(json.dumps(signature, indent=1, sort_keys=True))
+
+    def signature(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.dir / "run.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def append(self, entry: Mapping[str, Any]) -> None:
+        with open(self._progress, "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Recorded entries; a torn last line (killed mid-write) is ignored."""
+        try:
+            lines = self._progress.read_text().splitlines()
+        except OSError:
+            return []
+        entries = []
+        for line in lines:
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return entries
+
+
+def is_wsiseg_output(path: Path) -> bool:
+    """True for a folder this program wrote (it has a run record)."""
+    return (path / RECORD_DIR / "run.json").is_file()
+
+
+def prepare_output(
+    out: Path, signature: Mapping[str, Any], arrays: Iterable[ArraySpec], overwrite: bool, resume: bool
+) -> tuple[RunRecord, bool]:
+    """Create (or reopen, for ``resume``) the output folder and its arrays.
+
+    Returns
+    -------
+    record : RunRecord
+    resumed : bool
+        True when an unfinished run with the same settings was found.
+
+    Raises
+    ------
+    InputError
+        When ``out`` exists and neither flag allows using it, when
+        ``overwrite`` would delete a folder wsiseg did not write, or when
+        ``resume`` finds a run made with other settings.
+    """
+    record = RunRecord(out)
+    if out.exists():
+        if resume and is_wsiseg_output(out):
+            previous = record.signature()
+            if previous != json.loads(json.dumps(dict(signature), sort_keys=True)):
+                changed = sorted(k for k in set(previous or {}) | set(signature) if (previous or {}).get(k) != signature.get(k))
+                raise InputError(
+                    f"{out} was made with other settings ({', '.join(changed)}); "
+                    "resume with the same settings or use --overwrite"
+                )
+            return record, True
+        if not overwrite:
+            raise InputError(f"{out} already exists; use --overwrite to replace it or --resume to continue it")
+        if out.is_dir() and not is_wsiseg_output(out) and any(out.iterdir()):
+            raise InputError(f"{out} exists and is not a wsiseg output; refusing to delete it, choose another --out")
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink()
+    forget_arrays(out)
+    zarr = _zarr()
+    root = zarr.open_group(str(out), mode="w", zarr_format=2)
+    for spec in arrays:
+        parent, _, leaf = spec.name.rpartition("/")
+        group = root.require_group(parent) if parent else root
+        group.create_array(
+            leaf,
+            shape=spec.shape,
+            chunks=spec.chunks,
+            dtype=spec.dtype,
+            fill_value=0,
+            chunk_key_encoding={"name": "v2", "separator": "/"},
+            compressors=_compressor(),
+        )
+    record.write_signature(signature)
+    return record, False
+
+
+def build_pyramid(out: Path, name: str, tile: int) -> int:
+    """Add levels ``1, 2, ...`` under group ``name`` by taking every other pixel.
+
+    Nearest-neighbour subsampling keeps labels valid. Levels are added until
+    one fits in a single ``tile x tile`` chunk; each is computed with dask
+    (on the active Dask client when there is one), chunk by chunk.
+
+    Returns
+    -------
+    int
+        Number of levels, level 0 included.
+    """
+    import dask.array as da
+
+    zarr = _zarr()
+    group = zarr.open_group(str(out / name), mode="r+", zarr_format=2)
+    level = 0
+    while max(group[str(level)].shape) > tile:
+        source = da.from_zarr(group[str(level)])
+        smaller = source[::2, ::2].rechunk((tile, tile))
+        target = group.create_array(
+            str(level + 1),
+            shape=smaller.shape,
+            chunks=(tile, tile),
+            dtype=source.dtype,
+            fill_value=0,
+            chunk_key_encoding={"name": "v2", "separator": "/"},
+            compressors=_compressor(),
+            overwrite=True,
+        )
+        # Chunks equal the target's, so each task writes exactly one chunk.
+        da.store(smaller, target, lock=False)
+        level += 1
+    return level + 1
+
+
+def write_multiscales(
+    out: Path,
+    name: str,
+    axes: list[str],
+    levels: int,
+    step: tuple[float, float],
+    mpp: tuple[float, float] | None,
+    labels: Mapping[int, str] | None = None,
+) -> None:
+    """Write NGFF 0.4 ``multiscales`` metadata for group ``name``.
+
+    Parameters
+    ----------
+    axes : list of str
+        e.g. ``["y", "x"]`` or ``["c", "y", "x"]``.
+    levels : int
+        Datasets ``0 .. levels - 1``, each half the size of the previous.
+    step : (sy, sx)
+        Level-0 slide pixels per pixel of dataset 0.
+    mpp : (y, x) or None
+        Micrometres per slide pixel; None gives scales in slide pixels.
+    labels : mapping, optional
+        Label value -> name; adds ``image-label`` colours (napari shows the
+        image as a labels layer).
+    """
+    zarr = _zarr()
+    unit = mpp if mpp else (1.0, 1.0)
+    axis_meta = []
+    for a in axes:
+        entry: dict[str, Any] = {"name": a, "type": "channel" if a == "c" else "space"}
+        if a != "c" and mpp:
+            entry["unit"] = "micrometer"
+        axis_meta.append(entry)
+    datasets = []
+    for level in range(levels):
+        factor = 2**level
+        sy, sx = step[0] * factor * unit[0], step[1] * factor * unit[1]
+        # A pixel of this dataset covers [i*s, (i+1)*s) slide pixels (dataset 0) or
+        # is the subsampled pixel i*2^level of it: centre offset from slide pixel 0.
+        ty = (step[0] - 1) / 2 * unit[0]
+        tx = (step[1] - 1) / 2 * unit[1]
+        scale = ([1.0] if axes[0] == "c" else []) + [sy, sx]
+        translation = ([0.0] if axes[0] == "c" else []) + [ty, tx]
+        datasets.append({
+            "path": str(level),
+            "coordinateTransformations": [
+                {"type": "scale", "scale": scale},
+                {"type": "translation", "translation": translation},
+            ],
+        })
+    group = zarr.open_group(str(out / name), mode="r+", zarr_format=2)
+    attrs: dict[str, Any] = {
+        "multiscales": [{
+            "version": NGFF_VERSION,
+            "name": name,
+            "axes": axis_meta,
+            "datasets": datasets,
+            "type": "nearest" if levels > 1 else "none",
+        }]
+    }
+    if labels:
+        attrs["image-label"] = {
+            "version": NGFF_VERSION,
+            "colors": [
+                {"label-value": int(v), "rgba": list(LABEL_COLOURS[(int(v) - 1) % len(LABEL_COLOURS)])}
+                for v in sorted(labels) if int(v) > 0
+            ],
+            "properties": [{"label-value": int(v), "class": str(n)} for v, n in sorted(labels.items())],
+        }
+    group.attrs.update(attrs)
+
+
+def write_report(out: Path, report: Mapping[str, Any]) -> Path:
+    """Write ``report.json`` atomically (it marks the output complete)."""
+    path = out / "report.json"
+    partial = out / "report.json.partial"
+    partial.write_text(json.dumps(report, indent=2, sort_keys=False, default=_json_default))
+    os.replace(partial, path)
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_overlay(
+    out: Path,
+    background: np.ndarray,
+    mask: np.ndarray,
+    refined: np.ndarray | None,
+    max_side: int = 1024,
+) -> Path:
+    """Save ``overlay.png``: the thumbnail, the mask tinted, refined tiles outlined.
+
+    Parameters
+    ----------
+    background : np.ndarray
+        ``(h, w, 3)`` uint8 thumbnail of the slide.
+    mask : np.ndarray
+        ``(mh, mw)`` labels at any resolution (resized with nearest neighbour).
+    refined : np.ndarray or None
+        ``(rows, cols)`` bool tile map; outlines drawn in yellow.
+    """
+    from PIL import Image, ImageDraw
+
+    thumb = Image.fromarray(background)
+    scale = min(1.0, max_side / max(thumb.size))
+    size = (max(1, round(thumb.width * scale)), max(1, round(thumb.height * scale)))
+    thumb = thumb.resize(size, Image.Resampling.BILINEAR)
+    labels = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
+    rgb = np.asarray(thumb).astype(np.float32)
+    for value in np.unique(labels):
+        if value == 0:
+            continue
+        colour = np.array(LABEL_COLOURS[(int(value) - 1) % len(LABEL_COLOURS)][:3], np.float32)
+        where = labels == value
+        rgb[where] = 0.55 * rgb[where] + 0.45 * colour
+    image = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+    if refined is not None and refined.any():
+        draw = ImageDraw.Draw(image)
+        rows, cols = refined.shape
+        fy, fx = size[1] / rows, size[0] / cols
+        for r, c in np.argwhere(refined):
+            draw.rectangle([c * fx, r * fy, (c + 1) * fx - 1, (r + 1) * fy - 1], outline=(255, 220, 0))
+    path = out / "overlay.png"
+    image.save(path)
+    return path
+
+
+def remove_scratch(out: Path) -> None:
+    """Delete the run's scratch arrays (the run record itself stays)."""
+    scratch = out / LOWRES_ARRAY
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    forget_arrays(out)
