@@ -31,7 +31,8 @@ def real_cluster(tmp_path_factory):
 
     scheduler_file = tmp_path_factory.mktemp("dask") / "scheduler.json"
     scheduler = _spawn(["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
-                        "--no-dashboard", "--scheduler-file", str(scheduler_file)])
+                        "--no-dashboard", "--dashboard-address", "127.0.0.1:0",
+                        "--scheduler-file", str(scheduler_file)])
     workers = [
         _spawn(["distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
                 "--nworkers", "1", "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "0"])

@@ -218,7 +218,12 @@ def task_lowres(plan: SlidePlan, row: int, col: int) -> dict[str, float]:
     """Write one chunk of the low-resolution view to scratch."""
     t0 = time.perf_counter()
     box = plan.block_grid.tile(row, col)
-    pixels = read_scaled(plan.slide, plan.level, plan.coarsen, box)
+    # In strips, so that coarsening a finer level never holds a large region.
+    strip = max(1, 4096 // (plan.coarsen * plan.coarsen))
+    pixels = np.empty((*box.shape, 3), np.uint8)
+    for y in range(box.y0, box.y1, strip):
+        part = Box(y, min(y + strip, box.y1), box.x0, box.x1)
+        pixels[y - box.y0 : part.y1 - box.y0] = read_scaled(plan.slide, plan.level, plan.coarsen, part)
     t1 = time.perf_counter()
     open_array(plan.out, LOWRES_ARRAY)[box.y0 : box.y1, box.x0 : box.x1] = pixels
     return {"read": t1 - t0, "write": time.perf_counter() - t1}

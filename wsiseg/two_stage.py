@@ -276,19 +276,30 @@ def downsample_mean(image: np.ndarray, ratio: int) -> np.ndarray:
         ``(ceil(H / ratio), ceil(W / ratio), 3)`` uint8; output pixel ``(i, j)``
         is the rounded mean of input ``[i*r, (i+1)*r) x [j*r, (j+1)*r)``
         (partial blocks at the far edges average the pixels they have).
+        Whole blocks are summed in uint32 without copying the input.
     """
     if ratio == 1:
         return image
-    height, width = image.shape[:2]
+    height, width, channels = image.shape
     out_h, out_w = -(-height // ratio), -(-width // ratio)
-    padded = np.zeros((out_h * ratio, out_w * ratio, image.shape[2]), np.float64)
-    padded[:height, :width] = image
-    counts = np.zeros((out_h * ratio, out_w * ratio, 1), np.float64)
-    counts[:height, :width] = 1
-    shape = (out_h, ratio, out_w, ratio, -1)
-    sums = padded.reshape(shape).sum(axis=(1, 3))
-    n = counts.reshape(shape).sum(axis=(1, 3))
-    return np.rint(sums / n).astype(np.uint8)
+    full_h, full_w = height // ratio, width // ratio
+    out = np.empty((out_h, out_w, channels), np.uint8)
+    if full_h and full_w:
+        core = image[: full_h * ratio, : full_w * ratio].reshape(full_h, ratio, full_w, ratio, channels)
+        out[:full_h, :full_w] = _rounded_mean(core.sum(axis=(1, 3), dtype=np.uint32), ratio * ratio)
+    # Partial blocks along the bottom and right edges.
+    for i in range(out_h):
+        for j in range(out_w) if i >= full_h else range(full_w, out_w):
+            block = image[i * ratio : (i + 1) * ratio, j * ratio : (j + 1) * ratio].reshape(-1, channels)
+            out[i, j] = _rounded_mean(block.sum(axis=0, dtype=np.uint32), block.shape[0])
+    return out
+
+
+def _rounded_mean(sums: np.ndarray, count: int) -> np.ndarray:
+    """``sums / count`` rounded half to even (as ``np.rint``), in integer arithmetic."""
+    quotient, remainder = np.divmod(sums, count)
+    up = (2 * remainder > count) | ((2 * remainder == count) & (quotient % 2 == 1))
+    return (quotient + up).astype(np.uint8)
 
 
 @dataclass(frozen=True)
