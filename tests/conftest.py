@@ -61,20 +61,26 @@ def structured_image(rng: np.random.Generator, height: int, width: int, cell: in
 
 
 def write_pyramid(
-    path, image: np.ndarray, tile: int = 128, factors=(1, 2, 4), mpp: float | None = 0.5, compression: str = "zlib"
+    path, image: np.ndarray, tile: int = 128, factors=(1, 2, 4), mpp: float | None = 0.5,
+    compression: str = "zlib", chained: bool = False,
 ):
     """A generic tiled pyramidal TIFF that both OpenSlide and tifffile open.
 
-    Level 0 first, reduced levels (exact block means of level 0, as
-    :func:`~wsiseg.two_stage.downsample_mean` computes them) as separate tiled
-    pages with subfiletype 1.
+    Level 0 first, reduced levels as separate tiled pages with subfiletype 1:
+    block means of level 0 (as :func:`~wsiseg.two_stage.downsample_mean`
+    computes them), or with ``chained`` of the previous level.
     """
     from wsiseg.two_stage import downsample_mean
 
     extra = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"} if mpp else {}
+    previous, previous_factor = image, 1
     with tifffile.TiffWriter(path) as writer:
         for index, factor in enumerate(factors):
-            level = downsample_mean(image, factor)
+            if chained:
+                level = downsample_mean(previous, factor // previous_factor)
+                previous, previous_factor = level, factor
+            else:
+                level = downsample_mean(image, factor)
             writer.write(
                 level, tile=(tile, tile), photometric="rgb", compression=compression,
                 subfiletype=1 if index else 0, **(extra if index == 0 else {}),

@@ -47,3 +47,32 @@ def test_cohort_segments_skips_done_and_reports_failures(tmp_path, test_bundle, 
     again = cohort.run_cohort(slides, out, options, local_client, parallel=2)
     assert [r["status"] for r in again] == ["failed", "skipped", "skipped"]
     assert again[1]["tiles_refined"] == 6
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "pipelines" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paper_tables_grid_runs_and_writes_both_tables(tmp_path) -> None:
+    from test_train import make_folder
+
+    make_folder(tmp_path / "d", n=4, size=32)
+    tables = _load("paper_tables")
+    out = tmp_path / "tables"
+    code = tables.main(["--dataset", f"folder={tmp_path / 'd'}", "--out", str(out), "--archs", "unet",
+                        "--backbone", "resnet_lite", "--ablation-arch", "unet", "--epochs", "0",
+                        "--image-size", "32", "--batch-size", "2", "--ratio", "2", "--device", "cpu"])
+    assert code == 0
+    table3 = list(csv.DictReader(open(out / "table3.csv")))
+    assert [(r["dataset"], r["arch"]) for r in table3] == [("folder", "unet")]
+    table4 = list(csv.DictReader(open(out / "table4.csv")))
+    studies = [r["study"] for r in table4]
+    assert studies.count("patches") == 4 and studies.count("sampling") == 3
+    assert studies.count("threshold") == 5 and studies.count("finetune-context") == 4
+    assert {r["setting"] for r in table4 if r["study"] == "threshold"} == {"t=1", "t=0.75", "t=0.5", "t=0.25", "t=0"}
+    assert (out / "table4.md").read_text().startswith("# Table 4")
+    bundles = sorted(p.name for p in (out / "bundles").iterdir())
+    assert len(bundles) == 1 + 4 + 3 + 1 + 4  # one per configuration, reused when run again

@@ -224,3 +224,43 @@ def test_geojson_polygons_rasterise_back_onto_the_mask(tmp_path, local_client) -
     for value in (1, 2):
         _, regions = ndimage.label(mask == value)
         assert per_class[value] == regions
+
+
+def test_slide_is_rescaled_to_the_models_pixel_size(tmp_path, pyramid_slide, slide_image, test_bundle, local_client) -> None:
+    from wsiseg.bundle import save_bundle
+    from wsiseg.two_stage import downsample_mean
+
+    from conftest import write_pyramid
+
+    chained = write_pyramid(tmp_path / "chained.tif", slide_image, chained=True)  # level 2 = means of level 1
+    loaded = load_bundle(test_bundle)
+    coarse = save_bundle(tmp_path / "coarse.safetensors", loaded.models, {**loaded.config, "mpp": 1.0})
+    out = tmp_path / "rescaled.zarr"
+    options = SegmentOptions(model=str(coarse), selection=SELECTION, ratio=2, tile_size=128, halo=32,
+                             stage1_block=64, stage1_halo=32)
+    report = segment_slide(chained, out, options, local_client)
+    working = report["working_resolution"]
+    assert (working["level"], working["coarsen"], working["size"]) == (1, 1, [500, 384])
+    assert working["scale_mismatch"] == 1.0
+    assert report["stage1"]["level"] == 2 and report["stage1"]["scale"] == [2.0, 2.0]
+    torch.set_num_threads(1)
+    half = downsample_mean(slide_image, 2)  # the pixels of level 1
+    config = TwoStageConfig(ratio=2, tile_size=128, halo=32, stage1_block=64, stage1_halo=32, selection=SELECTION)
+    expected = segment_image(half, loaded.model1, loaded.model2, config, device="cpu")
+    np.testing.assert_array_equal(_read(out, "mask/0"), expected.mask)
+
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    node = list(Reader(parse_url(str(out / "mask")))())[0]
+    assert node.metadata["coordinateTransformations"][0][0]["scale"] == pytest.approx([1.0, 1.0])  # 2 px x 0.5 um
+
+    fine = save_bundle(tmp_path / "fine.safetensors", loaded.models, {**loaded.config, "mpp": 0.25})
+    report = segment_slide(pyramid_slide, tmp_path / "fine.zarr", replace_options(options, model=str(fine)), local_client)
+    assert report["working_resolution"]["level"] == 0 and "not upsampled" in report["working_resolution"]["decision"]
+
+
+def replace_options(options: SegmentOptions, **changes) -> SegmentOptions:
+    from dataclasses import replace
+
+    return replace(options, **changes)

@@ -203,22 +203,147 @@ def info(slide: Path, backend: str) -> None:
         click.echo(line)
 
 
-def _not_yet(command: str) -> None:
-    raise WsisegError(f"'wsiseg {command}' is not available yet in wsiseg {__version__}")
+DATASET_CHOICE = click.Choice(["ph2", "bowl", "kitti", "bdd", "folder"])
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def train(args: tuple[str, ...]) -> None:
-    """Train a two-stage pair on a data set (not available yet)."""
-    _not_yet("train")
+class TrainBars:
+    """One progress bar per training phase, labelled with the running loss."""
+
+    NAMES = {"stage1": "Model 1 ", "stage2": "Model 2 ", "baseline": "baseline"}
+
+    def __init__(self) -> None:
+        self.phase: str | None = None
+        self.bar: Any = None
+        self.done = 0
+
+    def __call__(self, phase: str, done: int, total: int, info: dict[str, Any]) -> None:
+        if phase != self.phase:
+            self.close()
+            self.phase, self.done = phase, 0
+            self.bar = click.progressbar(length=total, label=self.NAMES.get(phase, phase), file=sys.stderr, show_pos=True)
+            self.bar.__enter__()
+        self.bar.label = f"{self.NAMES.get(phase, phase)} epoch {info['epoch']} loss {info['loss']:.4f}"
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def evaluate(args: tuple[str, ...]) -> None:
-    """Compare two-stage and full-resolution inference (not available yet)."""
-    _not_yet("evaluate")
+@main.command()
+@click.option("--dataset", required=True, type=DATASET_CHOICE, help="Data set, read from its released layout.")
+@click.option("--data-root", required=True, type=click.Path(path_type=Path), help="Folder of the data set.")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Bundle to write (.safetensors).")
+@click.option("--arch", default="unet", show_default=True, help="Architecture (see 'wsiseg models').")
+@click.option("--backbone", default="resnet_lite", show_default=True, help="Backbone (see 'wsiseg models').")
+@click.option("--backbone-weights", type=click.Path(path_type=Path), default=None,
+              help="Local file of pretrained backbone weights (never downloaded).")
+@click.option("--ratio", default=4, show_default=True, help="Model 1's downsampling factor R.")
+@click.option("--epochs", default=20, show_default=True, help="Epochs per phase.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--lr", default=1e-4, show_default=True, help="Adam learning rate.")
+@click.option("--loss", type=click.Choice(["focal", "ce"]), default="focal", show_default=True)
+@click.option("--sampling", type=click.Choice(["random", "weighted", "highest"]), default="weighted", show_default=True,
+              help="How stage 2 picks a patch from Model 1's tile uncertainty.")
+@click.option("--image-size", default=768, show_default=True,
+              help="Resize images to this square (the paper's protocol); 0 keeps the native pixel size.")
+@click.option("--crop-size", default=256, show_default=True, help="Crop side when --image-size is 0.")
+@click.option("--patches", default=16, show_default=True, help="About this many tiles per image when resizing (4, 16, 64, 128).")
+@click.option("--tile-size", type=int, default=None, help="Tile side when --image-size is 0 (default crop/4).")
+@click.option("--halo", default=32, show_default=True, help="Context pixels around each tile.")
+@click.option("--finetune/--no-finetune", default=True, show_default=True, help="Start Model 2 from Model 1.")
+@click.option("--context/--no-context", default=True, show_default=True, help="Give Model 2 Model 1's features.")
+@click.option("--stage", type=click.Choice(["two-stage", "baseline", "all"]), default="two-stage", show_default=True)
+@click.option("--augment/--no-augment", default=True, show_default=True)
+@click.option("--multiclass", is_flag=True, help="KITTI / BDD: 19 classes instead of vehicle vs rest.")
+@click.option("--split-seed", default=0, show_default=True, help="Seed of the 70/30 split.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--mpp", type=float, default=None, help="Micrometres per pixel of the training images, if known.")
+@click.option("--threshold", default=0.25, show_default=True, help="Default tile threshold stored in the bundle.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--val-images", default=0, show_default=True, help="Test images scored at the end (0: all).")
+def train(out: Path, **opts: Any) -> None:
+    """Train Model 1 and Model 2 (and/or the full-resolution baseline) with the paper's protocol.
+
+    Resumes from OUT.ckpt when an earlier run with the same settings was interrupted.
+    """
+    from wsiseg.train.fit import TrainConfig, checkpoint_path, train as run_training
+
+    _quiet_libraries()
+    config = TrainConfig(**{k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items()})
+    if out.exists():
+        raise WsisegError(f"{out} already exists; choose another --out or delete it")
+    if checkpoint_path(out).exists():
+        click.echo(f"resuming from {checkpoint_path(out)}", err=True)
+    bars = TrainBars()
+    try:
+        path = run_training(config, out, progress=bars)
+    finally:
+        bars.close()
+    from wsiseg.bundle import load_bundle
+    from wsiseg.evaluate import MethodScores, format_table
+
+    validation = load_bundle(path).config.get("validation", {})
+    click.echo(f"wrote {path}")
+    if validation.get("rows"):
+        click.echo(f"test split ({validation['images']} images):")
+        for line in format_table([MethodScores(**row) for row in validation["rows"]]):
+            click.echo("  " + line)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--dataset", required=True, type=DATASET_CHOICE)
+@click.option("--data-root", required=True, type=click.Path(path_type=Path))
+@click.option("--baseline", type=click.Path(path_type=Path), default=None,
+              help="Bundle whose single model is the full-resolution baseline (default: BUNDLE's own).")
+@click.option("--threshold", "thresholds", type=float, multiple=True,
+              help="Two-stage thresholds (repeatable). Default: the paper's 1, 0.75, 0.5, 0.25, 0.")
+@click.option("--split", type=click.Choice(["train", "test", "all"]), default="test", show_default=True)
+@click.option("--split-seed", type=int, default=None, help="Default: the seed BUNDLE was trained with.")
+@click.option("--multiclass", is_flag=True)
+@click.option("--limit", type=int, default=0, help="Score only the first N images.")
+@click.option("--tile-size", type=int, default=None, help="Override the bundle's tile size.")
+@click.option("--halo", type=int, default=None, help="Override the bundle's halo.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
+              help="Folder for evaluation.csv / .json / speed_vs_dice.png (default: evaluation-<bundle name>).")
+def evaluate(bundle: Path, **opts: Any) -> None:
+    """Dice, IoU, refined fraction and time per image: baseline vs two-stage over thresholds."""
+    from wsiseg.bundle import load_bundle
+    from wsiseg.evaluate import PAPER_THRESHOLDS, evaluate as run_evaluation, format_table, write_results
+    from wsiseg.train.datasets import open_dataset
+
+    _quiet_libraries()
+    loaded = load_bundle(bundle)
+    for key in ("tile_size", "halo"):
+        if opts[key] is not None:
+            loaded.config[key] = opts[key]
+    data = open_dataset(opts["dataset"], opts["data_root"], opts["multiclass"])
+    seed = opts["split_seed"] if opts["split_seed"] is not None else int(loaded.config.get("training", {}).get("split_seed", 0))
+    samples = data.split(opts["split"], seed)
+    if opts["limit"]:
+        samples = samples[: opts["limit"]]
+    if not samples:
+        raise WsisegError(f"the {opts['split']} split of {opts['data_root']} is empty")
+    baseline = load_bundle(opts["baseline"]).model if opts["baseline"] else None
+    thresholds = tuple(opts["thresholds"]) or PAPER_THRESHOLDS
+    with click.progressbar(length=len(samples), label="images", file=sys.stderr, show_pos=True) as bar:
+        done = [0]
+
+        def progress(n: int, total: int) -> None:
+            bar.update(n - done[0])
+            done[0] = n
+
+        rows = run_evaluation(loaded, data, samples, thresholds, baseline, opts["device"], progress)
+    for line in format_table(rows):
+        click.echo(line)
+    out = opts["out"] or Path(f"evaluation-{bundle.stem}")
+    paths = write_results(rows, out, f"{bundle.name} on {opts['dataset']} ({opts['split']}, {len(samples)} images)",
+                          {"bundle": str(bundle), "dataset": opts["dataset"], "split": opts["split"], "split_seed": seed})
+    click.echo(f"wrote {paths['csv']}, {paths['json'].name}, {paths['plot'].name}")
 
 
 @main.command()

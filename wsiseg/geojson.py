@@ -209,7 +209,11 @@ def _features(out: Path, tile_size: int, client: Any | None) -> Iterator[tuple[i
 
 
 def write_geojson(
-    out: str | Path, tile_size: int, classes: list[str], client: Any | None = None
+    out: str | Path,
+    tile_size: int,
+    classes: list[str],
+    client: Any | None = None,
+    pixel_size: tuple[float, float] = (1.0, 1.0),
 ) -> Path:
     """Write ``OUT.zarr/mask.geojson``: one Feature per connected region of each class.
 
@@ -223,6 +227,9 @@ def write_geojson(
         Class names by label value.
     client : distributed.Client, optional
         Trace tiles in parallel on it.
+    pixel_size : (y, x)
+        Level-0 pixels per mask pixel (when the mask was made at a coarser
+        working resolution); coordinates are scaled by it.
 
     Returns
     -------
@@ -238,7 +245,10 @@ def write_geojson(
     with open(partial, "w") as handle:
         handle.write('{"type": "FeatureCollection", "features": [\n')
         first = True
+        factor = np.array([pixel_size[1], pixel_size[0]])
         for value, polygon in _features(out, tile_size, client):
+            if pixel_size != (1.0, 1.0):
+                polygon = shapely.transform(polygon, lambda xy: xy * factor)
             name = classes[value] if value < len(classes) else f"class {value}"
             colour = list(LABEL_COLOURS[(value - 1) % len(LABEL_COLOURS)][:3])
             feature = {

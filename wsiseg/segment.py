@@ -94,6 +94,11 @@ class SegmentOptions:
         Replace an existing output, or continue an interrupted one.
     geojson : bool
         Also write ``mask.geojson`` (polygons QuPath imports).
+    rescale : bool
+        When both the slide's and the bundle's micrometres per pixel are
+        known, work at the bundle's pixel size (a coarser level, or block
+        means by a whole factor); a slide with coarser pixels than the model's
+        is not upsampled.
     max_in_flight : int or None
         Tasks submitted ahead of completion (default 4 per worker thread).
     """
@@ -114,6 +119,7 @@ class SegmentOptions:
     overwrite: bool = False
     resume: bool = False
     geojson: bool = False
+    rescale: bool = True
     max_in_flight: int | None = None
 
 
@@ -126,6 +132,8 @@ class SlidePlan:
     stage2_role: str
     out: str
     full_resolution: bool
+    work_level: int
+    work_coarsen: int
     tile_size: int
     halo: int
     blend: int
@@ -136,13 +144,26 @@ class SlidePlan:
     block: int
     stage1_halo: int
     uncertainty: str
+    context: bool
     num_classes: int
     device: str
     torch_threads: dict[str, int]
 
     @property
+    def work_shape(self) -> tuple[int, int]:
+        """Size of the working resolution: level ``work_level`` coarsened by ``work_coarsen``."""
+        h, w = self.slide.levels[self.work_level].shape
+        return -(-h // self.work_coarsen), -(-w // self.work_coarsen)
+
+    @property
+    def work_downsample(self) -> tuple[float, float]:
+        """Level-0 pixels per working pixel."""
+        (h0, w0), (h, w) = self.slide.shape, self.work_shape
+        return h0 / h, w0 / w
+
+    @property
     def grid(self) -> TileGrid:
-        return TileGrid(*self.slide.shape, self.tile_size)
+        return TileGrid(*self.work_shape, self.tile_size)
 
     @property
     def block_grid(self) -> TileGrid:
@@ -264,7 +285,7 @@ def task_read(plan: SlidePlan, boxes: list[Box]) -> tuple[list[Piece], float]:
     chunk, so each file tile is decoded once, and only when needed.
     """
     t0 = time.perf_counter()
-    pieces = [(box, plan.slide.read_region(0, box)) for box in boxes]
+    pieces = [(box, read_scaled(plan.slide, plan.work_level, plan.work_coarsen, box)) for box in boxes]
     return pieces, time.perf_counter() - t0
 
 
@@ -318,7 +339,7 @@ def task_refine(
     grid = plan.grid
     context_for = None
     context_seconds = [0.0]
-    if not plan.full_resolution:
+    if not plan.full_resolution and plan.context:
         runner1 = _runner(plan, "model1")
         lowres = open_array(plan.out, LOWRES_ARRAY)
         view = LowResView(plan.low_shape, plan.scale, lambda b: lowres[b.y0 : b.y1, b.x0 : b.x1])
@@ -410,7 +431,9 @@ def _plan(
             raise InputError("this bundle holds no Model 1 / Model 2 pair; use --full-resolution with it")
         stage2_role, model2, model1 = "model2", bundle.model2, bundle.model1
     stride2 = model2.feature_stride
-    tile = options.tile_size or int(config.get("tile_size") or 0) or auto_tile_size(slide.levels[0].tile_shape, stride2)
+    work_level, work_coarsen, scale_note = _working_scale(slide, config.get("mpp"), options.rescale)
+    file_tile = slide.levels[work_level].tile_shape if work_coarsen == 1 else None
+    tile = options.tile_size or int(config.get("tile_size") or 0) or auto_tile_size(file_tile, stride2)
     if tile % stride2:
         raise InputError(f"--tile-size {tile} must be a multiple of the model's feature stride {stride2}")
     halo = round_up(options.halo if options.halo is not None else int(config.get("halo", 32)), stride2)
@@ -420,14 +443,16 @@ def _plan(
     if ratio < 1:
         raise InputError(f"--ratio must be at least 1, got {ratio}")
     measure = options.uncertainty or str(config.get("uncertainty", "entropy"))
-    height, width = slide.shape
+    work_h = -(-slide.levels[work_level].shape[0] // work_coarsen)
+    work_w = -(-slide.levels[work_level].shape[1] // work_coarsen)
+    work_ds = float(np.mean(slide.levels[work_level].downsample)) * work_coarsen
     if options.full_resolution:
         level, coarsen, low_shape, scale, block = 0, 1, (1, 1), (1.0, 1.0), 1
     else:
-        level, coarsen = slide.best_level_for(float(ratio))
+        level, coarsen = slide.best_level_for(ratio * work_ds)
         lh, lw = slide.levels[level].shape
         low_shape = (-(-lh // coarsen), -(-lw // coarsen))
-        scale = (height / lh * coarsen, width / lw * coarsen)
+        scale = (work_h / lh * coarsen, work_w / lw * coarsen)
         block = round_up(options.stage1_block, model1.feature_stride)
     plan = SlidePlan(
         slide=slide,
@@ -435,6 +460,8 @@ def _plan(
         stage2_role=stage2_role,
         out=str(out),
         full_resolution=options.full_resolution,
+        work_level=work_level,
+        work_coarsen=work_coarsen,
         tile_size=tile,
         halo=halo,
         blend=options.blend,
@@ -445,11 +472,13 @@ def _plan(
         block=block,
         stage1_halo=options.stage1_halo,
         uncertainty=measure,
+        context=bool(config.get("context", True)),
         num_classes=model2.num_classes,
         device=options.device,
         torch_threads=torch_threads_per_host(client),
     )
     model_info = {
+        "pixel_scale": scale_note,
         "bundle": model_ref,
         "checksum": bundle.checksum,
         "roles": {role: dict(m.spec) for role, m in bundle.models.items()},
@@ -458,11 +487,36 @@ def _plan(
     return plan, bundle, model_info
 
 
+def _working_scale(slide: Slide, model_mpp: Any, rescale: bool) -> tuple[int, int, dict[str, Any]]:
+    """Level and whole coarsening factor at which the slide matches the model's pixel size.
+
+    Returns
+    -------
+    level, coarsen, note
+        ``note`` says what was decided and why (for the report).
+    """
+    note: dict[str, Any] = {"model_mpp": model_mpp, "slide_mpp": list(slide.mpp) if slide.mpp else None}
+    if not rescale or not model_mpp or not slide.mpp:
+        note["decision"] = "native pixels" if rescale else "native pixels (rescaling off)"
+        return 0, 1, note
+    factor = float(model_mpp) / float(np.mean(slide.mpp))
+    if factor < 1.5:
+        note["decision"] = "native pixels" + (
+            "" if factor > 1 / 1.5 else " (the slide's pixels are coarser than the model's; not upsampled)"
+        )
+        note["scale_mismatch"] = round(factor, 3)
+        return 0, 1, note
+    level, coarsen = slide.best_level_for(float(round(factor)))
+    done = float(np.mean(slide.levels[level].downsample)) * coarsen
+    note.update(decision=f"downsampled by {done:.3g} to the model's pixel size", scale_mismatch=round(factor / done, 3))
+    return level, coarsen, note
+
+
 def _arrays(plan: SlidePlan) -> list[ArraySpec]:
     grid = plan.grid
     t = plan.tile_size
     arrays = [
-        ArraySpec("mask/0", plan.slide.shape, (t, t), "uint8"),
+        ArraySpec("mask/0", plan.work_shape, (t, t), "uint8"),
         ArraySpec("refined/0", grid.shape, grid.shape, "uint8"),
     ]
     if not plan.full_resolution:
@@ -736,8 +790,8 @@ def _intersect(a: Box, b: Box) -> Box | None:
 
 def _read_cell(plan: SlidePlan) -> int | None:
     """The file's tile side when our tiles are made of whole file tiles, else None."""
-    tile = plan.slide.levels[0].tile_shape
-    if tile and tile[0] == tile[1] and plan.tile_size % tile[0] == 0:
+    tile = plan.slide.levels[plan.work_level].tile_shape
+    if plan.work_coarsen == 1 and tile and tile[0] == tile[1] and plan.tile_size % tile[0] == 0:
         return int(tile[0])
     return None
 
@@ -778,18 +832,20 @@ def _finish(
     levels = build_pyramid(out, "mask", plan.tile_size)
     if progress:
         progress("finish", 1, 3)
-    write_multiscales(out, "mask", ["y", "x"], levels, (1.0, 1.0), slide.mpp, labels=dict(enumerate(classes)))
-    tile_step = (float(plan.tile_size), float(plan.tile_size))
+    wy, wx = plan.work_downsample
+    write_multiscales(out, "mask", ["y", "x"], levels, (wy, wx), slide.mpp, labels=dict(enumerate(classes)))
+    tile_step = (plan.tile_size * wy, plan.tile_size * wx)
     write_multiscales(out, "refined", ["y", "x"], 1, tile_step, slide.mpp)
     if not plan.full_resolution:
-        write_multiscales(out, "probability", ["c", "y", "x"], 1, plan.scale, slide.mpp)
-        write_multiscales(out, "uncertainty", ["y", "x"], 1, plan.scale, slide.mpp)
+        low_step = (plan.scale[0] * wy, plan.scale[1] * wx)
+        write_multiscales(out, "probability", ["c", "y", "x"], 1, low_step, slide.mpp)
+        write_multiscales(out, "uncertainty", ["y", "x"], 1, low_step, slide.mpp)
         write_multiscales(out, "tile_scores", ["y", "x"], 1, tile_step, slide.mpp)
     geojson = None
     if options.geojson:
         from wsiseg.geojson import write_geojson
 
-        geojson = write_geojson(out, plan.tile_size, list(classes), client).name
+        geojson = write_geojson(out, plan.tile_size, list(classes), client, pixel_size=(wy, wx)).name
     background = _thumbnail(plan, out)
     mask_thumb = _mask_thumbnail(out, levels, max(background.shape[:2]))
     write_overlay(out, background, mask_thumb, refined if not plan.full_resolution else None)
@@ -814,6 +870,13 @@ def _finish(
         },
         "model": model_info,
         "mode": "full-resolution" if plan.full_resolution else "two-stage",
+        "working_resolution": {
+            "level": plan.work_level,
+            "coarsen": plan.work_coarsen,
+            "size": [plan.work_shape[1], plan.work_shape[0]],
+            "downsample": [wy, wx],
+            **model_info.pop("pixel_scale"),
+        },
         "settings": {
             "selection": options.selection.describe(),
             "uncertainty": plan.uncertainty,

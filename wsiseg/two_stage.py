@@ -72,6 +72,9 @@ class TwoStageConfig:
         Side of Model 1's low-resolution blocks.
     stage1_halo : int
         Halo of Model 1's blocks, in low-resolution pixels.
+    context : bool
+        Give Model 2 Model 1's features as context (False for a Model 2
+        trained without them, the paper's "context off" ablation).
     """
 
     ratio: int = 4
@@ -83,6 +86,7 @@ class TwoStageConfig:
     batch_size: int = 4
     stage1_block: int = 1024
     stage1_halo: int = 32
+    context: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.ratio, int) or self.ratio < 1:
@@ -604,9 +608,9 @@ def segment_image(
         config.halo,
         selected,
         config.batch_size,
-        context_for=lambda windows, shape: stage1_context(
+        context_for=(lambda windows, shape: stage1_context(
             runner1, view, windows, shape, runner2.stride, config.stage1_halo
-        ),
+        )) if config.context else None,
     ):
         compose_into(row, col, p2)
         done += 1

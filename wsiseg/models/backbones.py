@@ -18,6 +18,10 @@ from torchvision.models import mobilenetv3, resnet
 from wsiseg.errors import ModelConfigError, WeightsError
 
 
+#: Stage widths of the ``resnet_lite`` backbone.
+LITE_WIDTHS = (32, 32, 64, 128, 256)
+
+
 class Encoder(nn.Module):
     """A backbone split into stages of increasing stride.
 
@@ -111,6 +115,46 @@ def _dilate_basic_stage(stage: nn.Sequential, previous_dilation: int, dilation: 
         block.stride = 1
 
 
+class _LiteResNet(nn.Module):
+    """A small ResNet: a 3x3 stem and one BasicBlock per stage, every stage strided.
+
+    Attribute names follow torchvision's ResNet (``conv1``, ``bn1``, ``relu``,
+    ``maxpool``, ``layer1`` .. ``layer4``) so :class:`ResNetEncoder` drives it.
+    """
+
+    def __init__(self, widths: tuple[int, int, int, int, int] = LITE_WIDTHS) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity()
+        for index in range(1, 5):
+            c_in, c_out = widths[index - 1], widths[index]
+            downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=2, bias=False), nn.BatchNorm2d(c_out))
+            setattr(self, f"layer{index}", nn.Sequential(resnet.BasicBlock(c_in, c_out, 2, downsample)))
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+
+class LiteResNetEncoder(ResNetEncoder):
+    """``resnet_lite``: five stages of widths 32, 32, 64, 128, 256 (about 1.2 M weights).
+
+    Purely local (no global pooling anywhere), so tiled inference with a halo
+    matches whole-image inference; fast enough to train from scratch on a CPU.
+    """
+
+    def __init__(self, dilated: bool = False) -> None:
+        Encoder.__init__(self)
+        body = _LiteResNet()
+        if dilated:
+            _dilate_basic_stage(body.layer3, previous_dilation=1, dilation=2)
+            _dilate_basic_stage(body.layer4, previous_dilation=2, dilation=4)
+        self.name = "resnet_lite"
+        self.body = body
+        self._record_shapes()
+
+
 class MobileNetV3Encoder(Encoder):
     """torchvision MobileNetV3-Large features; stages end where the stride changes.
 
@@ -159,6 +203,7 @@ _BACKBONES: dict[str, Callable[[bool], Encoder]] = {
     "resnet50": lambda dilated: ResNetEncoder("resnet50", dilated),
     "resnet101": lambda dilated: ResNetEncoder("resnet101", dilated),
     "mobilenet_v3_large": lambda dilated: MobileNetV3Encoder("mobilenet_v3_large", dilated),
+    "resnet_lite": lambda dilated: LiteResNetEncoder(dilated),
 }
 
 

@@ -18,6 +18,8 @@ from wsiseg.models.backbones import build_encoder
 from wsiseg.models.base import SegmentationModel, conv_bn_relu
 
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
+#: A narrower decoder for encoders whose deepest stage has at most 256 channels.
+LIGHT_DECODER_CHANNELS = (96, 48, 32, 24, 16)
 
 
 class DecoderBlock(nn.Module):
@@ -42,8 +44,9 @@ class DecoderBlock(nn.Module):
 class EncoderDecoder(SegmentationModel):
     """Encoder + five :class:`DecoderBlock` steps; features at full resolution.
 
-    Subclasses set ``use_skips``. Features are the last block's
-    ``DECODER_CHANNELS[-1]`` channels at stride 1.
+    Subclasses set ``use_skips``. The decoder widths are ``DECODER_CHANNELS``,
+    or ``LIGHT_DECODER_CHANNELS`` for light encoders; features are the last
+    block's 16 channels at stride 1.
     """
 
     use_skips: bool = True
@@ -54,17 +57,17 @@ class EncoderDecoder(SegmentationModel):
         super().__init__(num_classes)
         self.encoder = build_encoder(backbone, dilated=False, weights=backbone_weights)
         stage_channels = self.encoder.channels
-        if len(stage_channels) != len(DECODER_CHANNELS):
-            raise RuntimeError(f"backbone {backbone!r} must have {len(DECODER_CHANNELS)} stages")
+        widths = LIGHT_DECODER_CHANNELS if stage_channels[-1] <= 256 else DECODER_CHANNELS
+        if len(stage_channels) != len(widths):
+            raise RuntimeError(f"backbone {backbone!r} must have {len(widths)} stages")
         # Skips for the first four steps: encoder stages 3, 2, 1, 0; none for the last.
-        skips = [*reversed(stage_channels[:-1]), 0] if self.use_skips else [0] * len(DECODER_CHANNELS)
-        in_channels = [stage_channels[-1], *DECODER_CHANNELS[:-1]]
+        skips = [*reversed(stage_channels[:-1]), 0] if self.use_skips else [0] * len(widths)
+        in_channels = [stage_channels[-1], *widths[:-1]]
         self.blocks = nn.ModuleList(
-            DecoderBlock(c_in, c_skip, c_out)
-            for c_in, c_skip, c_out in zip(in_channels, skips, DECODER_CHANNELS)
+            DecoderBlock(c_in, c_skip, c_out) for c_in, c_skip, c_out in zip(in_channels, skips, widths)
         )
-        self.classifier = nn.Conv2d(DECODER_CHANNELS[-1], num_classes, kernel_size=1)
-        self.feature_channels = DECODER_CHANNELS[-1]
+        self.classifier = nn.Conv2d(widths[-1], num_classes, kernel_size=1)
+        self.feature_channels = widths[-1]
         self.feature_stride = 1
 
     def extract_features(self, x: torch.Tensor) -> torch.Tensor:

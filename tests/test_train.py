@@ -1,0 +1,355 @@
+"""Training: data layouts, the paper's stage-2 sampling, switches, resume, evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TinyFCN
+from wsiseg.metrics import confusion, dice, dice_iou
+from wsiseg.tiling import linear_resample
+from wsiseg.train.datasets import DatasetError, open_dataset
+from wsiseg.train.fit import TrainConfig, checkpoint_path, sample_windows, train
+from wsiseg.train.losses import cross_entropy_loss, focal_loss
+
+RNG = np.random.default_rng(0)
+
+
+def _rgb(h: int, w: int) -> np.ndarray:
+    return RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _save(path, array) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def make_ph2(root, n: int = 3) -> None:
+    for i in range(n):
+        case = root / "PH2Dataset" / "PH2 Dataset images" / f"IMD{i:03d}"
+        _save(case / f"IMD{i:03d}_Dermoscopic_Image" / f"IMD{i:03d}.bmp", _rgb(40, 50))
+        lesion = np.zeros((40, 50), np.uint8)
+        lesion[10 : 20 + i, 5:30] = 255
+        _save(case / f"IMD{i:03d}_lesion" / f"IMD{i:03d}_lesion.bmp", lesion)
+
+
+def make_bowl(root, n: int = 3) -> None:
+    for i in range(n):
+        case = root / "stage1_train" / f"id{i}"
+        rgba = np.dstack([_rgb(32, 32), np.full((32, 32), 255, np.uint8)])
+        _save(case / "images" / f"id{i}.png", rgba)
+        for k in range(2):
+            nucleus = np.zeros((32, 32), np.uint8)
+            nucleus[4 + 10 * k : 8 + 10 * k, 3 : 9 + i] = 255
+            _save(case / "masks" / f"m{k}.png", nucleus)
+
+
+def make_kitti(root, n: int = 3) -> None:
+    for i in range(n):
+        _save(root / "training" / "image_2" / f"{i:06d}_10.png", _rgb(30, 60))
+        ids = np.full((30, 60), 7, np.uint8)  # road
+        ids[:10, :10] = 26  # car
+        ids[:10, 10:20] = 29  # caravan (a vehicle, no train id)
+        ids[20:, :5] = 24  # person
+        ids[20:, 5:10] = 0  # unlabeled
+        _save(root / "training" / "semantic" / f"{i:06d}_10.png", ids)
+
+
+def make_bdd(root) -> None:
+    for split, names in (("train", ["a", "b"]), ("val", ["c"])):
+        for name in names:
+            _save(root / "images" / "10k" / split / f"{name}.jpg", _rgb(24, 40))
+            train_ids = np.zeros((24, 40), np.uint8)
+            train_ids[:5, :5] = 13  # car
+            train_ids[5:10, :5] = 16  # train
+            train_ids[-3:, -3:] = 255  # ignored
+            _save(root / "labels" / "sem_seg" / "masks" / split / f"{name}.png", train_ids)
+
+
+def make_folder(root, n: int = 6, size: int = 48) -> None:
+    for i in range(n):
+        image = np.full((size, size, 3), 40, np.uint8)
+        mask = np.zeros((size, size), np.uint8)
+        mask[8 + i : 30, 10 : 34 - i] = 255
+        image[mask > 0] = 200
+        _save(root / "images" / f"s{i}.png", image)
+        _save(root / "masks" / f"s{i}.png", mask)
+
+
+def test_ph2_layout_loads_from_either_root(tmp_path) -> None:
+    make_ph2(tmp_path)
+    for root in (tmp_path, tmp_path / "PH2Dataset", tmp_path / "PH2Dataset" / "PH2 Dataset images"):
+        data = open_dataset("ph2", root)
+        assert [s.id for s in data.samples] == ["IMD000", "IMD001", "IMD002"]
+    image, mask = data.load(data.samples[2])
+    assert image.shape == (40, 50, 3) and image.dtype == np.uint8
+    assert set(np.unique(mask)) == {0, 1} and mask.sum() == 12 * 25
+    assert len(data.split("train")) == 2 and len(data.split("test")) == 1 and len(data.split("all")) == 3
+    assert not set(s.id for s in data.split("train")) & set(s.id for s in data.split("test"))
+
+
+def test_bowl_foreground_is_the_union_of_nucleus_masks(tmp_path) -> None:
+    make_bowl(tmp_path)
+    data = open_dataset("bowl", tmp_path)
+    assert data.num_classes == 1 and data.class_names == ("background", "nucleus")
+    image, mask = data.load(data.samples[1])
+    assert image.shape == (32, 32, 3)  # RGBA read as RGB
+    assert mask.sum() == 2 * 4 * 7
+    assert open_dataset("bowl", tmp_path / "stage1_train").samples == data.samples
+
+
+def test_kitti_vehicles_and_multiclass(tmp_path) -> None:
+    make_kitti(tmp_path)
+    binary = open_dataset("kitti", tmp_path)
+    _, mask = binary.load(binary.samples[0])
+    assert mask[:10, :20].all() and mask.sum() == 200  # car + caravan
+    multi = open_dataset("kitti", tmp_path, multiclass=True)
+    _, classes = multi.load(multi.samples[0])
+    assert multi.num_classes == 19
+    assert classes[0, 0] == 13 and classes[0, 15] == 255  # car; caravan has no train id
+    assert classes[15, 30] == 0 and classes[25, 2] == 11 and classes[25, 7] == 255
+
+
+def test_bdd_uses_its_own_split_and_keeps_ignore(tmp_path) -> None:
+    make_bdd(tmp_path)
+    data = open_dataset("bdd", tmp_path)
+    assert [s.id for s in data.split("train")] == ["a", "b"] and [s.id for s in data.split("test")] == ["c"]
+    _, mask = data.load(data.samples[0])
+    assert mask[:10, :5].all() and mask[-1, -1] == 255 and mask[12, 20] == 0
+
+
+def test_folder_layout_and_malformed_roots(tmp_path) -> None:
+    make_folder(tmp_path / "f", n=3)
+    data = open_dataset("folder", tmp_path / "f")
+    _, mask = data.load(data.samples[0])
+    assert set(np.unique(mask)) == {0, 1}
+    with pytest.raises(DatasetError, match="expected 'PH2 Dataset images/IMDxxx"):
+        open_dataset("ph2", tmp_path / "f")
+    with pytest.raises(DatasetError, match="expected '<id>/images/<id>.png'"):
+        open_dataset("bowl", tmp_path / "f")
+    with pytest.raises(DatasetError, match="expected 'training/image_2/"):
+        open_dataset("kitti", tmp_path / "f")
+    with pytest.raises(DatasetError, match="expected 'images/10k/"):
+        open_dataset("bdd", tmp_path / "f")
+    with pytest.raises(DatasetError, match="does not exist"):
+        open_dataset("folder", tmp_path / "nowhere")
+    (tmp_path / "f" / "masks" / "s1.png").unlink()
+    with pytest.raises(DatasetError, match="no mask for s1.png"):
+        open_dataset("folder", tmp_path / "f")
+
+
+def test_one_optimisation_step_lowers_the_loss_on_a_fixed_batch() -> None:
+    from wsiseg.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("unet", 1, backbone="resnet_lite").train()
+    x = torch.rand(4, 3, 64, 64)
+    y = (x.mean(1) > 0.5).long()
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = focal_loss(model(x)[0], y)
+    optimiser.zero_grad()
+    before.backward()
+    optimiser.step()
+    after = focal_loss(model(x)[0], y)
+    assert after.item() < before.item()
+
+
+def test_losses_match_hand_values_and_skip_ignored_pixels() -> None:
+    logits = torch.tensor([[[[0.0, 2.0]]]])  # binary, two pixels
+    target = torch.tensor([[[1, 255]]])
+    assert cross_entropy_loss(logits, target).item() == pytest.approx(np.log(2))
+    assert focal_loss(logits, target).item() == pytest.approx(0.25 * np.log(2))
+    three = torch.tensor([[[[1.0]], [[2.0]], [[3.0]]]])
+    ce = -np.log(np.exp(2) / (np.exp(1) + np.exp(2) + np.exp(3)))
+    assert cross_entropy_loss(three, torch.tensor([[[1]]])).item() == pytest.approx(ce, rel=1e-5)
+
+
+class GreyDetector(TinyFCN):
+    """Binary model whose probability is 0.5 exactly where the input is mid-grey.
+
+    Its logits are ``20 * (mean RGB - 0.5)`` (after undoing the model's own
+    normalisation), so a mid-grey tile is maximally uncertain and the rest certain.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(num_classes=1, channels=4, depth=1)
+
+    def extract_features(self, x: torch.Tensor) -> torch.Tensor:
+        rgb = x * self.input_std + self.input_mean
+        return rgb.mean(1, keepdim=True).repeat(1, 4, 1, 1) - 0.5
+
+    def forward(self, x, context=None):
+        features = self.extract_features((x - self.input_mean) / self.input_std)
+        if context is not None:
+            features = features + context
+        return 20.0 * features[:, :1], features
+
+
+def _grey_tile_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.ones(2, 3, 64, 64)
+    x[:, :, :32, :] = 0.0  # certain black top half
+    x[0, :, 32:48, 16:32] = 0.5  # image 0: grey tile (2, 1) of a 16-px grid
+    x[1, :, 48:64, 48:64] = 0.5  # image 1: grey tile (3, 3)
+    return x, torch.zeros(2, 64, 64, dtype=torch.long)
+
+
+def test_stage2_highest_picks_the_arg_max_tile_and_feeds_its_context() -> None:
+    x, y = _grey_tile_batch()
+    config = TrainConfig(dataset="folder", data_root=".", image_size=64, patches=16, halo=8, ratio=2, sampling="highest")
+    model1, model2 = GreyDetector(), GreyDetector()
+    batch = sample_windows(model1, model2, x, y, config, np.random.default_rng(0))
+    assert batch.tiles == [(2, 1), (3, 3)]
+    assert [np.unravel_index(np.argmax(s), s.shape) for s in batch.scores] == [(2, 1), (3, 3)]
+    # Windows: the tile grown by the halo, shifted inside the image at the border.
+    assert [tuple(w) for w in batch.windows] == [(24, 56, 8, 40), (32, 64, 32, 64)]
+    torch.testing.assert_close(batch.images[0], x[0, :, 24:56, 8:40])
+    # Context: Model 1's features of the whole downsampled image at Model 2's pixel centres.
+    with torch.no_grad():
+        _, features1 = model1(torch.nn.functional.avg_pool2d(x, 2))
+    for i, window in enumerate(batch.windows):
+        rows = np.clip((window.y0 + np.arange(32) + 0.5) / 2 - 0.5, 0, 31)
+        cols = np.clip((window.x0 + np.arange(32) + 0.5) / 2 - 0.5, 0, 31)
+        torch.testing.assert_close(batch.context[i], linear_resample(features1[i], rows, cols))
+
+
+def test_stage2_weighted_sampling_follows_tile_scores() -> None:
+    x, y = _grey_tile_batch()
+    x[0, :, 32:48, 0:16] = 0.45  # a second, less uncertain tile
+    config = TrainConfig(dataset="folder", data_root=".", image_size=64, patches=16, halo=8, ratio=2, sampling="weighted")
+    model = GreyDetector()
+    rng = np.random.default_rng(1)
+    counts: dict[tuple[int, int], int] = {}
+    draws = 3000
+    for _ in range(draws):
+        batch = sample_windows(model, model, x[:1], y[:1], config, rng)
+        counts[batch.tiles[0]] = counts.get(batch.tiles[0], 0) + 1
+    scores = batch.scores[0]
+    for tile, n in counts.items():
+        assert n / draws == pytest.approx(scores[tile] / scores.sum(), abs=0.03)
+    assert set(counts) <= {tuple(t) for t in np.argwhere(scores > 0)}
+
+
+def _tiny_config(root, **extra) -> TrainConfig:
+    settings = dict(dataset="folder", data_root=str(root), image_size=32, patches=4, halo=4, ratio=2, epochs=1,
+                    batch_size=2, lr=1e-3, stage="two-stage", val_images=2)
+    settings.update(extra)
+    return TrainConfig(**settings)
+
+
+def test_no_finetune_and_no_context_change_exactly_what_they_say(tmp_path) -> None:
+    from wsiseg.bundle import load_bundle
+
+    make_folder(tmp_path / "d", n=4)
+    tuned = load_bundle(train(_tiny_config(tmp_path / "d", epochs=0), tmp_path / "tuned.safetensors"))
+    for key, value in tuned.model1.state_dict().items():
+        assert torch.equal(value, tuned.model2.state_dict()[key]), key  # Model 2 starts as Model 1
+    fresh = load_bundle(train(_tiny_config(tmp_path / "d", epochs=0, finetune=False), tmp_path / "fresh.safetensors"))
+    differing = [k for k, v in fresh.model1.state_dict().items() if not torch.equal(v, fresh.model2.state_dict()[k])]
+    assert any("weight" in k for k in differing)
+    assert tuned.config["context"] is True and fresh.config["context"] is True
+
+    no_context = _tiny_config(tmp_path / "d", context=False)
+    x, y = torch.rand(2, 3, 32, 32), torch.zeros(2, 32, 32, dtype=torch.long)
+    batch = sample_windows(GreyDetector(), GreyDetector(), x, y, no_context, np.random.default_rng(0))
+    assert batch.context is None and batch.images.shape == (2, 3, 24, 24)
+    bundle = load_bundle(train(no_context, tmp_path / "noctx.safetensors"))
+    assert bundle.config["context"] is False
+
+    from wsiseg.evaluate import two_stage_config
+    from wsiseg.two_stage import segment_image
+
+    class ContextSpy(type(bundle.model2)):
+        pass
+
+    spy = bundle.model2
+    seen = []
+    original = spy.forward
+    spy.forward = lambda x, context=None: (seen.append(context), original(x, context))[1]
+    image = np.full((32, 32, 3), 128, np.uint8)
+    segment_image(image, bundle.model1, spy, two_stage_config(bundle.config, selection=__import__("wsiseg").TileSelection.threshold(0)), device="cpu")
+    assert seen and all(c is None for c in seen)
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(tmp_path) -> None:
+    from wsiseg.bundle import load_bundle
+
+    make_folder(tmp_path / "d", n=6)
+    config = _tiny_config(tmp_path / "d", epochs=2, stage="baseline")
+    steps = 2  # 4 training images, batch 2
+
+    def stop_in_epoch_two(phase, done, total, info):
+        if info["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        train(config, out, progress=stop_in_epoch_two)
+    ckpt = torch.load(checkpoint_path(out), weights_only=True)
+    assert ckpt["phase"] == "baseline" and ckpt["epoch"] == 1 and len(ckpt["history"]["baseline"]) == 1
+    saved_moments = {k: v["exp_avg"].clone() for k, v in ckpt["optimizer"]["state"].items()}
+    assert saved_moments and all(m.abs().sum() > 0 for m in saved_moments.values())
+
+    seen = []
+    resumed = load_bundle(train(config, out, progress=lambda p, d, t, info: seen.append((info["epoch"], d))))
+    assert seen[0] == (2, steps + 1)  # continued with epoch 2, step 3 of 4
+    assert not checkpoint_path(out).exists()
+
+    straight = load_bundle(train(config, tmp_path / "straight.safetensors"))
+    assert resumed.config["training"]["history"] == straight.config["training"]["history"]
+    for key, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0)
+
+
+
+def test_checkpoint_from_other_settings_is_refused(tmp_path) -> None:
+    make_folder(tmp_path / "d", n=4)
+    out = tmp_path / "x.safetensors"
+
+    def stop(phase, done, total, info):
+        if info["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_tiny_config(tmp_path / "d", epochs=2, stage="baseline"), out, progress=stop)
+    with pytest.raises(Exception, match="other settings"):
+        train(_tiny_config(tmp_path / "d", epochs=3, stage="baseline"), out)
+
+
+def test_dice_and_iou_by_hand() -> None:
+    truth = np.array([[1, 1, 1, 1, 1, 0, 0, 255]])
+    prediction = np.array([[1, 1, 1, 0, 0, 1, 0, 1]])
+    # tp = 3, fn = 2, fp = 1 (the ignored pixel does not count): Dice 6/9, IoU 3/6.
+    assert dice(prediction, truth) == pytest.approx(6 / 9)
+    assert dice_iou(confusion(prediction, truth, 2)) == pytest.approx((6 / 9, 3 / 6))
+    assert dice(np.zeros((3, 3)), np.zeros((3, 3))) == 1.0  # nothing to find, nothing found
+
+
+def test_evaluate_reproduces_a_hand_computed_dice(tmp_path) -> None:
+    from wsiseg.bundle import Bundle
+    from wsiseg.evaluate import evaluate, write_results
+    from wsiseg.models import build_model
+
+    make_folder(tmp_path / "d", n=3)
+    data = open_dataset("folder", tmp_path / "d")
+    everything = build_model("unet", 1, backbone="resnet_lite").eval()
+    with torch.no_grad():
+        everything.classifier.weight.zero_()
+        everything.classifier.bias.fill_(50.0)  # predicts foreground everywhere
+    bundle = Bundle({"model1": everything, "model2": everything, "model": everything},
+                    {"ratio": 2, "tile_size": 16, "halo": 8})
+    rows = evaluate(bundle, data, data.samples, thresholds=(1.0, 0.0), device="cpu")
+    expected = []
+    for sample in data.samples:
+        _, mask = data.load(sample)
+        expected.append(2 * mask.sum() / (mask.sum() + mask.size))
+    assert [r.method for r in rows] == ["baseline", "two-stage", "two-stage"]
+    for row in rows:
+        assert row.dice == pytest.approx(np.mean(expected)) and row.images == 3
+    assert rows[1].refined_fraction == 0.0 and rows[2].refined_fraction == 1.0
+    paths = write_results(rows, tmp_path / "eval", "test")
+    assert json.loads(paths["json"].read_text())["rows"][0]["method"] == "baseline"
+    assert paths["plot"].stat().st_size > 1000 and paths["csv"].read_text().startswith("method,")

@@ -1,0 +1,171 @@
+"""Dice, IoU, refined fraction and time per image: baseline vs two-stage.
+
+The paper's comparison (Table 3 rows, Table 4(3) threshold sweep), measured
+with the same inference code ``wsiseg segment`` runs: the full-resolution
+baseline through :func:`~wsiseg.two_stage.segment_full_resolution`, the
+two-stage pipeline through :func:`~wsiseg.two_stage.segment_image` at each
+threshold. Dice and IoU are the mean over images of the foreground score
+(the mean over classes 1..K-1 for multi-class), plus the pooled score over
+all pixels of the split.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsiseg.bundle import Bundle
+from wsiseg.metrics import confusion, dice_iou
+from wsiseg.models.base import SegmentationModel
+from wsiseg.train.datasets import Sample, SegmentationData
+from wsiseg.two_stage import TwoStageConfig, segment_full_resolution, segment_image
+from wsiseg.uncertainty import TileSelection
+
+PAPER_THRESHOLDS = (1.0, 0.75, 0.5, 0.25, 0.0)
+
+
+@dataclass
+class MethodScores:
+    """One row of the comparison."""
+
+    method: str
+    threshold: float | None
+    dice: float
+    iou: float
+    dice_pooled: float
+    refined_fraction: float
+    seconds_per_image: float
+    images: int
+
+
+def prepare(image: np.ndarray, mask: np.ndarray, image_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Resize to ``image_size`` squared (the paper's protocol) or keep the native size."""
+    if not image_size:
+        return image, mask
+    x = torch.tensor(image).permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+    y = F.interpolate(torch.tensor(mask)[None, None].float(), size=(image_size, image_size), mode="nearest")
+    return x[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy(), y[0, 0].byte().numpy()
+
+
+def two_stage_config(bundle_config: dict[str, Any], **overrides: Any) -> TwoStageConfig:
+    """The engine settings a bundle was trained for (ratio, tile, halo, context, ...)."""
+    fields = {
+        "ratio": int(bundle_config.get("ratio", 4)),
+        "tile_size": int(bundle_config.get("tile_size", 512)),
+        "halo": int(bundle_config.get("halo", 32)),
+        "uncertainty": str(bundle_config.get("uncertainty", "entropy")),
+        "context": bool(bundle_config.get("context", True)),
+    }
+    fields.update(overrides)
+    return TwoStageConfig(**fields)
+
+
+def evaluate(
+    bundle: Bundle,
+    data: SegmentationData,
+    samples: list[Sample],
+    thresholds: tuple[float, ...] = PAPER_THRESHOLDS,
+    baseline: SegmentationModel | None = None,
+    device: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> list[MethodScores]:
+    """Score the baseline (if any) and the two-stage pipeline at each threshold.
+
+    Parameters
+    ----------
+    bundle : Bundle
+        A two-stage pair; its ``model`` (if present) is the baseline unless
+        ``baseline`` is given.
+    data, samples : the data set and the images to score.
+    thresholds : tile-selection thresholds for the two-stage rows.
+    baseline : SegmentationModel, optional
+    device : str
+    progress : callable, optional
+        ``progress(done, total)`` images.
+
+    Returns
+    -------
+    list of MethodScores
+        Baseline first (when there is one), then two-stage by threshold.
+    """
+    config = bundle.config
+    image_size = config.get("image_size") or None
+    base = two_stage_config(config)
+    baseline = baseline if baseline is not None else bundle.models.get("model")
+    num_labels = max(2, data.num_classes)
+    methods: list[tuple[str, float | None]] = ([("baseline", None)] if baseline is not None else [])
+    if bundle.is_two_stage:
+        methods += [("two-stage", t) for t in thresholds]
+    per_image: dict[int, list[tuple[float, float, float, float]]] = {i: [] for i in range(len(methods))}
+    pooled = {i: np.zeros((num_labels, num_labels), np.int64) for i in range(len(methods))}
+    for done, sample in enumerate(samples, 1):
+        image, truth = prepare(*data.load(sample), image_size)
+        for index, (method, threshold) in enumerate(methods):
+            start = time.perf_counter()
+            if method == "baseline":
+                result = segment_full_resolution(image, baseline, base.tile_size, base.halo, base.batch_size, device)
+            else:
+                cfg = replace(base, selection=TileSelection.threshold(threshold))
+                result = segment_image(image, bundle.model1, bundle.model2, cfg, device)
+            seconds = time.perf_counter() - start
+            counts = confusion(result.mask, truth, num_labels)
+            pooled[index] += counts
+            d, j = dice_iou(counts)
+            per_image[index].append((d, j, result.counts["refined_fraction"], seconds))
+        if progress:
+            progress(done, len(samples))
+    rows = []
+    for index, (method, threshold) in enumerate(methods):
+        values = np.asarray(per_image[index]) if per_image[index] else np.zeros((0, 4))
+        rows.append(MethodScores(
+            method=method,
+            threshold=threshold,
+            dice=float(values[:, 0].mean()) if len(values) else float("nan"),
+            iou=float(values[:, 1].mean()) if len(values) else float("nan"),
+            dice_pooled=dice_iou(pooled[index])[0],
+            refined_fraction=float(values[:, 2].mean()) if len(values) else float("nan"),
+            seconds_per_image=float(values[:, 3].mean()) if len(values) else float("nan"),
+            images=len(values),
+        ))
+    return rows
+
+
+def format_table(rows: list[MethodScores]) -> list[str]:
+    """Rows as aligned text lines."""
+    lines = [f"{'method':10s} {'thresh':>6s} {'Dice':>7s} {'IoU':>7s} {'pooled':>7s} {'refined':>8s} {'s/image':>8s}"]
+    for r in rows:
+        threshold = "" if r.threshold is None else f"{r.threshold:g}"
+        lines.append(
+            f"{r.method:10s} {threshold:>6s} {100 * r.dice:6.2f}% {100 * r.iou:6.2f}% {100 * r.dice_pooled:6.2f}% "
+            f"{100 * r.refined_fraction:7.1f}% {r.seconds_per_image:8.4f}"
+        )
+    return lines
+
+
+def write_results(rows: list[MethodScores], out_dir: str | Path, title: str, extra: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Write ``evaluation.csv``, ``evaluation.json`` and ``speed_vs_dice.png`` into ``out_dir``."""
+    from wsiseg.plot import scatter_png
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "evaluation.csv", "json": out / "evaluation.json", "plot": out / "speed_vs_dice.png"}
+    with open(paths["csv"], "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0]).keys()))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    paths["json"].write_text(json.dumps({"rows": [asdict(r) for r in rows], **(extra or {})}, indent=2))
+    points = [
+        (r.seconds_per_image, r.dice, "baseline" if r.threshold is None else f"t={r.threshold:g}") for r in rows
+    ]
+    scatter_png(points, paths["plot"], "seconds per image (CPU)", "mean Dice", title)
+    return paths

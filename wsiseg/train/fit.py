@@ -1,0 +1,443 @@
+"""Training with the two-stage paper's protocol (Cruz et al., Sensors 2023, §3-4).
+
+Phases, run in order and checkpointed after every epoch:
+
+``stage1``
+    Model 1 on the image downsampled by the ratio R (block means); its
+    logits are upsampled back and scored against the full-resolution mask.
+``stage2``
+    Model 2 starts as a copy of Model 1 (``finetune``; else fresh) and trains
+    on one full-resolution window per image: a tile chosen from Model 1's
+    uncertainty by ``sampling`` (random, weighted or highest), grown by the
+    inference halo, with Model 1's features over that footprint as context
+    (unless ``context`` is off).
+``baseline``
+    One model on the whole full-resolution image (the paper's comparison).
+
+Images are resized to ``image_size`` squared (the paper: 768) or, with
+``image_size=0``, cropped at their native pixel size, the setting for models
+that must work on slides, which are never resized. Augmentation, loss,
+optimiser (Adam) and epochs follow the paper's defaults.
+
+Every random draw of an epoch comes from a generator seeded by (seed,
+phase, epoch), so a run resumed from its checkpoint continues exactly as an
+uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsiseg.errors import InputError, WsisegError
+from wsiseg.models import SegmentationModel, build_model
+from wsiseg.models.base import logits_to_probabilities
+from wsiseg.runtime import resolve_device
+from wsiseg.tiling import Box, TileGrid, linear_resample, pixel_centres
+from wsiseg.train.augment import Augmentation, random_crop
+from wsiseg.train.datasets import SegmentationData, open_dataset
+from wsiseg.train.losses import get_loss
+from wsiseg.uncertainty import SAMPLING_STRATEGIES, sample_tiles, tile_scores, uncertainty_map
+
+PHASES = {"two-stage": ("stage1", "stage2"), "baseline": ("baseline",), "all": ("stage1", "stage2", "baseline")}
+CHECKPOINT_FORMAT = 1
+
+#: ``progress(phase, done_steps, total_steps, info)``; ``info`` has ``epoch`` and ``loss``.
+TrainProgress = Callable[[str, int, int, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (each item a ``wsiseg train`` flag).
+
+    Attributes
+    ----------
+    dataset, data_root : the data set and its folder.
+    multiclass : KITTI / BDD: 19 classes instead of vehicle vs rest.
+    arch, backbone, backbone_weights : the network (weights: a local file).
+    ratio : R, Model 1's downsampling factor.
+    image_size : resize every image to this square (paper: 768); 0 keeps the
+        native pixel size and trains on random ``crop_size`` crops.
+    patches : about this many tiles per image when resizing (4, 16, 64, 128).
+    tile_size : tile side at native size (default ``crop_size // 4``).
+    halo : context pixels around each tile, as at inference.
+    epochs, batch_size, lr, loss : optimisation (Adam).
+    sampling : how stage 2 picks a tile: random, weighted or highest.
+    finetune : start Model 2 from Model 1 (else from scratch).
+    context : give Model 2 Model 1's features.
+    stage : ``two-stage``, ``baseline`` or ``all``.
+    augment : the paper's augmentation (rotations too where orientation is arbitrary).
+    split_seed, seed : the 70/30 split and the training randomness.
+    mpp : micrometres per pixel of the training images, if known (recorded
+        so that ``wsiseg segment`` can rescale slides to it).
+    threshold : default tile-selection threshold stored in the bundle.
+    device : auto, cpu or cuda.
+    val_images : images of the test split scored at the end (0: all).
+    """
+
+    dataset: str
+    data_root: str
+    multiclass: bool = False
+    arch: str = "unet"
+    backbone: str = "resnet_lite"
+    backbone_weights: str | None = None
+    ratio: int = 4
+    image_size: int = 768
+    crop_size: int = 256
+    patches: int = 16
+    tile_size: int | None = None
+    halo: int = 32
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 1e-4
+    loss: str = "focal"
+    sampling: str = "weighted"
+    finetune: bool = True
+    context: bool = True
+    stage: str = "two-stage"
+    augment: bool = True
+    split_seed: int = 0
+    seed: int = 0
+    mpp: float | None = None
+    threshold: float = 0.25
+    device: str = "auto"
+    val_images: int = 0
+
+    def __post_init__(self) -> None:
+        if self.stage not in PHASES:
+            raise InputError(f"unknown stage {self.stage!r}; choose one of {', '.join(PHASES)}")
+        if self.sampling not in SAMPLING_STRATEGIES:
+            raise InputError(f"unknown sampling {self.sampling!r}; choose one of {', '.join(SAMPLING_STRATEGIES)}")
+        get_loss(self.loss)
+        if self.ratio < 1 or self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise InputError("ratio and batch size must be >= 1, epochs >= 0 and the learning rate > 0")
+        side = self.image_size or self.crop_size
+        if side % self.ratio:
+            raise InputError(f"the training image side {side} must be a multiple of the ratio {self.ratio}")
+        if self.patches < 1:
+            raise InputError(f"--patches must be at least 1, got {self.patches}")
+        if self.tile + 2 * self.halo > side:
+            raise InputError(f"tile {self.tile} plus twice the halo {self.halo} exceeds the training image side {side}")
+
+    @property
+    def side(self) -> int:
+        """Side of the square training images."""
+        return self.image_size or self.crop_size
+
+    @property
+    def tile(self) -> int:
+        """Tile side: ``round(image_size / sqrt(patches))`` when resizing (16 patches of
+        768 give 192-pixel tiles; 128 give 68, a 12 x 12 grid), else ``tile_size``."""
+        if self.image_size:
+            return max(1, round(self.image_size / math.sqrt(self.patches)))
+        return self.tile_size or self.crop_size // 4
+
+    def signature(self) -> dict[str, Any]:
+        """The settings that must match for a checkpoint to be resumed."""
+        ignored = {"device", "val_images"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ignored}
+
+
+# --------------------------------------------------------------------------- data
+
+
+class TrainingImages:
+    """The training split decoded once (resized when the protocol resizes)."""
+
+    def __init__(self, data: SegmentationData, config: TrainConfig) -> None:
+        from wsiseg.evaluate import prepare
+
+        self.items = [prepare(*data.load(s), config.image_size or None) for s in data.split("train", config.split_seed)]
+        if len(self.items) < 1:
+            raise InputError("the training split is empty")
+        self.config = config
+        rotate = data.rotation_invariant
+        self.augmentation = Augmentation(rotate=rotate) if config.augment else None
+
+    def batches(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of ``(x (N, 3, S, S) float in [0, 1], y (N, S, S) int64)`` batches."""
+        order = rng.permutation(len(self.items))
+        size = self.config.batch_size
+        for start in range(0, len(order), size):
+            chosen = order[start : start + size]
+            if len(chosen) < 2 and len(order) >= 2:
+                break  # BatchNorm wants at least two samples
+            xs, ys = [], []
+            for index in chosen:
+                image, mask = self.items[index]
+                if not self.config.image_size:
+                    image, mask = random_crop(image, mask, self.config.crop_size, rng)
+                x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+                y = torch.from_numpy(np.ascontiguousarray(mask)).long()
+                if self.augmentation is not None:
+                    x, y = self.augmentation(x, y, rng)
+                xs.append(x)
+                ys.append(y)
+            yield torch.stack(xs), torch.stack(ys)
+
+    def steps_per_epoch(self) -> int:
+        n, size = len(self.items), self.config.batch_size
+        full, rest = divmod(n, size)
+        return full + (1 if rest >= 2 or (rest and n < 2) else 0)
+
+
+# --------------------------------------------------------------------------- stage 2 sampling
+
+
+@dataclass
+class Stage2Batch:
+    """What Model 2 trains on: windows, their masks and contexts, and where they came from."""
+
+    images: torch.Tensor  # (N, 3, W, W)
+    masks: torch.Tensor  # (N, W, W)
+    context: torch.Tensor | None  # (N, F, fh, fw)
+    tiles: list[tuple[int, int]]
+    windows: list[Box]
+    scores: list[np.ndarray]
+
+
+def sample_windows(
+    model1: SegmentationModel,
+    model2: SegmentationModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainConfig,
+    rng: np.random.Generator,
+) -> Stage2Batch:
+    """Pick one tile per image from Model 1's uncertainty; crop its window and context.
+
+    The window is the tile grown by ``halo`` on each side, shifted to stay
+    inside the image (so all windows have one size). The context is Model 1's
+    features sampled at the centres of Model 2's feature pixels over that
+    window, exactly the geometry of inference.
+    """
+    ratio, side, tile, halo = config.ratio, x.shape[-1], config.tile, config.halo
+    width = tile + 2 * halo
+    with torch.no_grad():
+        was_training = model1.training
+        model1.eval()
+        logits1, features1 = model1(F.avg_pool2d(x, ratio))
+        model1.train(was_training)
+        probs1 = logits_to_probabilities(logits1).float().cpu().numpy()
+    grid = TileGrid(side, side, tile)
+    feature_shape = model2.feature_shape(width, width)
+    full_fh, full_fw = features1.shape[-2:]
+    images, masks, contexts, tiles, windows, all_scores = [], [], [], [], [], []
+    for i in range(x.shape[0]):
+        scores = tile_scores(uncertainty_map(probs1[i]), grid.edges(0), grid.edges(1), (ratio, ratio))
+        flat = int(sample_tiles(scores, 1, config.sampling, rng)[0])
+        row, col = divmod(flat, grid.shape[1])
+        box = grid.tile(row, col)
+        y0 = min(max(box.y0 - halo, 0), side - width)
+        x0 = min(max(box.x0 - halo, 0), side - width)
+        window = Box(y0, y0 + width, x0, x0 + width)
+        images.append(x[i, :, window.y0 : window.y1, window.x0 : window.x1])
+        masks.append(y[i, window.y0 : window.y1, window.x0 : window.x1])
+        if config.context:
+            step = ratio * model1.feature_stride
+            rows = np.clip(pixel_centres(window.y0, feature_shape[0], model2.feature_stride, step), 0, full_fh - 1)
+            cols = np.clip(pixel_centres(window.x0, feature_shape[1], model2.feature_stride, step), 0, full_fw - 1)
+            contexts.append(linear_resample(features1[i].detach(), rows, cols))
+        tiles.append((row, col))
+        windows.append(window)
+        all_scores.append(scores)
+    return Stage2Batch(
+        torch.stack(images), torch.stack(masks), torch.stack(contexts) if contexts else None, tiles, windows, all_scores
+    )
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".ckpt")
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def _load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint is the user's to remove
+        raise WsisegError(f"checkpoint {path} cannot be read ({type(exc).__name__}); delete it to start over") from exc
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("config") != config.signature():
+        raise WsisegError(
+            f"checkpoint {path} was made with other settings; train with the same settings to resume, "
+            "or delete it to start over"
+        )
+    return state
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _epoch_rng(config: TrainConfig, phase: str, epoch: int) -> np.random.Generator:
+    phase_index = ("stage1", "stage2", "baseline").index(phase)
+    torch.manual_seed(config.seed * 1_000_003 + phase_index * 10_007 + epoch)
+    return np.random.default_rng([config.seed, phase_index, epoch])
+
+
+def _new_model(config: TrainConfig, num_classes: int, role: str) -> SegmentationModel:
+    """A freshly initialised model; its initial weights depend only on the seed and role."""
+    torch.manual_seed(config.seed * 1_000_003 + ("model1", "model2", "model").index(role))
+    return build_model(config.arch, num_classes, backbone=config.backbone, backbone_weights=config.backbone_weights)
+
+
+def train(
+    config: TrainConfig,
+    out: str | Path,
+    progress: TrainProgress | None = None,
+    evaluate_progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Train the phases of ``config.stage`` and write a bundle to ``out``.
+
+    A checkpoint ``<out>.ckpt`` is written after every epoch and removed once
+    the bundle is written; if one with the same settings exists, training
+    resumes from it.
+
+    Returns
+    -------
+    Path
+        The bundle, holding ``model1`` / ``model2`` and / or ``model`` and a
+        config with the protocol, split seed, per-epoch losses and the
+        validation scores on the test split.
+    """
+    from wsiseg.bundle import Bundle, save_bundle
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    data = open_dataset(config.dataset, config.data_root, config.multiclass)
+    images = TrainingImages(data, config)
+    loss_fn = get_loss(config.loss)
+    ckpt_path = checkpoint_path(out)
+    state = _load_checkpoint(ckpt_path, config)
+    models: dict[str, SegmentationModel] = {}
+    history: dict[str, list[float]] = {}
+    done_phases: list[str] = []
+    if state:
+        history = {k: list(v) for k, v in state["history"].items()}
+        done_phases = list(state["done_phases"])
+        for role, weights in state["models"].items():
+            models[role] = _new_model(config, data.num_classes, role)
+            models[role].load_state_dict(weights)
+    roles = {"stage1": "model1", "stage2": "model2", "baseline": "model"}
+    steps = images.steps_per_epoch()
+    channels_last = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    for phase in PHASES[config.stage]:
+        if phase in done_phases:
+            continue
+        role = roles[phase]
+        start_epoch = 0
+        if role not in models:
+            if phase == "stage2" and config.finetune:
+                models[role] = copy.deepcopy(models["model1"])
+            else:
+                models[role] = _new_model(config, data.num_classes, role)
+        model = models[role].to(device, memory_format=channels_last).train()
+        optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
+        if state and state.get("phase") == phase:
+            optimiser.load_state_dict(state["optimizer"])
+            start_epoch = int(state["epoch"])
+        model1 = models["model1"].to(device, memory_format=channels_last) if phase == "stage2" else None
+        history.setdefault(phase, [])
+        for epoch in range(start_epoch, config.epochs):
+            rng = _epoch_rng(config, phase, epoch)
+            total, count = 0.0, 0
+            for step, (x, y) in enumerate(images.batches(rng), 1):
+                x, y = x.to(device), y.to(device)
+                if phase == "stage1":
+                    logits, _ = model(F.avg_pool2d(x, config.ratio).contiguous(memory_format=channels_last))
+                    logits = F.interpolate(logits, scale_factor=config.ratio, mode="bilinear", align_corners=False)
+                    target = y
+                elif phase == "stage2":
+                    batch = sample_windows(model1, model, x, y, config, rng)
+                    logits, _ = model(batch.images.contiguous(memory_format=channels_last), batch.context)
+                    target = batch.masks
+                else:
+                    logits, _ = model(x.contiguous(memory_format=channels_last))
+                    target = y
+                loss = loss_fn(logits, target)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                total += float(loss.detach())
+                count += 1
+                if progress:
+                    progress(phase, epoch * steps + step, config.epochs * steps, {"epoch": epoch + 1, "loss": total / count})
+            history[phase].append(total / max(count, 1))
+            _save_checkpoint(ckpt_path, {
+                "format": CHECKPOINT_FORMAT,
+                "config": config.signature(),
+                "phase": phase,
+                "epoch": epoch + 1,
+                "done_phases": done_phases,
+                "models": {r: m.state_dict() for r, m in models.items()},
+                "optimizer": optimiser.state_dict(),
+                "history": history,
+            })
+        model.eval()
+        done_phases.append(phase)
+        _save_checkpoint(ckpt_path, {
+            "format": CHECKPOINT_FORMAT, "config": config.signature(), "phase": None, "epoch": 0,
+            "done_phases": done_phases, "models": {r: m.state_dict() for r, m in models.items()},
+            "optimizer": {}, "history": history,
+        })
+    for model in models.values():
+        model.to("cpu", memory_format=torch.contiguous_format).eval()
+    bundle_config = {
+        "ratio": config.ratio,
+        "tile_size": config.tile,
+        "halo": config.halo,
+        "uncertainty": "entropy",
+        "threshold": config.threshold,
+        "context": config.context,
+        "classes": list(data.class_names),
+        "num_classes": data.num_classes,
+        "image_size": config.image_size or None,
+        "mpp": config.mpp,
+        "dataset": config.dataset,
+        "training": {**asdict(config), "history": history, "train_images": len(images.items)},
+    }
+    validation = _validate(Bundle(dict(models), bundle_config), data, config, evaluate_progress)
+    bundle_config["validation"] = validation
+    path = save_bundle(out, models, bundle_config)
+    ckpt_path.unlink(missing_ok=True)
+    return path
+
+
+def _validate(bundle: Any, data: SegmentationData, config: TrainConfig, progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+    """Scores on the test split: baseline, Model 1 alone (t = 1), the default threshold, all refined (t = 0)."""
+    from wsiseg.evaluate import evaluate
+
+    samples = data.split("test", config.split_seed)
+    if config.val_images:
+        samples = samples[: config.val_images]
+    if not samples:
+        return {}
+    started = time.perf_counter()
+    thresholds = tuple(dict.fromkeys((1.0, config.threshold, 0.0)))
+    rows = evaluate(bundle, data, samples, thresholds, device=config.device, progress=progress)
+    return {
+        "split": "test",
+        "images": len(samples),
+        "seconds": round(time.perf_counter() - started, 1),
+        "rows": [asdict(r) for r in rows],
+    }
