@@ -264,3 +264,24 @@ def replace_options(options: SegmentOptions, **changes) -> SegmentOptions:
     from dataclasses import replace
 
     return replace(options, **changes)
+
+
+def test_models_are_loaded_once_per_process_and_threads_fit_the_cores(tmp_path, pyramid_slide, test_bundle, local_client, monkeypatch) -> None:
+    import shutil
+
+    import wsiseg.bundle as bundle_module
+    from wsiseg.cluster import available_cores, torch_threads_per_host
+
+    fresh = tmp_path / "fresh.safetensors"
+    shutil.copy(test_bundle, fresh)  # a path no worker has cached yet
+    loads = []
+    original = bundle_module.load_bundle
+    monkeypatch.setattr(bundle_module, "load_bundle", lambda path: loads.append(str(path)) or original(path))
+    report = segment_slide(pyramid_slide, tmp_path / "once.zarr", _options(fresh), local_client)
+    assert report["tiles"]["total"] == 12  # 12 tiles + 12 low-res and 12 stage-1 blocks: dozens of tasks
+    # One load in the driver (to plan), one in this process's worker cache: not one per task.
+    assert loads.count(str(fresh.resolve())) == 2
+
+    threads = torch_threads_per_host(local_client)
+    dask_threads = sum(w["nthreads"] for w in local_client.scheduler_info(n_workers=-1)["workers"].values())
+    assert set(threads.values()) == {max(1, available_cores() // dask_threads)}

@@ -51,30 +51,37 @@ def _quiet_libraries() -> None:
 
 
 class ProgressBars:
-    """Draws one click progress bar per stage from ``progress(stage, done, total)`` calls."""
+    """Draws one click progress bar per stage from ``progress(stage, done, total[, info])``.
+
+    ``info`` (training) adds the epoch and running loss to the label.
+    """
 
     LABELS = {
         "lowres": "low-res view ",
         "stage1": "stage 1      ",
         "stage2": "tiles        ",
         "finish": "finishing    ",
+        "baseline": "baseline     ",
     }
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, labels: dict[str, str] | None = None) -> None:
         self.enabled = enabled
+        self.labels = labels or self.LABELS
         self.stage: str | None = None
         self.bar: Any = None
         self.done = 0
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, stage: str, done: int, total: int, info: dict[str, Any] | None = None) -> None:
         if not self.enabled:
             return
+        label = self.labels.get(stage, stage)
         if stage != self.stage:
             self.close()
-            self.stage = stage
-            self.bar = click.progressbar(length=total, label=self.LABELS.get(stage, stage), file=sys.stderr, show_pos=True)
+            self.stage, self.done = stage, 0
+            self.bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
             self.bar.__enter__()
-            self.done = 0
+        if info:
+            self.bar.label = f"{label} epoch {info['epoch']} loss {info['loss']:.4f}"
         if done > self.done:
             self.bar.update(done - self.done)
             self.done = done
@@ -206,37 +213,15 @@ def info(slide: Path, backend: str) -> None:
 DATASET_CHOICE = click.Choice(["ph2", "bowl", "kitti", "bdd", "folder"])
 
 
-class TrainBars:
-    """One progress bar per training phase, labelled with the running loss."""
-
-    NAMES = {"stage1": "Model 1 ", "stage2": "Model 2 ", "baseline": "baseline"}
-
-    def __init__(self) -> None:
-        self.phase: str | None = None
-        self.bar: Any = None
-        self.done = 0
-
-    def __call__(self, phase: str, done: int, total: int, info: dict[str, Any]) -> None:
-        if phase != self.phase:
-            self.close()
-            self.phase, self.done = phase, 0
-            self.bar = click.progressbar(length=total, label=self.NAMES.get(phase, phase), file=sys.stderr, show_pos=True)
-            self.bar.__enter__()
-        self.bar.label = f"{self.NAMES.get(phase, phase)} epoch {info['epoch']} loss {info['loss']:.4f}"
-        self.bar.update(done - self.done)
-        self.done = done
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
+TRAIN_LABELS = {"stage1": "Model 1 ", "stage2": "Model 2 ", "baseline": "baseline"}
 
 
 @main.command()
 @click.option("--dataset", required=True, type=DATASET_CHOICE, help="Data set, read from its released layout.")
 @click.option("--data-root", required=True, type=click.Path(path_type=Path), help="Folder of the data set.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Bundle to write (.safetensors).")
-@click.option("--arch", default="unet", show_default=True, help="Architecture (see 'wsiseg models').")
+@click.option("--arch", default="unet", show_default=True,
+              help="Architecture: unet, segnet, fcn, deeplabv3, ifbfnet (see 'wsiseg models').")
 @click.option("--backbone", default="resnet_lite", show_default=True, help="Backbone (see 'wsiseg models').")
 @click.option("--backbone-weights", type=click.Path(path_type=Path), default=None,
               help="Local file of pretrained backbone weights (never downloaded).")
@@ -244,7 +229,11 @@ class TrainBars:
 @click.option("--epochs", default=20, show_default=True, help="Epochs per phase.")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--lr", default=1e-4, show_default=True, help="Adam learning rate.")
-@click.option("--loss", type=click.Choice(["focal", "ce"]), default="focal", show_default=True)
+@click.option("--loss", type=click.Choice(["focal", "ce", "ohem", "lad"]), default="focal", show_default=True,
+              help="focal (the two-stage paper), ce, ohem (IFBFNet's) or lad (locally adaptive).")
+@click.option("--aux-weight", default=0.4, show_default=True, help="Weight of an auxiliary head's loss (IFBFNet).")
+@click.option("--lad-window", default=5, show_default=True, help="Window of the locally adaptive loss.")
+@click.option("--lad-power", default=3.0, show_default=True, help="Minkowski power of the locally adaptive loss.")
 @click.option("--sampling", type=click.Choice(["random", "weighted", "highest"]), default="weighted", show_default=True,
               help="How stage 2 picks a patch from Model 1's tile uncertainty.")
 @click.option("--image-size", default=768, show_default=True,
@@ -277,7 +266,7 @@ def train(out: Path, **opts: Any) -> None:
         raise WsisegError(f"{out} already exists; choose another --out or delete it")
     if checkpoint_path(out).exists():
         click.echo(f"resuming from {checkpoint_path(out)}", err=True)
-    bars = TrainBars()
+    bars = ProgressBars(labels=TRAIN_LABELS)
     try:
         path = run_training(config, out, progress=bars)
     finally:

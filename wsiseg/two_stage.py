@@ -494,17 +494,27 @@ def run_stage1(
     np.ndarray
         ``(C, h, w)`` float32.
     """
-    height, width = low_image.shape[:2]
-    grid = TileGrid(height, width, round_up(block, runner.stride))
-    probs = np.zeros((runner.model.num_classes, height, width), np.float32)
+    grid = TileGrid(*low_image.shape[:2], round_up(block, runner.stride))
+    return predict_image(runner, low_image, grid, halo, batch_size, "stage1", progress)
+
+
+def predict_image(
+    runner: ModelRunner,
+    image: np.ndarray,
+    grid: TileGrid,
+    halo: int,
+    batch_size: int,
+    stage: str,
+    progress: ProgressCallback | None = None,
+) -> np.ndarray:
+    """Probabilities of every tile of an in-memory image, stitched: ``(C, H, W)`` float32."""
+    probs = np.zeros((runner.model.num_classes, grid.height, grid.width), np.float32)
     done = 0
-    for row, col, p, _ in predict_tiles(
-        runner, lambda b: low_image[b.slices()], grid, halo, grid.tiles(), batch_size
-    ):
+    for row, col, p, _ in predict_tiles(runner, lambda b: image[b.slices()], grid, halo, grid.tiles(), batch_size):
         probs[(slice(None), *grid.tile(row, col).slices())] = p.numpy()
         done += 1
         if progress:
-            progress("stage1", done, grid.num_tiles)
+            progress(stage, done, grid.num_tiles)
     return probs
 
 
@@ -656,15 +666,7 @@ def segment_full_resolution(
     height, width = image.shape[:2]
     grid = TileGrid(height, width, tile_size)
     start = time.perf_counter()
-    out = np.zeros((model.num_classes, height, width), np.float32)
-    done = 0
-    for row, col, p, _ in predict_tiles(
-        runner, lambda b: image[b.slices()], grid, halo, grid.tiles(), batch_size
-    ):
-        out[(slice(None), *grid.tile(row, col).slices())] = p.numpy()
-        done += 1
-        if progress:
-            progress("stage2", done, grid.num_tiles)
+    out = predict_image(runner, image, grid, halo, batch_size, "stage2", progress)
     synchronize(runner.device)
     elapsed = time.perf_counter() - start
     refined = np.ones(grid.shape, bool)

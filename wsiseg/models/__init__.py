@@ -5,7 +5,7 @@ Every model is built with :func:`build_model` and follows
 :class:`~wsiseg.models.base.SegmentationModel`.
 """
 
-from wsiseg.models import deeplabv3, fcn, segnet, unet  # noqa: F401  (registers the architectures)
+from wsiseg.models import deeplabv3, fcn, ifbfnet, segnet, unet  # noqa: F401  (registers the architectures)
 from wsiseg.models.backbones import available_backbones, build_encoder, load_encoder_weights
 from wsiseg.models.base import SegmentationModel
 from wsiseg.models.registry import available_models, build_model, register_model

@@ -71,7 +71,9 @@ class TrainConfig:
     patches : about this many tiles per image when resizing (4, 16, 64, 128).
     tile_size : tile side at native size (default ``crop_size // 4``).
     halo : context pixels around each tile, as at inference.
-    epochs, batch_size, lr, loss : optimisation (Adam).
+    epochs, batch_size, lr, loss : optimisation (Adam); loss focal, ce, ohem or lad.
+    aux_weight : weight of an auxiliary head's loss (IFBFNet; the paper: 0.4).
+    lad_window, lad_power : the locally adaptive loss's window and Minkowski power.
     sampling : how stage 2 picks a tile: random, weighted or highest.
     finetune : start Model 2 from Model 1 (else from scratch).
     context : give Model 2 Model 1's features.
@@ -101,6 +103,9 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 1e-4
     loss: str = "focal"
+    aux_weight: float = 0.4
+    lad_window: int = 5
+    lad_power: float = 3.0
     sampling: str = "weighted"
     finetune: bool = True
     context: bool = True
@@ -118,7 +123,7 @@ class TrainConfig:
             raise InputError(f"unknown stage {self.stage!r}; choose one of {', '.join(PHASES)}")
         if self.sampling not in SAMPLING_STRATEGIES:
             raise InputError(f"unknown sampling {self.sampling!r}; choose one of {', '.join(SAMPLING_STRATEGIES)}")
-        get_loss(self.loss)
+        self.loss_function()
         if self.ratio < 1 or self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise InputError("ratio and batch size must be >= 1, epochs >= 0 and the learning rate > 0")
         side = self.image_size or self.crop_size
@@ -141,6 +146,12 @@ class TrainConfig:
         if self.image_size:
             return max(1, round(self.image_size / math.sqrt(self.patches)))
         return self.tile_size or self.crop_size // 4
+
+    def loss_function(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The configured loss, with the locally adaptive loss's options bound."""
+        if self.loss == "lad":
+            return get_loss("lad", window=self.lad_window, power=self.lad_power)
+        return get_loss(self.loss)
 
     def signature(self) -> dict[str, Any]:
         """The settings that must match for a checkpoint to be resumed."""
@@ -326,7 +337,7 @@ def train(
     device = resolve_device(config.device)
     data = open_dataset(config.dataset, config.data_root, config.multiclass)
     images = TrainingImages(data, config)
-    loss_fn = get_loss(config.loss)
+    loss_fn = config.loss_function()
     ckpt_path = checkpoint_path(out)
     state = _load_checkpoint(ckpt_path, config)
     models: dict[str, SegmentationModel] = {}
@@ -365,7 +376,6 @@ def train(
                 x, y = x.to(device), y.to(device)
                 if phase == "stage1":
                     logits, _ = model(F.avg_pool2d(x, config.ratio).contiguous(memory_format=channels_last))
-                    logits = F.interpolate(logits, scale_factor=config.ratio, mode="bilinear", align_corners=False)
                     target = y
                 elif phase == "stage2":
                     batch = sample_windows(model1, model, x, y, config, rng)
@@ -374,7 +384,15 @@ def train(
                 else:
                     logits, _ = model(x.contiguous(memory_format=channels_last))
                     target = y
-                loss = loss_fn(logits, target)
+                outputs = [logits, getattr(model, "aux_logits", None)]
+                if phase == "stage1":  # Model 1 is scored at full resolution
+                    outputs = [
+                        None if o is None else F.interpolate(o, scale_factor=config.ratio, mode="bilinear", align_corners=False)
+                        for o in outputs
+                    ]
+                loss = loss_fn(outputs[0], target)
+                if outputs[1] is not None and config.aux_weight:
+                    loss = loss + config.aux_weight * loss_fn(outputs[1], target)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
