@@ -115,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     if not slides:
         print("Error: no slides given or found", file=sys.stderr)
         return 2
-    selection = TileSelection.budget(args.budget) if args.budget is not None else TileSelection.threshold(
-        0.25 if args.threshold is None else args.threshold)
+    selection = None  # the bundle's default threshold
+    if args.budget is not None:
+        selection = TileSelection.budget(args.budget)
+    elif args.threshold is not None:
+        selection = TileSelection.threshold(args.threshold)
     try:
         client = start_client(args.scheduler, args.workers)
     except WsisegError as exc:

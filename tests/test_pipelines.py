@@ -76,3 +76,18 @@ def test_paper_tables_grid_runs_and_writes_both_tables(tmp_path) -> None:
     assert (out / "table4.md").read_text().startswith("# Table 4")
     bundles = sorted(p.name for p in (out / "bundles").iterdir())
     assert len(bundles) == 1 + 4 + 3 + 1 + 4  # one per configuration, reused when run again
+
+
+def test_default_threshold_rule_picks_the_fewest_refinements_within_half_a_point() -> None:
+    from wsiseg.evaluate import MethodScores
+
+    rule = _load("train_default_model").choose_threshold
+
+    def row(method, threshold, dice):
+        return MethodScores(method, threshold, dice, 0, 0, 0, 0, 1)
+
+    rows = [row("baseline", None, 0.860), row("two-stage", 1.0, 0.858), row("two-stage", 0.6, 0.859),
+            row("two-stage", 0.5, 0.861), row("two-stage", 0.4, 0.866), row("two-stage", 0.0, 0.871)]
+    assert rule(rows) == 0.5  # the first threshold (from the top) that matches the baseline
+    assert rule(rows, floor=0.865) == 0.4
+    assert rule([row("baseline", None, 0.95), row("two-stage", 1.0, 0.70), row("two-stage", 0.0, 0.80)]) == 0.0

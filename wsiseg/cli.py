@@ -97,7 +97,8 @@ class ProgressBars:
 @click.option("--model", "-m", default=None, metavar="BUNDLE",
               help="Model bundle (.safetensors). Default: the model shipped with wsiseg.")
 @click.option("--threshold", "-t", type=float, default=None,
-              help="Refine tiles whose mean uncertainty is >= this (0 refines all, > 1 none). Default 0.25.")
+              help="Refine tiles whose mean uncertainty is >= this (0 refines all, > 1 none). "
+                   "Default: the bundle's (0.25 when it has none).")
 @click.option("--top", type=int, default=None, metavar="N", help="Refine the N most uncertain tiles.")
 @click.option("--budget", type=float, default=None, metavar="F", help="Refine this fraction of tiles, most uncertain first.")
 @click.option("--full-resolution", is_flag=True,
@@ -139,12 +140,13 @@ def segment(slides: tuple[Path, ...], **opts: Any) -> None:
         raise WsisegError("give either --scheduler or --workers, not both")
     if opts["overwrite"] and opts["resume"]:
         raise WsisegError("give either --overwrite or --resume, not both")
+    selection = None  # the bundle's default threshold
     if opts["top"] is not None:
         selection = TileSelection.top_n(opts["top"])
     elif opts["budget"] is not None:
         selection = TileSelection.budget(opts["budget"])
-    else:
-        selection = TileSelection.threshold(0.25 if opts["threshold"] is None else opts["threshold"])
+    elif opts["threshold"] is not None:
+        selection = TileSelection.threshold(opts["threshold"])
     _quiet_libraries()
 
     from wsiseg.cluster import start_client
@@ -251,6 +253,9 @@ TRAIN_LABELS = {"stage1": "Model 1 ", "stage2": "Model 2 ", "baseline": "baselin
 @click.option("--seed", default=0, show_default=True)
 @click.option("--mpp", type=float, default=None, help="Micrometres per pixel of the training images, if known.")
 @click.option("--threshold", default=0.25, show_default=True, help="Default tile threshold stored in the bundle.")
+@click.option("--freeze-bn-after", type=int, default=None,
+              help="After this many epochs of each phase, train against frozen BatchNorm statistics "
+                   "(for data mixing very different images, e.g. fluorescence and brightfield).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--val-images", default=0, show_default=True, help="Test images scored at the end (0: all).")
 def train(out: Path, **opts: Any) -> None:

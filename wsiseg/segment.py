@@ -35,7 +35,8 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,6 @@ from wsiseg.errors import InputError
 from wsiseg.output import (
     LOWRES_ARRAY,
     ArraySpec,
-    RunRecord,
     build_pyramid,
     open_array,
     prepare_output,
@@ -70,13 +70,15 @@ class SegmentOptions:
     ----------
     model : str or None
         Bundle path, or None / ``"wsiseg:default"`` for the shipped model.
-    selection : TileSelection
-        Which tiles Model 2 refines.
+    selection : TileSelection or None
+        Which tiles Model 2 refines; None: the bundle's default threshold
+        (``config["threshold"]``), else 0.25.
     full_resolution : bool
         Run the bundle's single model on every tile instead (the baseline).
     tile_size : int or None
         Full-resolution tile side; None picks a multiple of the slide's own
-        tile size near 512 (so every file tile is decoded at most once).
+        tile size near the bundle's ``slide_tile_size`` (else 512), so that
+        every file tile is decoded at most once.
     halo, ratio, uncertainty : optional
         Model 2's halo (pixels), Model 1's downsampling ratio, the
         uncertainty measure; defaults from the bundle (32, 4, entropy).
@@ -104,7 +106,7 @@ class SegmentOptions:
     """
 
     model: str | None = None
-    selection: TileSelection = field(default_factory=lambda: TileSelection.threshold(0.25))
+    selection: TileSelection | None = None
     full_resolution: bool = False
     tile_size: int | None = None
     halo: int | None = None
@@ -260,7 +262,8 @@ def task_stage1(plan: SlidePlan, row: int, col: int) -> dict[str, Any]:
     block, window = grid.tile(row, col), grid.window(row, col, halo)
     pixels = open_array(plan.out, LOWRES_ARRAY)[window.y0 : window.y1, window.x0 : window.x1]
     t1 = time.perf_counter()
-    probs, _ = runner.predict(pixels[None])
+    with runner.counting() as work:
+        probs, _ = runner.predict(pixels[None])
     t2 = time.perf_counter()
     inner = block.relative_to(window)
     probs = probs[0][(slice(None), *inner.slices())].numpy()
@@ -272,7 +275,8 @@ def task_stage1(plan: SlidePlan, row: int, col: int) -> dict[str, Any]:
         uncertainty, tiles.edges(0), tiles.edges(1), plan.scale, origin=(block.y0, block.x0)
     )
     timings.update(read=t1 - t0, model=t2 - t1, write=time.perf_counter() - t2)
-    return {"r0": r0, "c0": c0, "sums": sums.tolist(), "areas": areas.tolist(), "timings": timings}
+    return {"r0": r0, "c0": c0, "sums": sums.tolist(), "areas": areas.tolist(), "timings": timings,
+            "gflop": {"stage1": work["gflop"]}}
 
 
 Piece = tuple[Box, np.ndarray]
@@ -352,13 +356,13 @@ def task_refine(
 
     flags = dict(zip(tiles, neighbourhoods))
     counts: dict[str, list[int]] = {}
-    model_seconds = compose_seconds = 0.0
-    t = time.perf_counter()
-    for row, col, p2, _ in predict_tiles(
-        runner2, lambda w: _assemble(w, reads), grid, plan.halo, tiles, len(tiles), context_for
-    ):
-        model_seconds += time.perf_counter() - t
-        t = time.perf_counter()
+    t0 = time.perf_counter()
+    with runner2.counting() as work2, (runner1.counting() if context_for else nullcontext({"gflop": 0.0})) as work1:
+        predictions = list(predict_tiles(
+            runner2, lambda w: _assemble(w, reads), grid, plan.halo, tiles, len(tiles), context_for
+        ))
+    t1 = time.perf_counter()
+    for row, col, p2, _ in predictions:
         tile = grid.tile(row, col)
         if plan.full_resolution:
             probs = p2.numpy()
@@ -366,10 +370,9 @@ def task_refine(
             weights = blend_weights(flags[(row, col)], 1, 1, tile, plan.blend)
             probs = compose_tile(_stage1_probs(plan, tile), p2, weights)
         counts[f"{row},{col}"] = _write_labels(plan, tile, probs)
-        compose_seconds += time.perf_counter() - t
-        t = time.perf_counter()
-    timings.update(model=model_seconds - context_seconds[0], context=context_seconds[0], compose=compose_seconds)
-    return {"tiles": [list(t) for t in tiles], "counts": counts, "timings": timings}
+    timings.update(model=t1 - t0 - context_seconds[0], context=context_seconds[0], compose=time.perf_counter() - t1)
+    gflop = {"stage2": work2["gflop"], "context": work1["gflop"]}
+    return {"tiles": [list(t) for t in tiles], "counts": counts, "timings": timings, "gflop": gflop}
 
 
 def task_compose(plan: SlidePlan, tiles: list[tuple[int, int]]) -> dict[str, Any]:
@@ -433,7 +436,8 @@ def _plan(
     stride2 = model2.feature_stride
     work_level, work_coarsen, scale_note = _working_scale(slide, config.get("mpp"), options.rescale)
     file_tile = slide.levels[work_level].tile_shape if work_coarsen == 1 else None
-    tile = options.tile_size or int(config.get("tile_size") or 0) or auto_tile_size(file_tile, stride2)
+    # The bundle's "tile_size" is for its data set's images; slides take "slide_tile_size" or ~512.
+    tile = options.tile_size or auto_tile_size(file_tile, stride2, int(config.get("slide_tile_size") or 512))
     if tile % stride2:
         raise InputError(f"--tile-size {tile} must be a multiple of the model's feature stride {stride2}")
     halo = round_up(options.halo if options.halo is not None else int(config.get("halo", 32)), stride2)
@@ -612,6 +616,8 @@ def segment_slide(
     out = Path(out).absolute()
     slide = open_slide(path, options.backend)
     plan, bundle, model_info = _plan(slide, out, options, client)
+    if options.selection is None:
+        options = replace(options, selection=TileSelection.threshold(float(bundle.config.get("threshold", 0.25))))
     fields = {
         k: v for k, v in asdict(plan).items()
         if k not in ("slide", "model_ref", "out", "device", "torch_threads", "stage2_role")
@@ -627,9 +633,13 @@ def segment_slide(
     timings: dict[str, float] = {}
     task_seconds: dict[str, float] = defaultdict(float)
 
+    gflop: dict[str, float] = defaultdict(float)
+
     def add_task_times(result: Any) -> None:
         for key, value in (result.get("timings", {}) if isinstance(result, dict) else {}).items():
             task_seconds[key] += value
+        for key, value in (result.get("gflop", {}) if isinstance(result, dict) else {}).items():
+            gflop[key] += value
 
     try:
         grid = plan.grid
@@ -708,6 +718,7 @@ def segment_slide(
     report["tiles"]["resumed"] = resumed_tiles
     report["timings"] = timings
     report["task_seconds"] = dict(task_seconds)
+    report["model_gflop"] = dict(gflop)  # work done in this session (not counting resumed tiles)
     write_report(out, report)
     return report
 

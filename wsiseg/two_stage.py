@@ -28,9 +28,11 @@ in-memory image.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -158,6 +160,31 @@ class ModelRunner:
         self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=memory_format).eval()
+        self._gflop_per_image: dict[tuple[int, int], float] = {}
+        self._counter = threading.local()
+
+    def gflop_per_image(self, height: int, width: int) -> float:
+        """Floating-point work (GFLOP) of one forward pass on an ``height x width`` input,
+        counted once per shape with torch's FLOP counter."""
+        key = (height, width)
+        if key not in self._gflop_per_image:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            counter = FlopCounterMode(display=False)
+            with torch.inference_mode(), counter:
+                self.model(torch.zeros(1, 3, height, width, device=self.device))
+            self._gflop_per_image[key] = counter.get_total_flops() / 1e9
+        return self._gflop_per_image[key]
+
+    @contextmanager
+    def counting(self) -> Iterator[dict[str, float]]:
+        """Count the GFLOP of this thread's :meth:`predict` calls: ``with runner.counting() as work``."""
+        work = {"gflop": 0.0}
+        self._counter.work = work
+        try:
+            yield work
+        finally:
+            self._counter.work = None
 
     @property
     def stride(self) -> int:
@@ -191,6 +218,9 @@ class ModelRunner:
         with torch.inference_mode():
             logits, features = self.model(x, context)
             probs = logits_to_probabilities(logits)
+        work = getattr(self._counter, "work", None)
+        if work is not None:
+            work["gflop"] += images.shape[0] * self.gflop_per_image(*images.shape[1:3])
         return probs.float().cpu().contiguous(), features.float().cpu().contiguous()
 
 

@@ -83,6 +83,12 @@ class TrainConfig:
     mpp : micrometres per pixel of the training images, if known (recorded
         so that ``wsiseg segment`` can rescale slides to it).
     threshold : default tile-selection threshold stored in the bundle.
+    freeze_bn_after : after this many epochs of a phase, BatchNorm layers use
+        and keep their running statistics (the remaining epochs train the
+        weights against the normalisation inference will use). Needed when
+        batches mix very different images (BOWL: fluorescence and
+        brightfield), whose per-batch statistics the running average fits
+        badly. None: the usual training-mode BatchNorm throughout.
     device : auto, cpu or cuda.
     val_images : images of the test split scored at the end (0: all).
     """
@@ -115,6 +121,7 @@ class TrainConfig:
     seed: int = 0
     mpp: float | None = None
     threshold: float = 0.25
+    freeze_bn_after: int | None = None
     device: str = "auto"
     val_images: int = 0
 
@@ -299,6 +306,13 @@ def _load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- training
 
 
+def freeze_batchnorm(model: torch.nn.Module) -> None:
+    """Put every BatchNorm layer in eval mode: normalise with, and stop updating, running statistics."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
 def _epoch_rng(config: TrainConfig, phase: str, epoch: int) -> np.random.Generator:
     phase_index = ("stage1", "stage2", "baseline").index(phase)
     torch.manual_seed(config.seed * 1_000_003 + phase_index * 10_007 + epoch)
@@ -371,6 +385,9 @@ def train(
         history.setdefault(phase, [])
         for epoch in range(start_epoch, config.epochs):
             rng = _epoch_rng(config, phase, epoch)
+            model.train()
+            if config.freeze_bn_after is not None and epoch >= config.freeze_bn_after:
+                freeze_batchnorm(model)
             total, count = 0.0, 0
             for step, (x, y) in enumerate(images.batches(rng), 1):
                 x, y = x.to(device), y.to(device)

@@ -1,0 +1,96 @@
+"""Smoke tests: each benchmark command runs on a tiny input (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_loss_benchmark_runs_on_a_tiny_batch(tmp_path) -> None:
+    out = tmp_path / "losses.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "losses.py"), "--batch", "1", "--classes", "3", "--size", "32",
+         "--repeats", "1", "--threads", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["loss"] for r in rows] == ["ce", "focal", "ohem", "lad"]
+    assert all(r["forward_s"] > 0 and r["backward_s"] > 0 for r in rows)
+    assert "| lad |" in result.stdout
+
+
+def _tiny_slide(tmp_path):
+    import numpy as np
+
+    from conftest import structured_image, write_pyramid
+
+    return write_pyramid(tmp_path / "tiny.tif", structured_image(np.random.default_rng(0), 640, 704), tile=128, factors=(1, 2, 4))
+
+
+def _bench(tmp_path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_segment.py"), *args, "--out", str(tmp_path / "results")],
+        capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_make_slides_writes_a_pyramid_with_tissue(tmp_path) -> None:
+    from wsiseg.slide import open_slide
+
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_slides.py"), "--size", "2048",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    slide = open_slide(tmp_path / "synthetic-2k.tif")
+    assert slide.shape == (2048, 2048) and [lvl.shape for lvl in slide.levels] == [(2048, 2048), (1024, 1024)]
+    import ast
+
+    info = ast.literal_eval(result.stdout.split(": ", 1)[1].strip())
+    assert slide.mpp == (0.499, 0.499) and info["copies"] >= 1
+    assert info["tissue_fraction"] >= 0.3  # copies are added until 30 % is tissue (one copy is 49 % of 2k)
+
+
+def test_speed_study_runs_on_a_tiny_slide(tmp_path, test_bundle) -> None:
+    result = _bench(tmp_path, "speed", str(_tiny_slide(tmp_path)), "--model", str(test_bundle), "--workers", "1",
+                    "--thresholds", "0", "0.5")
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "results" / "speed-tiny.json").read_text())
+    assert [r["threshold"] for r in data["rows"]] == [None, 0.0, 0.5]
+    assert data["rows"][1]["refined"] == 1.0 and data["rows"][1]["dice_vs_t0"] == 1.0
+    assert all(r["gflop"] > 0 for r in data["rows"]) and "| full resolution |" in result.stdout
+
+
+def test_memory_and_scaling_studies_run_on_a_tiny_slide(tmp_path, test_bundle) -> None:
+    slide = _tiny_slide(tmp_path)
+    memory = _bench(tmp_path, "memory", str(slide), "--model", str(test_bundle), "--workers", "1")
+    assert memory.returncode == 0, memory.stderr
+    rows = json.loads((tmp_path / "results" / "memory-tiny.json").read_text())["rows"]
+    assert rows[0]["peak_tree_rss_mb"] > 100
+    scaling = _bench(tmp_path, "scaling", str(slide), "--model", str(test_bundle))
+    assert scaling.returncode == 0, scaling.stderr
+    assert [r["workers"] for r in json.loads((tmp_path / "results" / "scaling-tiny.json").read_text())["rows"]] == [1, 2]
+
+
+def test_peer_study_runs_on_a_tiny_region(tmp_path, test_bundle) -> None:
+    peer = _bench(tmp_path, "peer", str(_tiny_slide(tmp_path)), "--model", str(test_bundle), "--workers", "1",
+                  "--region", "512")
+    assert peer.returncode == 0, peer.stderr
+    data = json.loads((tmp_path / "results" / "peer-tiny.json").read_text())
+    assert data["rows"][0]["run"].startswith("MONAI") and 0.0 <= data["dice_monai_vs_wsiseg_full"] <= 1.0
+
+
+def test_dataset_via_segment_runs_on_a_fabricated_bowl_copy(tmp_path, test_bundle) -> None:
+    from test_train import make_bowl
+
+    make_bowl(tmp_path / "bowl", n=3)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "dataset_via_segment.py"), "--data-root", str(tmp_path / "bowl"),
+         "--model", str(test_bundle), "--split", "all", "--tile-size", "32"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "3 bowl all images, tile 32" in result.stdout and "mean Dice" in result.stdout
