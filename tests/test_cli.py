@@ -27,8 +27,8 @@ def test_help_lists_commands() -> None:
 def test_models_lists_registry() -> None:
     result = CliRunner().invoke(main, ["models"])
     assert result.exit_code == 0
-    assert "deeplabv3, fcn, segnet, unet" in result.output
-    assert "mobilenet_v3_large" in result.output
+    assert "deeplabv3, fcn, ifbfnet, segnet, unet" in result.output
+    assert "mobilenet_v3_large" in result.output and "resnet_lite" in result.output
 
 
 def test_console_script_help_does_not_import_torch() -> None:
