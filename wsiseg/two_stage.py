@@ -2,7 +2,7 @@
 
 1. **Stage 1.** Model 1 segments the image downsampled by ``ratio`` (in
    overlapping blocks, so block borders leave no seams), giving class
-   probabilities and penultimate features at low resolution.
+   probabilities at low resolution.
 2. **Score.** Each full-resolution tile's score is the mean uncertainty of
    Model 1's probabilities over its footprint (:mod:`wsiseg.uncertainty`).
 3. **Select.** A :class:`~wsiseg.uncertainty.TileSelection` picks the tiles
