@@ -163,9 +163,22 @@ def study_speed(slide: Path, thresholds: list[float], workers: int, model: str |
             "dice_vs_full": mask_dice(out, full_out),
             "dice_vs_t0": mask_dice(out, t0_out) if t0_out else None,
         })
-    default = outputs.get(0.25, next(iter(outputs.values())))[1]
-    return {"slide": str(slide), "workers": workers, "rows": rows, "full_report": _brief(full),
+    default_threshold = bundle_threshold(model)
+    if default_threshold not in outputs:
+        outputs_default = run_segment(slide, scratch / "default.zarr", [], workers, model)
+    else:
+        outputs_default = outputs[default_threshold][1]
+    default = outputs_default
+    return {"slide": str(slide), "workers": workers, "default_threshold": default_threshold, "rows": rows, "full_report": _brief(full),
             "default_report": _brief(default), "breakdown": breakdown(default, workers), "baseline_breakdown": breakdown(full, workers)}
+
+
+def bundle_threshold(model: str | None) -> float:
+    """The threshold ``wsiseg segment`` uses when given none: the bundle's."""
+    from wsiseg.bundle import inspect_bundle, resolve_model
+    from wsiseg.segment import default_selection
+
+    return default_selection(inspect_bundle(resolve_model(model))["config"]).value
 
 
 def _brief(report: dict[str, Any]) -> dict[str, Any]:
@@ -260,7 +273,7 @@ def study_peer(slide: Path, region: int, workers: int, model: str | None, scratc
         "rows": [
             {"run": "MONAI sliding_window_inference (in memory, 1 process)", "seconds": monai_seconds},
             {"run": "wsiseg --full-resolution", "seconds": full["timings"]["total"], "process_seconds": full["bench"]["process_seconds"]},
-            {"run": "wsiseg two-stage (threshold 0.25)", "seconds": two["timings"]["total"], "process_seconds": two["bench"]["process_seconds"],
+            {"run": f"wsiseg two-stage (default threshold {bundle_threshold(model):g})", "seconds": two["timings"]["total"], "process_seconds": two["bench"]["process_seconds"],
              "refined": two["tiles"]["refined_fraction"]},
         ],
         "dice_monai_vs_wsiseg_full": agreement,
@@ -284,7 +297,7 @@ def print_markdown(study: str, result: dict[str, Any], command: str) -> None:
                   f"{row['dice_vs_full']:.4f} | {vs_t0} |")
         for name in ("breakdown", "baseline_breakdown"):
             b = result[name]
-            print(f"\n{'Default two-stage run' if name == 'breakdown' else 'Full-resolution run'}: {b['wall_s']:.1f} s wall x "
+            print(f"\n{'Default two-stage run (threshold ' + format(result['default_threshold'], 'g') + ')' if name == 'breakdown' else 'Full-resolution run'}: {b['wall_s']:.1f} s wall x "
                   f"{result['workers']} worker threads = {b['thread_seconds']:.1f} thread-seconds")
             print("\n| where | thread-seconds | share |\n|---|---|---|")
             for part, seconds in b["parts_s"].items():

@@ -62,6 +62,10 @@ def test_speed_study_runs_on_a_tiny_slide(tmp_path, test_bundle) -> None:
     assert [r["threshold"] for r in data["rows"]] == [None, 0.0, 0.5]
     assert data["rows"][1]["refined"] == 1.0 and data["rows"][1]["dice_vs_t0"] == 1.0
     assert all(r["gflop"] > 0 for r in data["rows"]) and "| full resolution |" in result.stdout
+    from wsiseg.bundle import inspect_bundle
+    from wsiseg.segment import default_selection
+
+    assert data["default_threshold"] == default_selection(inspect_bundle(test_bundle)["config"]).value
 
 
 def test_memory_and_scaling_studies_run_on_a_tiny_slide(tmp_path, test_bundle) -> None:

@@ -7,20 +7,28 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
+from wsiseg.cluster import WORKER_MALLOC_ENVIRON, start_client
 from wsiseg.segment import SegmentOptions, segment_slide
 from wsiseg.uncertainty import TileSelection
 
 OPTIONS = {"selection": TileSelection.budget(0.5), "tile_size": 256, "halo": 32, "stage1_block": 64, "stage1_halo": 32}
 
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
 def _spawn(args: list[str]) -> subprocess.Popen:
+    """Workers start as the README says: DASK_CONFIG holding examples/dask-worker.yaml."""
+    environ = {**os.environ, "DASK_CONFIG": str(EXAMPLES)}
     return subprocess.Popen(
-        [sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        [sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, env=environ,
     )
 
 
@@ -60,6 +68,18 @@ def local_mask(tmp_path_factory, pyramid_slide, test_bundle, local_client):
     return np.asarray(zarr.open_array(str(out / "mask/0"), mode="r")[...])
 
 
+def _malloc_environ(client) -> list[dict[str, str | None]]:
+    """Each worker's values of the malloc variables (``os.getenv`` run on the workers)."""
+    per_name = {name: client.run(os.getenv, name) for name in WORKER_MALLOC_ENVIRON}
+    workers = sorted(next(iter(per_name.values())))
+    return [{name: per_name[name][worker] for name in WORKER_MALLOC_ENVIRON} for worker in workers]
+
+
+def test_worker_malloc_settings_from_example_config(real_cluster) -> None:
+    client, _ = real_cluster  # before the kill test below, which leaves one worker
+    assert _malloc_environ(client) == [WORKER_MALLOC_ENVIRON, WORKER_MALLOC_ENVIRON]
+
+
 def test_real_cluster_equals_local_run(tmp_path, pyramid_slide, test_bundle, real_cluster, local_mask) -> None:
     client, _ = real_cluster
     out = tmp_path / "cluster.zarr"
@@ -87,3 +107,11 @@ def test_killing_a_worker_mid_run_still_gives_the_same_output(
     assert len(client.scheduler_info(n_workers=-1)["workers"]) == 1
     np.testing.assert_array_equal(np.asarray(zarr.open_array(str(out / "mask/0"), mode="r")[...]), local_mask)
     assert report["status"] == "complete"
+
+
+def test_local_cluster_workers_get_malloc_settings() -> None:
+    client = start_client(workers=1)
+    try:
+        assert _malloc_environ(client) == [WORKER_MALLOC_ENVIRON]
+    finally:
+        client.close()

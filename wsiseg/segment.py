@@ -389,6 +389,15 @@ def task_compose(plan: SlidePlan, tiles: list[tuple[int, int]]) -> dict[str, Any
 # --------------------------------------------------------------------------- planning
 
 
+#: Threshold for bundles that state none.
+FALLBACK_THRESHOLD = 0.25
+
+
+def default_selection(config: dict[str, Any]) -> TileSelection:
+    """The selection used when none is given: the bundle's ``threshold``, else :data:`FALLBACK_THRESHOLD`."""
+    return TileSelection.threshold(float(config.get("threshold", FALLBACK_THRESHOLD)))
+
+
 def auto_tile_size(file_tile: tuple[int, int] | None, stride: int, target: int = 512) -> int:
     """A tile side near ``target``: a multiple of the model stride and, when such
     a multiple exists under ``2 * target``, of the file's own tile side too (so
@@ -617,7 +626,7 @@ def segment_slide(
     slide = open_slide(path, options.backend)
     plan, bundle, model_info = _plan(slide, out, options, client)
     if options.selection is None:
-        options = replace(options, selection=TileSelection.threshold(float(bundle.config.get("threshold", 0.25))))
+        options = replace(options, selection=default_selection(bundle.config))
     fields = {
         k: v for k, v in asdict(plan).items()
         if k not in ("slide", "model_ref", "out", "device", "torch_threads", "stage2_role")

@@ -182,8 +182,10 @@ def linear_resample(
     torch.Tensor
         ``(..., h, w)``.
     """
-    out = _resample_axis(values, torch.as_tensor(rows, dtype=torch.float64), axis=-2)
-    return _resample_axis(out, torch.as_tensor(cols, dtype=torch.float64), axis=-1)
+    # Columns first: gathering along the last axis is the slow, strided pass, so it
+    # runs on the smaller map; the row pass then copies whole contiguous rows.
+    out = _resample_axis(values, torch.as_tensor(cols, dtype=torch.float64), axis=-1)
+    return _resample_axis(out, torch.as_tensor(rows, dtype=torch.float64), axis=-2)
 
 
 def _resample_axis(values: torch.Tensor, positions: torch.Tensor, axis: int) -> torch.Tensor:
