@@ -11,15 +11,18 @@ from wsiseg.errors import ModelConfigError, WeightsError
 from wsiseg.models import available_models, build_encoder, build_model, load_encoder_weights
 
 ARCHS = ["fcn", "deeplabv3", "unet", "segnet"]
-BACKBONES = ["resnet18", "resnet34", "resnet50", "mobilenet_v3_large"]
+BACKBONES = ["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large", "resnet_lite"]
+#: Every architecture with every backbone it accepts (IFBFNet needs a ResNet: it dilates stage 4).
+COMBINATIONS = [(arch, backbone) for arch in ARCHS for backbone in BACKBONES] + [
+    ("ifbfnet", backbone) for backbone in BACKBONES if backbone.startswith("resnet")
+]
 
 
 def test_registry_lists_paper_architectures() -> None:
     assert set(ARCHS) <= set(available_models())
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch,backbone", COMBINATIONS)
 def test_contract_context_and_gradients(arch: str, backbone: str) -> None:
     torch.manual_seed(0)
     num_classes = 3
@@ -45,6 +48,13 @@ def test_contract_context_and_gradients(arch: str, backbone: str) -> None:
             )
         torch.testing.assert_close(logits_ctx, expected[..., :height, :width])
         assert not torch.allclose(logits_ctx, logits)
+        # The same context projected to class space first gives the same logits.
+        projected = model.project_context(context)
+        assert projected.shape == (2, num_classes, *features.shape[-2:])
+        logits_cls, features_cls = model(x, class_context=projected)
+        # (equal up to float32 summation order, relative to the logits' magnitude)
+        assert (logits_cls - logits_ctx).abs().max() <= 1e-5 * logits_ctx.abs().max()
+        torch.testing.assert_close(features_cls, features)
         with pytest.raises(ValueError, match="context shape"):
             model(x, context[..., :-1])
 
@@ -126,3 +136,19 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path) -> None:
     torch.save({"conv1.weight": Payload()}, path)
     with pytest.raises(WeightsError, match="cannot read weights file"):
         load_encoder_weights(build_encoder("resnet18"), path)
+
+
+@pytest.mark.parametrize("arch,backbone", [
+    (arch, backbone) for arch in ARCHS for backbone in ("resnet_lite", "resnet18", "mobilenet_v3_large")
+] + [("ifbfnet", "resnet_lite")])
+def test_forward_gflop_equals_torch_flop_counter(arch: str, backbone: str) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from wsiseg.models.base import forward_gflop
+
+    model = build_model(arch, 2, backbone=backbone).eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, 3, 70, 99))
+    assert forward_gflop(model, 70, 99) == pytest.approx(counter.get_total_flops() / 1e9, rel=1e-9)
+    assert next(model.parameters()).device.type == "cpu"  # the model itself was not moved

@@ -278,9 +278,10 @@ def test_models_are_loaded_once_per_process_and_threads_fit_the_cores(tmp_path, 
     original = bundle_module.load_bundle
     monkeypatch.setattr(bundle_module, "load_bundle", lambda path: loads.append(str(path)) or original(path))
     report = segment_slide(pyramid_slide, tmp_path / "once.zarr", _options(fresh), local_client)
-    assert report["tiles"]["total"] == 12  # 12 tiles + 12 low-res and 12 stage-1 blocks: dozens of tasks
-    # One load in the driver (to plan), one in this process's worker cache: not one per task.
-    assert loads.count(str(fresh.resolve())) == 2
+    assert report["tiles"]["total"] == 12  # 12 tiles + 12 stage-1 blocks + reads: dozens of tasks
+    # One load, in this process's worker cache, which also answered the driver's
+    # planning question (describe_bundle): not one per task, none in the driver.
+    assert loads.count(str(fresh.resolve())) == 1
 
     threads = torch_threads_per_host(local_client)
     dask_threads = sum(w["nthreads"] for w in local_client.scheduler_info(n_workers=-1)["workers"].values())

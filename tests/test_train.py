@@ -261,17 +261,23 @@ def test_no_finetune_and_no_context_change_exactly_what_they_say(tmp_path) -> No
 
     from wsiseg.evaluate import two_stage_config
     from wsiseg.two_stage import segment_image
+    from wsiseg.uncertainty import TileSelection
 
-    class ContextSpy(type(bundle.model2)):
-        pass
+    def contexts_seen(pair) -> list:
+        """The contexts Model 2 receives when ``pair`` segments an image, every tile refined."""
+        seen = []
+        original = pair.model2.forward
+        pair.model2.forward = lambda x, context=None, class_context=None: (
+            seen.append((context, class_context)), original(x, context, class_context))[1]
+        image = np.full((32, 32, 3), 128, np.uint8)
+        config = two_stage_config(pair.config, selection=TileSelection.threshold(0))
+        segment_image(image, pair.model1, pair.model2, config, device="cpu")
+        return seen
 
-    spy = bundle.model2
-    seen = []
-    original = spy.forward
-    spy.forward = lambda x, context=None: (seen.append(context), original(x, context))[1]
-    image = np.full((32, 32, 3), 128, np.uint8)
-    segment_image(image, bundle.model1, spy, two_stage_config(bundle.config, selection=__import__("wsiseg").TileSelection.threshold(0)), device="cpu")
-    assert seen and all(c is None for c in seen)
+    seen = contexts_seen(bundle)
+    assert seen and all(c is None and k is None for c, k in seen)  # context off: Model 2 runs alone
+    seen = contexts_seen(tuned)
+    assert seen and all(c is None and k is not None and k.shape[1] == 1 for c, k in seen)  # on: projected context
 
 
 def test_interrupted_training_resumes_from_its_checkpoint(tmp_path) -> None:

@@ -14,15 +14,14 @@ from wsiseg.models.base import logits_to_probabilities
 from wsiseg.tiling import Box, TileGrid, blend_weights
 from wsiseg.tiling import linear_resample
 from wsiseg.two_stage import (
-    LowResView,
     ModelRunner,
     TwoStageConfig,
+    context_reader,
     downsample_mean,
     run_stage1,
+    sample_plan,
     segment_full_resolution,
     segment_image,
-    stage1_context,
-    stage1_crop,
     upsample_stage1,
 )
 from wsiseg.uncertainty import TileSelection, entropy, tile_scores
@@ -100,39 +99,73 @@ def test_threshold_zero_refines_all_and_tiled_model2_equals_whole_image(rng, sha
 
 def test_stage1_in_blocks_equals_whole_low_resolution_image(rng) -> None:
     low = random_image(rng, 90, 133)
-    model1, _ = _pair(num_classes=2, stride=2)
+    model1, model2 = _pair(num_classes=2, stride=2)
     runner = ModelRunner(model1, "cpu", channels_last=False)
-    probs_blocks = run_stage1(runner, low, block=32, halo=16, batch_size=2)
-    probs_whole = run_stage1(runner, low, block=1024, halo=0, batch_size=1)
+    probs_blocks, context_blocks = run_stage1(runner, low, block=32, halo=16, project=model2.project_context)
+    probs_whole, context_whole = run_stage1(runner, low, block=1024, halo=0, project=model2.project_context)
     np.testing.assert_allclose(probs_blocks, probs_whole, atol=2e-5)
     np.testing.assert_allclose(probs_whole, _whole(model1, low).numpy(), atol=2e-5)
+    # The stitched projected features equal Model 2's classifier weights on Model 1's whole-image features.
+    with torch.no_grad():
+        _, features = model1(torch.from_numpy(low).permute(2, 0, 1)[None].float() / 255)
+        expected = F.conv2d(features, model2.classifier.weight)[0].numpy()
+    assert context_blocks.shape == (2, 45, 67)
+    np.testing.assert_allclose(context_blocks, expected, atol=2e-5)
+    np.testing.assert_allclose(context_whole, expected, atol=2e-5)
 
 
-def test_stage1_context_from_a_footprint_equals_the_whole_image_features(rng) -> None:
+def test_window_context_equals_resampled_whole_image_features_projected(rng) -> None:
     image = random_image(rng, 200, 168)
     low = downsample_mean(image, 4)
-    model1, _ = _pair(num_classes=1, stride=2)
+    model1, model2 = _pair(num_classes=3, stride=2)
     runner = ModelRunner(model1, "cpu", channels_last=False)
+    _, stored = run_stage1(runner, low, block=16, halo=16, project=model2.project_context)
+    stored_t = torch.from_numpy(stored)
+    context_for = context_reader(lambda b: stored_t[(slice(None), *b.slices())], stored.shape[1:], (4.0, 4.0), 2, 2)
     with torch.no_grad():
         _, whole = model1(torch.from_numpy(low).permute(2, 0, 1)[None].float() / 255)
-    view = LowResView(low.shape[:2], (4.0, 4.0), lambda b: low[b.slices()])
     windows = [Box(40, 104, 64, 128), Box(136, 200, 104, 168), Box(0, 64, 0, 64)]
-    context = stage1_context(runner, view, windows, (32, 32), 2, halo1=16)
+    context = context_for(windows, (32, 32))
+    assert context.shape == (3, 3, 32, 32)
     for window, got in zip(windows, context):
+        # Model 2's feature pixels are 2 full-resolution pixels wide, Model 1's are 4 x 2 = 8.
         rows = (window.y0 + (np.arange(32) + 0.5) * 2) / 8 - 0.5
         cols = (window.x0 + (np.arange(32) + 0.5) * 2) / 8 - 0.5
-        expected = linear_resample(whole[0], np.clip(rows, 0, None), np.clip(cols, 0, None))
+        features = linear_resample(whole[0], np.clip(rows, 0, None), np.clip(cols, 0, None))
+        with torch.no_grad():
+            expected = F.conv2d(features[None], model2.classifier.weight)[0]
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
 
 
-def test_upsample_from_a_crop_equals_from_the_whole_map(rng) -> None:
+def test_projected_context_gives_the_logits_of_the_feature_context(rng) -> None:
+    """classifier(f + c) == classifier(f) + project(c): the stored context changes nothing."""
+    _, model2 = _pair(num_classes=2, stride=2)
+    model2.eval()
+    x = torch.from_numpy(random_image(rng, 45, 62)).permute(2, 0, 1)[None].float() / 255
+    context = torch.randn(1, model2.feature_channels, *model2.feature_shape(45, 62))
+    with torch.no_grad():
+        by_features, _ = model2(x, context)
+        by_classes, _ = model2(x, class_context=model2.project_context(context))
+        without, _ = model2(x)
+    torch.testing.assert_close(by_classes, by_features, atol=1e-5, rtol=1e-5)
+    assert (by_features - without).abs().max() > 0.1  # the context does change the logits
+
+
+def test_upsample_from_crops_equals_resampling_the_whole_map(rng) -> None:
     probs = torch.from_numpy(rng.random((2, 30, 41)).astype(np.float32))
     low_shape = (30, 41)
+    reads = []
+
+    def read(box: Box) -> torch.Tensor:
+        reads.append(box)
+        return probs[(slice(None), *box.slices())]
+
     for tile in (Box(0, 32, 0, 32), Box(64, 96, 128, 160), Box(96, 120, 128, 163)):
-        crop = stage1_crop(tile, (4.0, 4.0), low_shape)
-        whole = upsample_stage1(probs, (4.0, 4.0), tile)
-        part = upsample_stage1(probs[(slice(None), *crop.slices())], (4.0, 4.0), tile, low_shape, (crop.y0, crop.x0))
-        torch.testing.assert_close(part, whole)
+        rows = np.clip((tile.y0 + np.arange(tile.shape[0]) + 0.5) / 4 - 0.5, 0, 29)
+        cols = np.clip((tile.x0 + np.arange(tile.shape[1]) + 0.5) / 4 - 0.5, 0, 40)
+        torch.testing.assert_close(upsample_stage1(read, low_shape, (4.0, 4.0), tile), linear_resample(probs, rows, cols))
+        crop = sample_plan((tile.y0, tile.x0), tile.shape, 1.0, (4.0, 4.0), low_shape)[0]
+        assert reads[-1] == crop and crop.shape[0] <= tile.shape[0] // 4 + 2  # only the taps are read
 
 
 def test_mixed_selection_blends_model2_into_model1(rng) -> None:

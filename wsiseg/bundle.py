@@ -23,12 +23,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from wsiseg.errors import BundleError, WsisegError
-from wsiseg.models import SegmentationModel, build_model
+
+if TYPE_CHECKING:  # torch is imported where models are built: reading a header must not need it
+    import torch
+
+    from wsiseg.models import SegmentationModel
 
 #: How commands refer to the model shipped inside the package.
 DEFAULT_MODEL = "wsiseg:default"
@@ -82,6 +84,8 @@ class Bundle:
 
 
 def _checksum(models_doc: str, config_doc: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    import torch
+
     digest = hashlib.sha256()
     digest.update(models_doc.encode())
     digest.update(b"\0")
@@ -173,7 +177,7 @@ def _read_header(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise BundleError(f"model bundle {str(path)!r} is not a file")
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
+        with safe_open(str(path), framework="numpy") as handle:
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise BundleError(
@@ -241,6 +245,8 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
 
 
 def _rebuild(path: Path, role: str, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> SegmentationModel:
+    from wsiseg.models import build_model
+
     try:
         model = build_model(spec["arch"], int(spec["num_classes"]), backbone=spec["backbone"])
     except (KeyError, TypeError, WsisegError) as exc:

@@ -57,7 +57,6 @@ class ProgressBars:
     """
 
     LABELS = {
-        "lowres": "low-res view ",
         "stage1": "stage 1      ",
         "stage2": "tiles        ",
         "finish": "finishing    ",
@@ -116,7 +115,9 @@ class ProgressBars:
 @click.option("--uncertainty", type=click.Choice(["entropy", "margin"]), default=None,
               help="Uncertainty measure (default: the bundle's, or entropy).")
 @click.option("--blend", type=int, default=16, show_default=True, help="Blend ramp (pixels) between refined and unrefined tiles.")
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Tiles per Model 2 forward pass.")
+@click.option("--batch-size", type=int, default=None,
+              help="Tiles per Model 2 forward pass (default: 1 on the CPU, as fast as larger batches there "
+                   "with less memory; 4 on a GPU).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "tifffile", "openslide", "zarr", "image"]), default="auto",
               show_default=True, help="Slide reader.")

@@ -96,14 +96,27 @@ def start_client(
 
 
 def _default_workers() -> int:
-    try:
-        import torch
+    """One worker per core, or one in all when a CUDA GPU is visible."""
+    return 1 if _cuda_visible() else available_cores()
 
-        if torch.cuda.is_available():
-            return 1
-    except ImportError:  # pragma: no cover
-        pass
-    return available_cores()
+
+def _cuda_visible() -> bool:
+    """Whether torch would see a CUDA GPU, asked without importing torch here.
+
+    The driver keeps torch out of its memory (about 0.65 GB resident); a
+    short-lived interpreter answers, and only where an NVIDIA device node exists.
+    """
+    import glob
+    import subprocess
+    import sys
+
+    if not glob.glob("/dev/nvidia[0-9]*") or os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torch; print(int(torch.cuda.is_available()))"],
+        capture_output=True, text=True, timeout=120,
+    )
+    return probe.stdout.strip() == "1"
 
 
 def torch_threads_per_host(client: Any) -> dict[str, int]:

@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,9 @@ from wsiseg.errors import InputError
 NGFF_VERSION = "0.4"
 RECORD_DIR = ".wsiseg"
 LOWRES_ARRAY = f"{RECORD_DIR}/lowres"
+#: Model 1's features projected for Model 2 (scratch, deleted when the run completes).
+CONTEXT_ARRAY = f"{RECORD_DIR}/context"
+SCRATCH_ARRAYS = (LOWRES_ARRAY, CONTEXT_ARRAY)
 #: Label colours (RGBA) for napari / QuPath: class 1, 2, ...
 LABEL_COLOURS = [
     (0, 200, 80, 255), (230, 60, 60, 255), (50, 110, 230, 255), (240, 200, 30, 255),
@@ -61,8 +64,16 @@ _ARRAYS_LOCK = threading.Lock()
 
 
 def open_array(out: str | os.PathLike[str], name: str) -> Any:
-    """A zarr array of an output, opened once per process for reading and writing."""
-    key = (str(out), name)
+    """A zarr array of an output, opened once per process for reading and writing.
+
+    The cache is keyed by the array's metadata file version too, so a worker
+    that served an earlier run into the same path never sees stale shapes.
+    """
+    try:
+        version = os.stat(Path(out) / name / ".zarray").st_mtime_ns
+    except OSError:
+        version = None
+    key = (str(out), name, version)
     array = _ARRAYS.get(key)
     if array is None:
         with _ARRAYS_LOCK:
@@ -195,40 +206,67 @@ def prepare_output(
     return record, False
 
 
-def build_pyramid(out: Path, name: str, tile: int) -> int:
+BandRunner = Callable[[Callable[..., None], list[tuple[Any, ...]]], None]
+
+
+def build_pyramid(out: Path, name: str, tile: int, run: BandRunner | None = None) -> int:
     """Add levels ``1, 2, ...`` under group ``name`` by taking every other pixel.
 
     Nearest-neighbour subsampling keeps labels valid. Levels are added until
-    one fits in a single ``tile x tile`` chunk; each is computed with dask
-    (on the active Dask client when there is one), chunk by chunk.
+    one fits in a single ``tile x tile`` chunk. Each level is written in bands
+    of one chunk row by :func:`pyramid_band` calls, which never write the same
+    chunk twice.
+
+    Parameters
+    ----------
+    run : callable, optional
+        ``run(function, list_of_args)`` calls ``function(*args)`` for each
+        entry and returns when all are done (e.g. as Dask tasks); default:
+        threads of this process.
 
     Returns
     -------
     int
         Number of levels, level 0 included.
     """
-    import dask.array as da
-
     zarr = _zarr()
     group = zarr.open_group(str(out / name), mode="r+", zarr_format=2)
     level = 0
     while max(group[str(level)].shape) > tile:
-        source = da.from_zarr(group[str(level)])
-        smaller = source[::2, ::2].rechunk((tile, tile))
-        target = group.create_array(
+        height, width = group[str(level)].shape
+        group.create_array(
             str(level + 1),
-            shape=smaller.shape,
+            shape=(-(-height // 2), -(-width // 2)),
             chunks=(tile, tile),
-            dtype=source.dtype,
+            dtype=group[str(level)].dtype,
             fill_value=0,
             chunk_key_encoding={"name": "v2", "separator": "/"},
             compressors=_compressor(),
             overwrite=True,
         )
-        # Chunks equal the target's, so each task writes exactly one chunk.
-        da.store(smaller, target, lock=False)
+        rows = -(-height // 2)
+        bands = [(str(out), name, level + 1, y, min(y + tile, rows)) for y in range(0, rows, tile)]
+        (run or _run_in_threads)(pyramid_band, bands)
         level += 1
     return level + 1
+
+
+def pyramid_band(out: str, name: str, level: int, y0: int, y1: int) -> None:
+    """Write rows ``[y0, y1)`` of level ``level`` of group ``name``: every other pixel of level ``level - 1``."""
+    source = open_array(out, f"{name}/{level - 1}")
+    target = open_array(out, f"{name}/{level}")
+    step = target.chunks[1]
+    for x0 in range(0, target.shape[1], step):
+        x1 = min(x0 + step, target.shape[1])
+        target[y0:y1, x0:x1] = source[2 * y0 : 2 * y1, 2 * x0 : 2 * x1][::2, ::2]
+
+
+def _run_in_threads(function: Callable[..., None], calls: list[tuple[Any, ...]]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for _ in pool.map(lambda args: function(*args), calls):
+            pass
 
 
 def write_multiscales(
@@ -368,7 +406,7 @@ def write_overlay(
 
 def remove_scratch(out: Path) -> None:
     """Delete the run's scratch arrays (the run record itself stays)."""
-    scratch = out / LOWRES_ARRAY
-    if scratch.exists():
-        shutil.rmtree(scratch)
+    for name in SCRATCH_ARRAYS:
+        if (out / name).exists():
+            shutil.rmtree(out / name)
     forget_arrays(out)

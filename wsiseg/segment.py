@@ -2,28 +2,29 @@
 
 The flow of :mod:`wsiseg.two_stage`, out of core:
 
-1. **Low-resolution view.** Tasks read the pyramid level whose downsample is
-   closest to the ratio (coarsening a finer level by a whole factor when no
-   level matches) and write it, chunk by chunk, to scratch in the output.
-2. **Stage 1.** One task per low-resolution block runs Model 1 on the block
-   plus a halo, writes Model 1's probabilities and uncertainty, and returns
-   the integrals of uncertainty over the tile footprints it covers.
-3. **Select** (in the driver): tile scores are the summed integrals over
+1. **Stage 1.** One task per low-resolution block reads the block plus a
+   halo from the pyramid level whose downsample is closest to the ratio
+   (coarsening a finer level by a whole factor when no level matches), runs
+   Model 1 on it, writes Model 1's probabilities, uncertainty and features
+   projected for Model 2 (see :mod:`wsiseg.two_stage`), and returns the
+   integrals of uncertainty over the tile footprints it covers.
+2. **Select** (in the driver): tile scores are the summed integrals over
    their areas; the selection marks the tiles to refine.
-4. **Stage 2.** Read tasks decode, once each, the parts of the slide the
+3. **Stage 2.** Read tasks decode, once each, the parts of the slide the
    selected windows need (a tile's chunk, or the strip of it inside a
-   neighbour's halo); refine tasks take a batch of selected tiles, assemble
-   their windows from those reads, recompute Model 1's context from the
-   low-resolution view, run Model 2, compose with Model 1's upsampled
-   probabilities and write each tile's mask chunk. Compose tasks write the
-   unrefined tiles from Model 1 alone. The mask's chunk grid is the tile
-   grid, so no two tasks ever write one chunk.
-5. **Finish:** mask pyramid, NGFF metadata, overlay, report.
+   neighbour's halo); refine tasks take a few selected tiles, assemble their
+   windows from those reads, sample Model 1's stored context, run Model 2,
+   compose with Model 1's upsampled probabilities and write each tile's mask
+   chunk. Compose tasks write the unrefined tiles from Model 1 alone. The
+   mask's chunk grid is the tile grid, so no two tasks ever write one chunk.
+4. **Finish:** mask pyramid (one task per band of chunks), NGFF metadata,
+   overlay, report.
 
 The driver submits work in row-major order with a bounded number of tasks
 in flight, appending every finished piece to the run record so that
 ``resume=True`` continues an interrupted run without redoing finished tiles.
-Models are loaded by each worker process once, from the bundle's path.
+Models are loaded by each worker process once, from the bundle's path; the
+driver itself never imports torch.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ import numpy as np
 from wsiseg import __version__
 from wsiseg.errors import InputError
 from wsiseg.output import (
+    CONTEXT_ARRAY,
     LOWRES_ARRAY,
     ArraySpec,
     build_pyramid,
@@ -56,7 +57,7 @@ from wsiseg.output import (
     write_report,
 )
 from wsiseg.slide import Slide, open_slide
-from wsiseg.tiling import Box, TileGrid, blend_weights, round_up
+from wsiseg.tiling import Box, TileGrid, blend_weights, neighbourhood, round_up
 from wsiseg.uncertainty import TileSelection, scores_from_integrals, tile_integrals, uncertainty_map
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -84,8 +85,11 @@ class SegmentOptions:
         uncertainty measure; defaults from the bundle (32, 4, entropy).
     blend : int
         Ramp width (pixels) between refined and unrefined tiles.
-    batch_size : int
-        Tiles per Model 2 task.
+    batch_size : int or None
+        Tiles per Model 2 forward pass; None: 1 on the CPU, 4 on a GPU
+        (see :class:`~wsiseg.two_stage.ModelRunner`).
+    tiles_per_task : int
+        Selected tiles per Model 2 task (a task runs them in batches).
     stage1_block, stage1_halo : int
         Model 1's low-resolution block side and halo.
     device : str
@@ -113,8 +117,9 @@ class SegmentOptions:
     ratio: int | None = None
     uncertainty: str | None = None
     blend: int = 16
-    batch_size: int = 4
-    stage1_block: int = 1024
+    batch_size: int | None = None
+    tiles_per_task: int = 4
+    stage1_block: int = 512
     stage1_halo: int = 32
     device: str = "auto"
     backend: str = "auto"
@@ -145,9 +150,12 @@ class SlidePlan:
     scale: tuple[float, float]
     block: int
     stage1_halo: int
+    stride1: int
+    context_shape: tuple[int, int]
     uncertainty: str
     context: bool
     num_classes: int
+    batch_size: int | None
     device: str
     torch_threads: dict[str, int]
 
@@ -180,48 +188,89 @@ _RUNNERS: dict[tuple[str, str, str], Any] = {}
 _THREADS_SET: list[int] = []
 
 
-def _setup_process(plan: SlidePlan) -> None:
-    """Set torch threads once per worker process (see :func:`torch_threads_per_host`)."""
-    if _THREADS_SET:
-        return
+def _setup_thread(plan: SlidePlan) -> None:
+    """Set torch's threads for the calling task thread (see :func:`torch_threads_per_host`).
+
+    The count is decided once per process, but applied in every task: torch's
+    OpenMP thread count belongs to the thread that sets it, and a worker with
+    several threads runs tasks on each of them.
+    """
     import torch
 
-    threads = 1
-    try:
-        from distributed import get_worker
+    if not _THREADS_SET:
+        try:
+            from distributed import get_worker
 
-        from wsiseg.cluster import worker_host
+            from wsiseg.cluster import worker_host
 
-        threads = plan.torch_threads.get(worker_host(get_worker().address), 1)
-    except (ImportError, ValueError):
-        threads = max(1, os.cpu_count() or 1)
-    torch.set_num_threads(threads)
-    _THREADS_SET.append(threads)
+            threads = plan.torch_threads.get(worker_host(get_worker().address), 1)
+        except (ImportError, ValueError):
+            threads = max(1, os.cpu_count() or 1)
+        _THREADS_SET.append(threads)
+    if torch.get_num_threads() != _THREADS_SET[0]:
+        torch.set_num_threads(_THREADS_SET[0])
+
+
+def _bundle(model_ref: str) -> Any:
+    """This process's copy of a bundle, loaded (and checksummed) once per file version."""
+    from wsiseg.bundle import load_bundle, resolve_model
+
+    path = resolve_model(model_ref)
+    key = (str(path), path.stat().st_mtime)
+    with _CACHE_LOCK:
+        if key not in _BUNDLES:
+            _BUNDLES[key] = load_bundle(path)
+        return _BUNDLES[key]
 
 
 def _runner(plan: SlidePlan, role: str) -> Any:
     """This process's :class:`ModelRunner` for a bundle role, loaded once."""
-    from wsiseg.bundle import load_bundle, resolve_model
     from wsiseg.two_stage import ModelRunner
 
-    _setup_process(plan)
+    _setup_thread(plan)
     key = (plan.model_ref, role, plan.device)
     runner = _RUNNERS.get(key)
     if runner is None:
+        bundle = _bundle(plan.model_ref)
         with _CACHE_LOCK:
             runner = _RUNNERS.get(key)
             if runner is None:
-                path = resolve_model(plan.model_ref)
-                bundle_key = (str(path), path.stat().st_mtime)
-                if bundle_key not in _BUNDLES:
-                    _BUNDLES[bundle_key] = load_bundle(path)
-                runner = ModelRunner(_BUNDLES[bundle_key].models[role], plan.device)
+                runner = ModelRunner(bundle.models[role], plan.device)
                 _RUNNERS[key] = runner
     return runner
 
 
+def describe_bundle(model_ref: str) -> dict[str, Any]:
+    """What the driver needs to plan a run, computed where torch lives (a worker).
+
+    Returns
+    -------
+    dict
+        ``config``, ``checksum``, ``two_stage`` and, per role, ``spec``,
+        ``num_classes``, ``feature_channels`` and ``feature_stride``.
+    """
+    bundle = _bundle(model_ref)
+    return {
+        "config": bundle.config,
+        "checksum": bundle.checksum,
+        "two_stage": bundle.is_two_stage,
+        "roles": {
+            role: {
+                "spec": dict(model.spec),
+                "num_classes": int(model.num_classes),
+                "feature_channels": int(model.feature_channels),
+                "feature_stride": int(model.feature_stride),
+            }
+            for role, model in bundle.models.items()
+        },
+    }
+
+
 def read_scaled(slide: Slide, level: int, coarsen: int, box: Box) -> np.ndarray:
     """Pixels of ``box`` in the coordinates of ``level`` coarsened by ``coarsen``.
+
+    Coarsened reads go in strips, so that no large region of the finer level
+    is ever held at once.
 
     Returns
     -------
@@ -233,43 +282,48 @@ def read_scaled(slide: Slide, level: int, coarsen: int, box: Box) -> np.ndarray:
     if coarsen == 1:
         return slide.read_region(level, box)
     height, width = slide.levels[level].shape
-    source = Box(box.y0 * coarsen, min(box.y1 * coarsen, height), box.x0 * coarsen, min(box.x1 * coarsen, width))
-    return downsample_mean(slide.read_region(level, source), coarsen)
-
-
-def task_lowres(plan: SlidePlan, row: int, col: int) -> dict[str, float]:
-    """Write one chunk of the low-resolution view to scratch."""
-    t0 = time.perf_counter()
-    box = plan.block_grid.tile(row, col)
-    # In strips, so that coarsening a finer level never holds a large region.
-    strip = max(1, 4096 // (plan.coarsen * plan.coarsen))
+    strip = max(1, 4096 // (coarsen * coarsen))
     pixels = np.empty((*box.shape, 3), np.uint8)
     for y in range(box.y0, box.y1, strip):
-        part = Box(y, min(y + strip, box.y1), box.x0, box.x1)
-        pixels[y - box.y0 : part.y1 - box.y0] = read_scaled(plan.slide, plan.level, plan.coarsen, part)
-    t1 = time.perf_counter()
-    open_array(plan.out, LOWRES_ARRAY)[box.y0 : box.y1, box.x0 : box.x1] = pixels
-    return {"read": t1 - t0, "write": time.perf_counter() - t1}
+        y1 = min(y + strip, box.y1)
+        source = Box(y * coarsen, min(y1 * coarsen, height), box.x0 * coarsen, min(box.x1 * coarsen, width))
+        pixels[y - box.y0 : y1 - box.y0] = downsample_mean(slide.read_region(level, source), coarsen)
+    return pixels
 
 
 def task_stage1(plan: SlidePlan, row: int, col: int) -> dict[str, Any]:
-    """Model 1 on one low-resolution block (plus halo); write its maps; integrate scores."""
+    """Model 1 on one low-resolution block (plus halo), read from the slide.
+
+    Writes the block's probabilities, uncertainty, projected context (for
+    Model 2) and low-resolution pixels (for the thumbnail), and returns the
+    integrals of uncertainty over the tile footprints it covers.
+    """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     runner = _runner(plan, "model1")
+    project = _runner(plan, plan.stage2_role).model.project_context if plan.context else None
     grid = plan.block_grid
     halo = round_up(plan.stage1_halo, runner.stride)
     block, window = grid.tile(row, col), grid.window(row, col, halo)
-    pixels = open_array(plan.out, LOWRES_ARRAY)[window.y0 : window.y1, window.x0 : window.x1]
+    pixels = read_scaled(plan.slide, plan.level, plan.coarsen, window)
     t1 = time.perf_counter()
     with runner.counting() as work:
-        probs, _ = runner.predict(pixels[None])
+        probs, features = runner.predict(pixels[None], project=project)
     t2 = time.perf_counter()
     inner = block.relative_to(window)
     probs = probs[0][(slice(None), *inner.slices())].numpy()
     uncertainty = uncertainty_map(probs, plan.uncertainty)
     open_array(plan.out, "probability/0")[:, block.y0 : block.y1, block.x0 : block.x1] = probs
     open_array(plan.out, "uncertainty/0")[block.y0 : block.y1, block.x0 : block.x1] = uncertainty
+    open_array(plan.out, LOWRES_ARRAY)[block.y0 : block.y1, block.x0 : block.x1] = pixels[inner.slices()]
+    if project is not None:
+        s = runner.stride
+        fy0, fx0 = block.y0 // s, block.x0 // s
+        fy1, fx1 = -(-block.y1 // s), -(-block.x1 // s)
+        wy0, wx0 = fy0 - window.y0 // s, fx0 - window.x0 // s
+        open_array(plan.out, CONTEXT_ARRAY)[:, fy0:fy1, fx0:fx1] = (
+            features[0, :, wy0 : wy0 + fy1 - fy0, wx0 : wx0 + fx1 - fx0].numpy()
+        )
     tiles = plan.grid
     r0, c0, sums, areas = tile_integrals(
         uncertainty, tiles.edges(0), tiles.edges(1), plan.scale, origin=(block.y0, block.x0)
@@ -318,15 +372,12 @@ def _write_labels(plan: SlidePlan, tile: Box, probs: np.ndarray) -> list[int]:
     return np.bincount(labels.ravel(), minlength=max(2, plan.num_classes)).tolist()
 
 
-def _stage1_probs(plan: SlidePlan, tile: Box) -> Any:
-    """Model 1's probabilities upsampled over ``tile``, from the stored low-resolution map."""
+def _map_reader(plan: SlidePlan, name: str) -> Callable[[Box], Any]:
+    """``read(box) -> (C, bh, bw)`` tensor from a stored low-resolution map."""
     import torch
 
-    from wsiseg.two_stage import stage1_crop, upsample_stage1
-
-    crop = stage1_crop(tile, plan.scale, plan.low_shape)
-    probs = open_array(plan.out, "probability/0")[:, crop.y0 : crop.y1, crop.x0 : crop.x1]
-    return upsample_stage1(torch.from_numpy(np.asarray(probs)), plan.scale, tile, plan.low_shape, (crop.y0, crop.x0))
+    array = open_array(plan.out, name)
+    return lambda box: torch.from_numpy(np.asarray(array[:, box.y0 : box.y1, box.x0 : box.x1]))
 
 
 def task_refine(
@@ -336,7 +387,7 @@ def task_refine(
     reads: list[tuple[list[Piece], float]],
 ) -> dict[str, Any]:
     """Model 2 on a batch of selected tiles; compose; write their mask chunks."""
-    from wsiseg.two_stage import LowResView, compose_tile, predict_tiles, stage1_context
+    from wsiseg.two_stage import compose_tile, context_reader, predict_tiles, upsample_stage1
 
     timings = {"read": sum(seconds for _, seconds in reads)}
     runner2 = _runner(plan, plan.stage2_role)
@@ -344,45 +395,60 @@ def task_refine(
     context_for = None
     context_seconds = [0.0]
     if not plan.full_resolution and plan.context:
-        runner1 = _runner(plan, "model1")
-        lowres = open_array(plan.out, LOWRES_ARRAY)
-        view = LowResView(plan.low_shape, plan.scale, lambda b: lowres[b.y0 : b.y1, b.x0 : b.x1])
+        sample = context_reader(
+            _map_reader(plan, CONTEXT_ARRAY), plan.context_shape, plan.scale, plan.stride1, runner2.stride
+        )
 
         def context_for(windows: list[Box], shape: tuple[int, int]) -> Any:
             t = time.perf_counter()
-            context = stage1_context(runner1, view, windows, shape, runner2.stride, plan.stage1_halo)
+            context = sample(windows, shape)
             context_seconds[0] += time.perf_counter() - t
             return context
 
     flags = dict(zip(tiles, neighbourhoods))
     counts: dict[str, list[int]] = {}
     t0 = time.perf_counter()
-    with runner2.counting() as work2, (runner1.counting() if context_for else nullcontext({"gflop": 0.0})) as work1:
+    with runner2.counting() as work2:
         predictions = list(predict_tiles(
-            runner2, lambda w: _assemble(w, reads), grid, plan.halo, tiles, len(tiles), context_for
+            runner2, lambda w: _assemble(w, reads), grid, plan.halo, tiles, plan.batch_size, context_for
         ))
     t1 = time.perf_counter()
+    read_probs = None if plan.full_resolution else _map_reader(plan, "probability/0")
     for row, col, p2, _ in predictions:
         tile = grid.tile(row, col)
         if plan.full_resolution:
             probs = p2.numpy()
         else:
             weights = blend_weights(flags[(row, col)], 1, 1, tile, plan.blend)
-            probs = compose_tile(_stage1_probs(plan, tile), p2, weights)
+            probs = compose_tile(upsample_stage1(read_probs, plan.low_shape, plan.scale, tile), p2, weights)
         counts[f"{row},{col}"] = _write_labels(plan, tile, probs)
     timings.update(model=t1 - t0 - context_seconds[0], context=context_seconds[0], compose=time.perf_counter() - t1)
-    gflop = {"stage2": work2["gflop"], "context": work1["gflop"]}
-    return {"tiles": [list(t) for t in tiles], "counts": counts, "timings": timings, "gflop": gflop}
+    return {"tiles": [list(t) for t in tiles], "counts": counts, "timings": timings, "gflop": {"stage2": work2["gflop"]}}
 
 
 def task_compose(plan: SlidePlan, tiles: list[tuple[int, int]]) -> dict[str, Any]:
-    """Unrefined tiles: Model 1's upsampled probabilities to labels, written."""
+    """Unrefined tiles: Model 1's upsampled probabilities to labels, written.
+
+    The tiles' probability crops are read as one box, so each stored chunk
+    is decoded once per task.
+    """
+    import torch
+
+    from wsiseg.two_stage import sample_plan, upsample_stage1
+
     t0 = time.perf_counter()
     grid = plan.grid
+    boxes = [grid.tile(row, col) for row, col in tiles]
+    crops = [sample_plan((b.y0, b.x0), b.shape, 1.0, plan.scale, plan.low_shape)[0] for b in boxes]
+    union = Box(min(c.y0 for c in crops), max(c.y1 for c in crops), min(c.x0 for c in crops), max(c.x1 for c in crops))
+    probs = torch.from_numpy(np.asarray(open_array(plan.out, "probability/0")[:, union.y0 : union.y1, union.x0 : union.x1]))
+
+    def read(box: Box) -> Any:
+        return probs[:, box.y0 - union.y0 : box.y1 - union.y0, box.x0 - union.x0 : box.x1 - union.x0]
+
     counts = {}
-    for row, col in tiles:
-        tile = grid.tile(row, col)
-        counts[f"{row},{col}"] = _write_labels(plan, tile, _stage1_probs(plan, tile).numpy())
+    for (row, col), tile in zip(tiles, boxes):
+        counts[f"{row},{col}"] = _write_labels(plan, tile, upsample_stage1(read, plan.low_shape, plan.scale, tile).numpy())
     return {"tiles": [list(t) for t in tiles], "counts": counts, "timings": {"compose": time.perf_counter() - t0}}
 
 
@@ -424,25 +490,30 @@ def _signature(slide: Slide, plan_fields: dict[str, Any], checksum: str, selecti
 
 def _plan(
     slide: Slide, out: Path, options: SegmentOptions, client: Any
-) -> tuple[SlidePlan, Any, dict[str, Any]]:
-    from wsiseg.bundle import DEFAULT_MODEL, load_bundle, resolve_model
+) -> tuple[SlidePlan, dict[str, Any], dict[str, Any]]:
+    """The run's plan, the bundle's description (:func:`describe_bundle`) and the report's model entry.
+
+    The bundle is loaded and checksummed by a worker, so the driver never
+    imports torch (about 0.8 GB of resident memory with torchvision).
+    """
+    from wsiseg.bundle import DEFAULT_MODEL, resolve_model
     from wsiseg.cluster import torch_threads_per_host
 
     model_ref = str(resolve_model(options.model)) if options.model and options.model != DEFAULT_MODEL else DEFAULT_MODEL
-    bundle = load_bundle(resolve_model(model_ref))
-    config = bundle.config
+    bundle = client.submit(describe_bundle, model_ref, pure=False).result()
+    config, roles = bundle["config"], bundle["roles"]
     if options.full_resolution:
-        if "model" not in bundle.models:
+        if "model" not in roles:
             raise InputError(
                 "--full-resolution needs a bundle with a single full-resolution model (role 'model'); "
-                f"this one holds {', '.join(sorted(bundle.models))}"
+                f"this one holds {', '.join(sorted(roles))}"
             )
-        stage2_role, model2, model1 = "model", bundle.models["model"], None
+        stage2_role, model2, model1 = "model", roles["model"], None
     else:
-        if not bundle.is_two_stage:
+        if not bundle["two_stage"]:
             raise InputError("this bundle holds no Model 1 / Model 2 pair; use --full-resolution with it")
-        stage2_role, model2, model1 = "model2", bundle.model2, bundle.model1
-    stride2 = model2.feature_stride
+        stage2_role, model2, model1 = "model2", roles["model2"], roles["model1"]
+    stride2 = model2["feature_stride"]
     work_level, work_coarsen, scale_note = _working_scale(slide, config.get("mpp"), options.rescale)
     file_tile = slide.levels[work_level].tile_shape if work_coarsen == 1 else None
     # The bundle's "tile_size" is for its data set's images; slides take "slide_tile_size" or ~512.
@@ -460,13 +531,14 @@ def _plan(
     work_w = -(-slide.levels[work_level].shape[1] // work_coarsen)
     work_ds = float(np.mean(slide.levels[work_level].downsample)) * work_coarsen
     if options.full_resolution:
-        level, coarsen, low_shape, scale, block = 0, 1, (1, 1), (1.0, 1.0), 1
+        level, coarsen, low_shape, scale, block, stride1 = 0, 1, (1, 1), (1.0, 1.0), 1, 1
     else:
         level, coarsen = slide.best_level_for(ratio * work_ds)
         lh, lw = slide.levels[level].shape
         low_shape = (-(-lh // coarsen), -(-lw // coarsen))
         scale = (work_h / lh * coarsen, work_w / lw * coarsen)
-        block = round_up(options.stage1_block, model1.feature_stride)
+        stride1 = model1["feature_stride"]
+        block = round_up(options.stage1_block, stride1)
     plan = SlidePlan(
         slide=slide,
         model_ref=model_ref,
@@ -484,17 +556,20 @@ def _plan(
         scale=scale,
         block=block,
         stage1_halo=options.stage1_halo,
+        stride1=stride1,
+        context_shape=(-(-low_shape[0] // stride1), -(-low_shape[1] // stride1)),
         uncertainty=measure,
-        context=bool(config.get("context", True)),
-        num_classes=model2.num_classes,
+        context=bool(config.get("context", True)) and not options.full_resolution,
+        num_classes=model2["num_classes"],
+        batch_size=options.batch_size,
         device=options.device,
         torch_threads=torch_threads_per_host(client),
     )
     model_info = {
         "pixel_scale": scale_note,
         "bundle": model_ref,
-        "checksum": bundle.checksum,
-        "roles": {role: dict(m.spec) for role, m in bundle.models.items()},
+        "checksum": bundle["checksum"],
+        "roles": {role: facts["spec"] for role, facts in roles.items()},
         "classes": config.get("classes"),
     }
     return plan, bundle, model_info
@@ -540,6 +615,9 @@ def _arrays(plan: SlidePlan) -> list[ArraySpec]:
             ArraySpec("tile_scores/0", grid.shape, grid.shape, "float32"),
             ArraySpec(LOWRES_ARRAY, (h, w, 3), (b, b, 3), "uint8"),
         ]
+        if plan.context:
+            fb = plan.block // plan.stride1
+            arrays.append(ArraySpec(CONTEXT_ARRAY, (c, *plan.context_shape), (c, fb, fb), "float32"))
     return arrays
 
 
@@ -613,8 +691,8 @@ def segment_slide(
         From :func:`wsiseg.cluster.start_client`. The slide, the bundle and
         ``out`` must be reachable at the same paths from every worker.
     progress : callable, optional
-        ``progress(stage, done, total)`` with stages ``"lowres"``,
-        ``"stage1"``, ``"stage2"`` (tiles written) and ``"finish"``.
+        ``progress(stage, done, total)`` with stages ``"stage1"``,
+        ``"stage2"`` (tiles written) and ``"finish"``.
 
     Returns
     -------
@@ -626,13 +704,12 @@ def segment_slide(
     slide = open_slide(path, options.backend)
     plan, bundle, model_info = _plan(slide, out, options, client)
     if options.selection is None:
-        options = replace(options, selection=default_selection(bundle.config))
+        options = replace(options, selection=default_selection(bundle["config"]))
     fields = {
         k: v for k, v in asdict(plan).items()
         if k not in ("slide", "model_ref", "out", "device", "torch_threads", "stage2_role")
     }
-    signature = _signature(slide, fields, bundle.checksum, options.selection)
-    del bundle
+    signature = _signature(slide, fields, bundle["checksum"], options.selection)
     record, resumed = prepare_output(out, signature, _arrays(plan), options.overwrite, options.resume)
     if resumed and (out / "report.json").is_file():
         return json.loads((out / "report.json").read_text())  # nothing left to do
@@ -640,13 +717,13 @@ def segment_slide(
     limit = options.max_in_flight or max(8, 4 * _total_threads(client))
     submitter = _Submitter(client, limit)
     timings: dict[str, float] = {}
-    task_seconds: dict[str, float] = defaultdict(float)
+    task_seconds: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
 
     gflop: dict[str, float] = defaultdict(float)
 
-    def add_task_times(result: Any) -> None:
+    def add_task_times(stage: str, result: Any) -> None:
         for key, value in (result.get("timings", {}) if isinstance(result, dict) else {}).items():
-            task_seconds[key] += value
+            task_seconds[stage][key] += value
         for key, value in (result.get("gflop", {}) if isinstance(result, dict) else {}).items():
             gflop[key] += value
 
@@ -656,18 +733,6 @@ def segment_slide(
         if not plan.full_resolution:
             mark = time.perf_counter()
             blocks = list(plan.block_grid.tiles())
-            done_low = {tuple(e["lowres"]) for e in entries if "lowres" in e}
-            todo = [b for b in blocks if b not in done_low]
-            count = len(blocks) - len(todo)
-            for meta, result in submitter.run((task_lowres, (plan, r, c), (r, c)) for r, c in todo):
-                record.append({"lowres": list(meta)})
-                add_task_times(result)
-                count += 1
-                if progress:
-                    progress("lowres", count, len(blocks))
-            timings["lowres"] = time.perf_counter() - mark
-
-            mark = time.perf_counter()
             done_stage1 = {tuple(e["stage1"]): e for e in entries if "stage1" in e}
             todo = [b for b in blocks if b not in done_stage1]
             results = list(done_stage1.values())
@@ -676,7 +741,7 @@ def segment_slide(
                 entry = {"stage1": list(meta), **{k: result[k] for k in ("r0", "c0", "sums", "areas")}}
                 record.append(entry)
                 results.append(entry)
-                add_task_times(result)
+                add_task_times("stage1", result)
                 count += 1
                 if progress:
                     progress("stage1", count, len(blocks))
@@ -707,11 +772,11 @@ def segment_slide(
         resumed_tiles = len(done_tiles)
         total = grid.num_tiles
         written = len(done_tiles)
-        jobs = _stage2_jobs(plan, refined, done_tiles, options.batch_size, client)
+        jobs = _stage2_jobs(plan, refined, done_tiles, options.tiles_per_task, client)
         for _, result in submitter.run(jobs):
             record.append({"tiles": result["tiles"], "counts": result["counts"]})
             counts.update(result["counts"])
-            add_task_times(result)
+            add_task_times("stage2", result)
             written += len(result["tiles"])
             if progress:
                 progress("stage2", written, total)
@@ -726,7 +791,8 @@ def segment_slide(
     timings["total"] = time.perf_counter() - started
     report["tiles"]["resumed"] = resumed_tiles
     report["timings"] = timings
-    report["task_seconds"] = dict(task_seconds)
+    # Seconds inside tasks, summed over worker threads, per stage and part (read, model, ...).
+    report["task_seconds"] = {stage: dict(parts) for stage, parts in task_seconds.items()}
     report["model_gflop"] = dict(gflop)  # work done in this session (not counting resumed tiles)
     write_report(out, report)
     return report
@@ -738,7 +804,7 @@ def _total_threads(client: Any) -> int:
 
 
 def _stage2_jobs(
-    plan: SlidePlan, refined: np.ndarray, done: set[tuple[int, int]], batch_size: int, client: Any
+    plan: SlidePlan, refined: np.ndarray, done: set[tuple[int, int]], tiles_per_task: int, client: Any
 ) -> Iterator[tuple[Callable[..., Any], tuple[Any, ...], Any]]:
     """Refine and compose jobs in row-major order, with their read tasks.
 
@@ -752,13 +818,13 @@ def _stage2_jobs(
     # unrefined tiles in runs; both in row-major order.
     batches: list[tuple[str, list[tuple[int, int]]]] = []
     pending: dict[Any, list[tuple[int, int]]] = defaultdict(list)
-    compose_size = max(4 * batch_size, 16)
+    compose_size = max(4 * tiles_per_task, 16)
     for row, col in grid.tiles():
         if (row, col) in done:
             continue
         key: Any = grid.window(row, col, plan.halo).shape if refined[row, col] else "compose"
         pending[key].append((row, col))
-        limit = batch_size if key != "compose" else compose_size
+        limit = tiles_per_task if key != "compose" else compose_size
         if len(pending[key]) == limit:
             batches.append(("compose" if key == "compose" else "refine", pending.pop(key)))
     for key, tiles in pending.items():
@@ -795,7 +861,7 @@ def _stage2_jobs(
             if chunk not in reads:
                 reads[chunk] = client.submit(task_read, plan, sorted(needs[chunk]), pure=False)
             pieces.append(reads[chunk])
-        neighbourhoods = [_neighbourhood(refined, r, c) for r, c in tiles]
+        neighbourhoods = [neighbourhood(refined, r, c) for r, c in tiles]
         yield task_refine, (plan, tiles, neighbourhoods, pieces), tiles
         for chunk in chunks:
             chunk_users[chunk] -= 1
@@ -827,12 +893,6 @@ def _cells(part: Box, chunk: Box, cell: int | None) -> list[Box]:
     ]
 
 
-def _neighbourhood(refined: np.ndarray, row: int, col: int) -> np.ndarray:
-    from wsiseg.two_stage import neighbourhood
-
-    return neighbourhood(refined, row, col)
-
-
 def _finish(
     plan: SlidePlan,
     out: Path,
@@ -849,7 +909,7 @@ def _finish(
     classes = model_info.get("classes") or (
         ["background", "foreground"] if plan.num_classes == 1 else [f"class {i}" for i in range(plan.num_classes)]
     )
-    levels = build_pyramid(out, "mask", plan.tile_size)
+    levels = build_pyramid(out, "mask", plan.tile_size, lambda function, calls: _run_all(client, function, calls))
     if progress:
         progress("finish", 1, 3)
     wy, wx = plan.work_downsample
@@ -903,7 +963,8 @@ def _finish(
             "tile_size": plan.tile_size,
             "halo": plan.halo,
             "blend": plan.blend,
-            "batch_size": options.batch_size,
+            "batch_size": options.batch_size or "auto (1 on the CPU, 4 on a GPU)",
+            "tiles_per_task": options.tiles_per_task,
             "device": plan.device,
         },
         "stage1": None if plan.full_resolution else {
@@ -927,6 +988,12 @@ def _finish(
                 "probability": "probability", "uncertainty": "uncertainty", "tile_scores": "tile_scores"}),
         },
     }
+
+
+def _run_all(client: Any, function: Callable[..., Any], calls: list[tuple[Any, ...]]) -> None:
+    """``function(*args)`` for every entry of ``calls`` as Dask tasks; returns when all are done."""
+    futures = [client.submit(function, *args, pure=False) for args in calls]
+    client.gather(futures)
 
 
 def _describe(client: Any) -> dict[str, Any]:

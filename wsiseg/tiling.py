@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import torch
 
 from wsiseg.errors import InputError
+
+if TYPE_CHECKING:  # the grid geometry is used by the Dask driver, which never imports torch
+    import torch
 
 
 class Box(NamedTuple):
@@ -160,6 +162,23 @@ def blend_weights(refined: np.ndarray, row: int, col: int, tile: Box, width: int
     return np.clip((distance - 0.5) / width, 0.0, 1.0).astype(np.float32)
 
 
+def neighbourhood(refined: np.ndarray, row: int, col: int) -> np.ndarray:
+    """3 x 3 refined flags around ``(row, col)``; outside the grid counts as refined.
+
+    Counting the image border as refined means it never ramps, so
+    ``blend_weights(neighbourhood(refined, r, c), 1, 1, ...)`` equals
+    ``blend_weights(refined, r, c, ...)``.
+    """
+    rows, cols = refined.shape
+    out = np.ones((3, 3), bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            r, c = row + dy, col + dx
+            if 0 <= r < rows and 0 <= c < cols:
+                out[dy + 1, dx + 1] = refined[r, c]
+    return out
+
+
 def linear_resample(
     values: torch.Tensor, rows: torch.Tensor | np.ndarray, cols: torch.Tensor | np.ndarray
 ) -> torch.Tensor:
@@ -182,6 +201,8 @@ def linear_resample(
     torch.Tensor
         ``(..., h, w)``.
     """
+    import torch
+
     # Columns first: gathering along the last axis is the slow, strided pass, so it
     # runs on the smaller map; the row pass then copies whole contiguous rows.
     out = _resample_axis(values, torch.as_tensor(cols, dtype=torch.float64), axis=-1)

@@ -10,17 +10,19 @@
 4. **Stage 2.** Model 2 re-segments each selected tile at full resolution,
    read with a halo so tile borders leave no seams, with Model 1's features
    over the same footprint resampled to Model 2's feature grid as context.
-   Those features are recomputed from the low-resolution view of the window
-   (plus a halo) rather than stored for the whole image: a stored feature
-   map would be many times the size of the slide for decoders that keep
-   features at full resolution, while the recomputation costs a few percent
-   of stage 2.
+   The context enters Model 2 through one linear 1x1 classifier, so stage 1
+   stores it already projected by Model 2's classifier weights
+   (:meth:`~wsiseg.models.base.SegmentationModel.project_context`): a map of
+   ``num_classes`` channels at Model 1's resolution instead of
+   ``feature_channels``, resampled per window. The result equals adding the
+   resampled features themselves (up to float rounding) at a fraction of the
+   memory and time, and Model 1 never runs again in stage 2.
 5. **Compose.** Refined tiles take Model 2's probabilities, the others
    Model 1's upsampled ones, blended linearly across the border between a
    refined and an unrefined tile (:func:`~wsiseg.tiling.blend_weights`).
 
 The building blocks (:class:`ModelRunner`, :func:`predict_tiles`,
-:func:`stage1_context`, :func:`upsample_stage1`, :func:`compose_tile`) are
+:func:`window_context`, :func:`upsample_stage1`, :func:`compose_tile`) are
 shared with the out-of-core Dask graph of :mod:`wsiseg.segment`;
 :func:`segment_image` and :func:`segment_full_resolution` run the flow on one
 in-memory image.
@@ -39,7 +41,7 @@ import numpy as np
 import torch
 
 from wsiseg.errors import InputError
-from wsiseg.models.base import SegmentationModel, logits_to_probabilities, probabilities_to_labels
+from wsiseg.models.base import SegmentationModel, forward_gflop, logits_to_probabilities, probabilities_to_labels
 from wsiseg.runtime import resolve_device, synchronize
 from wsiseg.tiling import Box, TileGrid, blend_weights, linear_resample, pixel_centres, round_up
 from wsiseg.uncertainty import TileSelection, tile_scores, uncertainty_map
@@ -68,8 +70,9 @@ class TwoStageConfig:
         Per-pixel uncertainty measure.
     blend : int
         Width in pixels of the linear ramp between refined and unrefined tiles.
-    batch_size : int
-        Windows per Model 2 (and Model 1 block) forward pass.
+    batch_size : int or None
+        Windows per Model 2 forward pass; None: 1 on the CPU (as fast per
+        window as larger batches there, with a third less memory), 4 on a GPU.
     stage1_block : int
         Side of Model 1's low-resolution blocks.
     stage1_halo : int
@@ -85,8 +88,8 @@ class TwoStageConfig:
     selection: TileSelection = field(default_factory=lambda: TileSelection.threshold(0.25))
     uncertainty: str = "entropy"
     blend: int = 16
-    batch_size: int = 4
-    stage1_block: int = 1024
+    batch_size: int | None = None
+    stage1_block: int = 512
     stage1_halo: int = 32
     context: bool = True
 
@@ -94,7 +97,7 @@ class TwoStageConfig:
         if not isinstance(self.ratio, int) or self.ratio < 1:
             raise InputError(f"ratio must be a whole number >= 1, got {self.ratio!r}")
         for name in ("tile_size", "batch_size", "stage1_block"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("halo", "blend", "stage1_halo"):
             if getattr(self, name) < 0:
@@ -151,6 +154,11 @@ class ModelRunner:
     channels_last : bool, optional
         Use the channels-last memory layout (faster convolutions on CPU);
         defaults to True on CPU.
+
+    Attributes
+    ----------
+    batch_size : int
+        Default windows per forward pass: 1 on the CPU, 4 on a GPU.
     """
 
     def __init__(
@@ -160,20 +168,16 @@ class ModelRunner:
         self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=memory_format).eval()
+        self.batch_size = 1 if self.device.type == "cpu" else 4
         self._gflop_per_image: dict[tuple[int, int], float] = {}
         self._counter = threading.local()
 
     def gflop_per_image(self, height: int, width: int) -> float:
         """Floating-point work (GFLOP) of one forward pass on an ``height x width`` input,
-        counted once per shape with torch's FLOP counter."""
+        counted once per shape (see :func:`~wsiseg.models.base.forward_gflop`)."""
         key = (height, width)
         if key not in self._gflop_per_image:
-            from torch.utils.flop_counter import FlopCounterMode
-
-            counter = FlopCounterMode(display=False)
-            with torch.inference_mode(), counter:
-                self.model(torch.zeros(1, 3, height, width, device=self.device))
-            self._gflop_per_image[key] = counter.get_total_flops() / 1e9
+            self._gflop_per_image[key] = forward_gflop(self.model, height, width)
         return self._gflop_per_image[key]
 
     @contextmanager
@@ -191,44 +195,52 @@ class ModelRunner:
         return self.model.feature_stride
 
     def predict(
-        self, images: np.ndarray, context: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Probabilities and features of a batch.
+        self,
+        images: np.ndarray,
+        class_context: torch.Tensor | None = None,
+        project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Probabilities of a batch, and its projected features when asked for.
 
         Parameters
         ----------
         images : np.ndarray
             ``(N, h, w, 3)`` uint8.
-        context : torch.Tensor, optional
-            ``(N, F, *feature_shape(h, w))`` float32, added to the features.
+        class_context : torch.Tensor, optional
+            ``(N, C, *feature_shape(h, w))`` float32, a projected context added
+            to the classifier's output (see ``SegmentationModel.forward``).
+        project : callable, optional
+            Applied to the features on the device, e.g. Model 2's
+            ``project_context`` on Model 1's features.
 
         Returns
         -------
         probs : torch.Tensor
             ``(N, C, h, w)`` float32 on the CPU.
-        features : torch.Tensor
-            ``(N, F, fh, fw)`` float32 on the CPU.
+        projected : torch.Tensor or None
+            ``project(features)`` on the CPU (``(N, C', fh, fw)`` float32);
+            None without ``project`` (the features stay on the device and are freed).
         """
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if context is not None:
-            context = context.to(self.device)
-            if self.channels_last:
-                # Match the features' layout: a mixed-layout add is several times slower.
-                context = context.contiguous(memory_format=torch.channels_last)
+        if class_context is not None:
+            class_context = class_context.to(self.device)
         with torch.inference_mode():
-            logits, features = self.model(x, context)
+            logits, features = self.model(x, class_context=class_context)
             probs = logits_to_probabilities(logits)
+            projected = None if project is None else project(features).float().cpu().contiguous()
         work = getattr(self._counter, "work", None)
         if work is not None:
             work["gflop"] += images.shape[0] * self.gflop_per_image(*images.shape[1:3])
-        return probs.float().cpu().contiguous(), features.float().cpu().contiguous()
+        return probs.float().cpu().contiguous(), projected
 
 
 ReadWindow = Callable[[Box], np.ndarray]
-#: ``context_for(windows, feature_shape) -> (N, F, fh, fw)`` context of a batch.
+#: ``read(box) -> (C, bh, bw)`` values of a box of a low-resolution map.
+ReadMap = Callable[[Box], torch.Tensor]
+#: ``context_for(windows, feature_shape) -> (N, C, fh, fw)`` projected context of a batch.
 ContextFor = Callable[[list[Box], tuple[int, int]], torch.Tensor]
 
 
@@ -238,9 +250,10 @@ def predict_tiles(
     grid: TileGrid,
     halo: int,
     tiles: Iterable[tuple[int, int]],
-    batch_size: int,
+    batch_size: int | None = None,
     context_for: ContextFor | None = None,
-) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
     """Run a model on tiles read with a halo; yield each tile's cropped output.
 
     Windows of equal shape are batched together (interior tiles share one
@@ -256,17 +269,22 @@ def predict_tiles(
     halo : int
         Pixels read around each tile (rounded up to a multiple of the stride).
     tiles : iterable of (row, col)
-    batch_size : int
+    batch_size : int, optional
+        Windows per forward pass (default: the runner's).
     context_for : callable, optional
-        ``context_for(windows, feature_shape) -> (N, F, fh, fw)`` context of a batch.
+        ``context_for(windows, feature_shape) -> (N, C, fh, fw)`` projected context of a batch.
+    project : callable, optional
+        Passed to :meth:`ModelRunner.predict`.
 
     Yields
     ------
     row, col : int
     probs : torch.Tensor
         ``(C, th, tw)`` float32, the tile's probabilities.
-    features : torch.Tensor
-        ``(F, fth, ftw)`` float32, the tile's features (stride ``runner.stride``).
+    projected : torch.Tensor or None
+        ``(C', fth, ftw)`` float32, the tile's projected features (stride
+        ``runner.stride``), cropped to the feature pixels ``tile // stride``
+        (rounded outwards); None without ``project``.
     """
     stride = runner.stride
     if grid.tile_size % stride:
@@ -274,6 +292,7 @@ def predict_tiles(
             f"tile size {grid.tile_size} must be a multiple of the model's feature stride {stride}"
         )
     halo = round_up(halo, stride)
+    batch_size = batch_size or runner.batch_size
     groups: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
     for row, col in tiles:
         groups[grid.window(row, col, halo).shape].append((row, col))
@@ -284,7 +303,7 @@ def predict_tiles(
             windows = [grid.window(r, c, halo) for r, c in batch]
             images = np.stack([read_window(w) for w in windows])
             context = context_for(windows, feature_shape) if context_for is not None else None
-            probs, features = runner.predict(images, context)
+            probs, projected = runner.predict(images, context, project)
             for i, ((row, col), window) in enumerate(zip(batch, windows)):
                 tile = grid.tile(row, col).relative_to(window)
                 feature_box = Box(
@@ -294,7 +313,7 @@ def predict_tiles(
                     row,
                     col,
                     probs[i][(slice(None), *tile.slices())],
-                    features[i][(slice(None), *feature_box.slices())],
+                    None if projected is None else projected[i][(slice(None), *feature_box.slices())],
                 )
 
 
@@ -339,143 +358,121 @@ def _rounded_mean(sums: np.ndarray, count: int) -> np.ndarray:
     return (quotient + up).astype(np.uint8)
 
 
-@dataclass(frozen=True)
-class LowResView:
-    """Model 1's input: the image downsampled by ``scale``, readable by box.
+def sample_plan(
+    start: tuple[int, int],
+    count: tuple[int, int],
+    step: float,
+    scale: tuple[float, float],
+    map_shape: tuple[int, int],
+) -> tuple[Box, np.ndarray, np.ndarray]:
+    """Where bilinear samples of a low-resolution map fall, and the crop holding every tap.
 
-    Attributes
-    ----------
-    shape : (h, w)
-    scale : (sy, sx)
-        Full-resolution pixels per low-resolution pixel: pixel ``(i, j)``
-        covers ``[i*sy, (i+1)*sy) x [j*sx, (j+1)*sx)``.
-    read : callable
-        ``read(box) -> (bh, bw, 3)`` uint8 pixels of a low-resolution box.
+    The samples are taken at the centres of ``count`` pixels of side ``step``
+    (full-resolution pixels) starting at ``start``; the map's pixels are
+    ``scale`` full-resolution pixels wide.
+
+    Returns
+    -------
+    crop : Box
+        The map pixels the samples read.
+    rows, cols : np.ndarray
+        ``(count[0],)`` and ``(count[1],)`` float64 positions relative to ``crop``.
     """
+    rows = np.clip(pixel_centres(start[0], count[0], step, scale[0]), 0, map_shape[0] - 1)
+    cols = np.clip(pixel_centres(start[1], count[1], step, scale[1]), 0, map_shape[1] - 1)
+    crop = Box(
+        int(np.floor(rows.min())), min(int(np.floor(rows.max())) + 2, map_shape[0]),
+        int(np.floor(cols.min())), min(int(np.floor(cols.max())) + 2, map_shape[1]),
+    )
+    return crop, rows - crop.y0, cols - crop.x0
 
-    shape: tuple[int, int]
-    scale: tuple[float, float]
-    read: ReadWindow
 
-
-def stage1_context(
-    runner1: ModelRunner,
-    view: LowResView,
-    windows: list[Box],
-    feature_shape: tuple[int, int],
-    stride2: int,
-    halo1: int,
+def sample_map(
+    read: ReadMap,
+    map_shape: tuple[int, int],
+    start: tuple[int, int],
+    count: tuple[int, int],
+    step: float,
+    scale: tuple[float, float],
 ) -> torch.Tensor:
-    """Model 1's features over each window, resampled onto Model 2's feature grid.
-
-    For each full-resolution window, Model 1 runs on the low-resolution
-    pixels under it (grown by ``halo1``, origin aligned to Model 1's stride so
-    that its feature grid coincides with the whole image's), and its features
-    are sampled bilinearly at the centres of Model 2's feature pixels.
+    """Bilinear samples of a low-resolution map (see :func:`sample_plan`).
 
     Parameters
     ----------
-    runner1 : ModelRunner
-        Model 1.
-    view : LowResView
-    windows : list of Box
-        Full-resolution windows of one shape.
-    feature_shape : (fh2, fw2)
-        Model 2's feature shape for that window shape.
-    stride2 : int
-        Model 2's feature stride.
-    halo1 : int
-        Low-resolution pixels of context around each footprint.
+    read : callable
+        ``read(box) -> (C, bh, bw)`` values of the map; only the crop the
+        samples need is read, and the result equals sampling the whole map.
 
     Returns
     -------
     torch.Tensor
-        ``(N, F, fh2, fw2)`` float32.
+        ``(C, count[0], count[1])``.
     """
-    stride1 = runner1.stride
-    halo1 = round_up(halo1, stride1)
-    low_h, low_w = view.shape
-    full_fh, full_fw = runner1.model.feature_shape(low_h, low_w)
-    plans = []
-    for window in windows:
-        # Model 1 feature coordinates of Model 2's feature-pixel centres.
-        rows = np.clip(pixel_centres(window.y0, feature_shape[0], stride2, view.scale[0] * stride1), 0, full_fh - 1)
-        cols = np.clip(pixel_centres(window.x0, feature_shape[1], stride2, view.scale[1] * stride1), 0, full_fw - 1)
-        f_y0, f_y1 = int(np.floor(rows.min())), min(int(np.floor(rows.max())) + 1, full_fh - 1)
-        f_x0, f_x1 = int(np.floor(cols.min())), min(int(np.floor(cols.max())) + 1, full_fw - 1)
-        crop = Box(
-            max(0, f_y0 * stride1 - halo1), min(low_h, (f_y1 + 1) * stride1 + halo1),
-            max(0, f_x0 * stride1 - halo1), min(low_w, (f_x1 + 1) * stride1 + halo1),
-        )
-        plans.append((crop, rows - crop.y0 // stride1, cols - crop.x0 // stride1))
-    context = torch.empty((len(windows), runner1.model.feature_channels, *feature_shape), dtype=torch.float32)
-    by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for index, (crop, _, _) in enumerate(plans):
-        by_shape[crop.shape].append(index)
-    for members in by_shape.values():
-        images = np.stack([view.read(plans[i][0]) for i in members])
-        _, features = runner1.predict(images)
-        for k, i in enumerate(members):
-            context[i] = linear_resample(features[k], plans[i][1], plans[i][2])
-    return context
+    crop, rows, cols = sample_plan(start, count, step, scale, map_shape)
+    return linear_resample(read(crop), rows, cols)
 
 
-def stage1_crop(tile: Box, scale: tuple[float, float], low_shape: tuple[int, int]) -> Box:
-    """Low-resolution box holding every bilinear tap :func:`upsample_stage1` needs for ``tile``."""
-    rows = np.clip(pixel_centres(tile.y0, tile.shape[0], 1.0, scale[0]), 0, low_shape[0] - 1)
-    cols = np.clip(pixel_centres(tile.x0, tile.shape[1], 1.0, scale[1]), 0, low_shape[1] - 1)
-    return Box(
-        int(np.floor(rows.min())), min(int(np.floor(rows.max())) + 2, low_shape[0]),
-        int(np.floor(cols.min())), min(int(np.floor(cols.max())) + 2, low_shape[1]),
-    )
-
-
-def upsample_stage1(
-    probs1: torch.Tensor,
-    scale: tuple[float, float],
-    tile: Box,
-    low_shape: tuple[int, int] | None = None,
-    origin: tuple[int, int] = (0, 0),
-) -> torch.Tensor:
+def upsample_stage1(read: ReadMap, low_shape: tuple[int, int], scale: tuple[float, float], tile: Box) -> torch.Tensor:
     """Model 1's low-resolution probabilities bilinearly upsampled over one tile.
 
     Parameters
     ----------
-    probs1 : torch.Tensor
-        ``(C, ch, cw)``: the whole low-resolution map, or a crop of it whose
-        top-left pixel is ``origin`` (see :func:`stage1_crop`).
+    read : callable
+        ``read(box) -> (C, bh, bw)`` of the ``low_shape`` probability map.
     scale : (sy, sx)
+        Full-resolution pixels per low-resolution pixel.
     tile : Box
-    low_shape : (h, w), optional
-        Shape of the whole map (default: ``probs1``'s, i.e. no crop).
-    origin : (y, x)
 
     Returns
     -------
     torch.Tensor
-        ``(C, th, tw)`` float32, equal whether given the whole map or a crop.
+        ``(C, th, tw)`` float32.
     """
-    low_shape = low_shape or tuple(probs1.shape[-2:])
-    rows = np.clip(pixel_centres(tile.y0, tile.shape[0], 1.0, scale[0]), 0, low_shape[0] - 1) - origin[0]
-    cols = np.clip(pixel_centres(tile.x0, tile.shape[1], 1.0, scale[1]), 0, low_shape[1] - 1) - origin[1]
-    return linear_resample(probs1, rows, cols)
+    return sample_map(read, low_shape, (tile.y0, tile.x0), tile.shape, 1.0, scale)
 
 
-def neighbourhood(refined: np.ndarray, row: int, col: int) -> np.ndarray:
-    """3 x 3 refined flags around ``(row, col)``; outside the grid counts as refined.
+def window_context(
+    read: ReadMap,
+    context_shape: tuple[int, int],
+    scale: tuple[float, float],
+    stride1: int,
+    window: Box,
+    feature_shape: tuple[int, int],
+    stride2: int,
+) -> torch.Tensor:
+    """Model 1's projected features over a window, resampled onto Model 2's feature grid.
 
-    Counting the image border as refined means it never ramps, so
-    ``blend_weights(neighbourhood(refined, r, c), 1, 1, ...)`` equals
-    ``blend_weights(refined, r, c, ...)``.
+    Parameters
+    ----------
+    read : callable
+        ``read(box) -> (C, bh, bw)`` of the projected context map, which lies
+        on Model 1's feature grid (``context_shape``, stride ``stride1`` over
+        the low-resolution view of scale ``scale``).
+    window : Box
+        Full-resolution window Model 2 sees.
+    feature_shape : (fh2, fw2)
+        Model 2's feature shape for that window; its pixels are ``stride2`` wide.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(C, fh2, fw2)`` float32: sampled at the centres of Model 2's feature pixels.
     """
-    rows, cols = refined.shape
-    out = np.ones((3, 3), bool)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            r, c = row + dy, col + dx
-            if 0 <= r < rows and 0 <= c < cols:
-                out[dy + 1, dx + 1] = refined[r, c]
-    return out
+    feature_scale = (scale[0] * stride1, scale[1] * stride1)
+    return sample_map(read, context_shape, (window.y0, window.x0), feature_shape, float(stride2), feature_scale)
+
+
+def context_reader(
+    read: ReadMap, context_shape: tuple[int, int], scale: tuple[float, float], stride1: int, stride2: int
+) -> ContextFor:
+    """A :data:`ContextFor` over a stored projected context map (see :func:`window_context`)."""
+
+    def context_for(windows: list[Box], feature_shape: tuple[int, int]) -> torch.Tensor:
+        return torch.stack([
+            window_context(read, context_shape, scale, stride1, window, feature_shape, stride2) for window in windows
+        ])
+
+    return context_for
 
 
 def compose_tile(
@@ -509,10 +506,10 @@ def run_stage1(
     low_image: np.ndarray,
     block: int,
     halo: int,
-    batch_size: int,
     progress: ProgressCallback | None = None,
-) -> np.ndarray:
-    """Model 1's probabilities over a whole low-resolution image, in overlapping blocks.
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Model 1 over a whole low-resolution image, in overlapping blocks, one per forward pass.
 
     Parameters
     ----------
@@ -521,14 +518,20 @@ def run_stage1(
         ``(h, w, 3)`` uint8.
     block, halo : int
         Block side and halo (both rounded up to the model's feature stride).
+    project : callable, optional
+        Model 2's ``project_context``: also return Model 1's projected features.
 
     Returns
     -------
-    np.ndarray
+    probs : np.ndarray
         ``(C, h, w)`` float32.
+    context : np.ndarray or None
+        ``(C, fh, fw)`` float32 on Model 1's feature grid, when ``project`` is given.
     """
     grid = TileGrid(*low_image.shape[:2], round_up(block, runner.stride))
-    return predict_image(runner, low_image, grid, halo, batch_size, "stage1", progress)
+    # One block per forward pass: the same computation as one Dask task per
+    # block, so the in-memory and out-of-core paths give identical numbers.
+    return predict_image(runner, low_image, grid, halo, 1, "stage1", progress, project)
 
 
 def predict_image(
@@ -536,19 +539,38 @@ def predict_image(
     image: np.ndarray,
     grid: TileGrid,
     halo: int,
-    batch_size: int,
+    batch_size: int | None,
     stage: str,
     progress: ProgressCallback | None = None,
-) -> np.ndarray:
-    """Probabilities of every tile of an in-memory image, stitched: ``(C, H, W)`` float32."""
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities of every tile of an in-memory image, stitched.
+
+    Returns
+    -------
+    probs : np.ndarray
+        ``(C, H, W)`` float32.
+    features : np.ndarray or None
+        ``(C', fh, fw)`` float32 ``project(features)`` stitched, when ``project`` is given.
+    """
     probs = np.zeros((runner.model.num_classes, grid.height, grid.width), np.float32)
+    features = None
+    stride = runner.stride
     done = 0
-    for row, col, p, _ in predict_tiles(runner, lambda b: image[b.slices()], grid, halo, grid.tiles(), batch_size):
-        probs[(slice(None), *grid.tile(row, col).slices())] = p.numpy()
+    for row, col, p, f in predict_tiles(
+        runner, lambda b: image[b.slices()], grid, halo, grid.tiles(), batch_size, project=project
+    ):
+        tile = grid.tile(row, col)
+        probs[(slice(None), *tile.slices())] = p.numpy()
+        if project is not None:
+            if features is None:
+                features = np.zeros((f.shape[0], *runner.model.feature_shape(grid.height, grid.width)), np.float32)
+            y0, x0 = tile.y0 // stride, tile.x0 // stride
+            features[:, y0 : y0 + f.shape[1], x0 : x0 + f.shape[2]] = f.numpy()
         done += 1
         if progress:
             progress(stage, done, grid.num_tiles)
-    return probs
+    return probs, features
 
 
 def _check_pair(model1: SegmentationModel, model2: SegmentationModel) -> None:
@@ -608,12 +630,11 @@ def segment_image(
     timings: dict[str, float] = {}
     start = time.perf_counter()
 
-    # Stage 1: Model 1 on the downsampled image.
+    # Stage 1: Model 1 on the downsampled image, and its features projected for Model 2.
     low = downsample_mean(image, config.ratio)
     scale = (float(config.ratio), float(config.ratio))
-    # One block per forward pass (blocks are large): the same computation as
-    # one Dask task per block, so both paths give identical numbers.
-    probs1 = run_stage1(runner1, low, config.stage1_block, config.stage1_halo, 1, progress)
+    project = runner2.model.project_context if config.context else None
+    probs1, context1 = run_stage1(runner1, low, config.stage1_block, config.stage1_halo, progress, project)
     synchronize(runner1.device)
     timings["stage1"] = time.perf_counter() - start
 
@@ -627,7 +648,6 @@ def segment_image(
 
     # Stage 2 on the selected tiles, composing each as it arrives.
     probs1_t = torch.from_numpy(probs1)
-    view = LowResView(low.shape[:2], scale, lambda b: low[b.slices()])
     out = np.zeros((probs1.shape[0], height, width), np.float32)
     compose_seconds = 0.0
 
@@ -636,24 +656,21 @@ def segment_image(
         t = time.perf_counter()
         tile = grid.tile(row, col)
         weights = blend_weights(refined, row, col, tile, config.blend)
-        out[(slice(None), *tile.slices())] = compose_tile(
-            upsample_stage1(probs1_t, scale, tile), stage2, weights
-        )
+        stage1 = upsample_stage1(lambda b: probs1_t[(slice(None), *b.slices())], low.shape[:2], scale, tile)
+        out[(slice(None), *tile.slices())] = compose_tile(stage1, stage2, weights)
         compose_seconds += time.perf_counter() - t
 
+    context_for = None
+    if context1 is not None:
+        context1_t = torch.from_numpy(context1)
+        context_for = context_reader(
+            lambda b: context1_t[(slice(None), *b.slices())], context1.shape[1:], scale, runner1.stride, runner2.stride
+        )
     selected = [tuple(rc) for rc in np.argwhere(refined)]
     mark = time.perf_counter()
     done = 0
     for row, col, p2, _ in predict_tiles(
-        runner2,
-        lambda b: image[b.slices()],
-        grid,
-        config.halo,
-        selected,
-        config.batch_size,
-        context_for=(lambda windows, shape: stage1_context(
-            runner1, view, windows, shape, runner2.stride, config.stage1_halo
-        )) if config.context else None,
+        runner2, lambda b: image[b.slices()], grid, config.halo, selected, config.batch_size, context_for
     ):
         compose_into(row, col, p2)
         done += 1
@@ -685,7 +702,7 @@ def segment_full_resolution(
     model: SegmentationModel,
     tile_size: int = 512,
     halo: int = 32,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     device: str | torch.device = "auto",
     progress: ProgressCallback | None = None,
 ) -> SegmentationResult:
@@ -699,7 +716,7 @@ def segment_full_resolution(
     height, width = image.shape[:2]
     grid = TileGrid(height, width, tile_size)
     start = time.perf_counter()
-    out = predict_image(runner, image, grid, halo, batch_size, "stage2", progress)
+    out, _ = predict_image(runner, image, grid, halo, batch_size, "stage2", progress)
     synchronize(runner.device)
     elapsed = time.perf_counter() - start
     refined = np.ones(grid.shape, bool)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import mobilenetv3, resnet
 
 from wsiseg.errors import ModelConfigError, WeightsError
 
@@ -71,8 +70,10 @@ class ResNetEncoder(Encoder):
     """
 
     def __init__(self, name: str, dilated: bool = False) -> None:
+        from torchvision.models import resnet  # only here: importing torchvision costs ~170 MB per process
+
         super().__init__()
-        builder: Callable[..., resnet.ResNet] = getattr(resnet, name)
+        builder: Callable[..., nn.Module] = getattr(resnet, name)
         bottleneck = name not in ("resnet18", "resnet34")
         if dilated and bottleneck:
             body = builder(weights=None, replace_stride_with_dilation=[False, True, True])
@@ -115,6 +116,32 @@ def _dilate_basic_stage(stage: nn.Sequential, previous_dilation: int, dilation: 
         block.stride = 1
 
 
+class _BasicBlock(nn.Module):
+    """A ResNet basic block: two 3x3 convolutions with batch norm and a residual.
+
+    Parameter names (``conv1``, ``bn1``, ``conv2``, ``bn2``, ``downsample``)
+    match torchvision's ``BasicBlock``, so the dilation helper and saved
+    weights treat both alike; defined here so that ``resnet_lite`` models
+    never import torchvision.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, downsample: nn.Module | None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
 class _LiteResNet(nn.Module):
     """A small ResNet: a 3x3 stem and one BasicBlock per stage, every stage strided.
 
@@ -131,7 +158,7 @@ class _LiteResNet(nn.Module):
         for index in range(1, 5):
             c_in, c_out = widths[index - 1], widths[index]
             downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=2, bias=False), nn.BatchNorm2d(c_out))
-            setattr(self, f"layer{index}", nn.Sequential(resnet.BasicBlock(c_in, c_out, 2, downsample)))
+            setattr(self, f"layer{index}", nn.Sequential(_BasicBlock(c_in, c_out, 2, downsample)))
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -164,6 +191,8 @@ class MobileNetV3Encoder(Encoder):
 
     def __init__(self, name: str = "mobilenet_v3_large", dilated: bool = False) -> None:
         super().__init__()
+        from torchvision.models import mobilenetv3
+
         body = mobilenetv3.mobilenet_v3_large(weights=None, dilated=dilated)
         body.avgpool = nn.Identity()
         body.classifier = nn.Identity()

@@ -78,7 +78,10 @@ class SegmentationModel(nn.Module):
         return math.ceil(height / stride), math.ceil(width / stride)
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        class_context: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Segment a batch.
 
@@ -89,6 +92,12 @@ class SegmentationModel(nn.Module):
         context : torch.Tensor, optional
             ``(N, feature_channels, h, w)`` with ``(h, w) == feature_shape(H, W)``,
             added to the penultimate features before the classifier.
+        class_context : torch.Tensor, optional
+            ``(N, num_classes, h, w)``: a context already passed through the
+            classifier's weights (:meth:`project_context`), added to the
+            classifier's output. ``classifier(f + c) == classifier(f) +
+            project_context(c)`` because the classifier is one linear 1x1
+            convolution, so this is the same model at K instead of F channels.
 
         Returns
         -------
@@ -109,6 +118,13 @@ class SegmentationModel(nn.Module):
                 )
             features = features + context
         logits = self.classifier(features)
+        if class_context is not None:
+            if class_context.shape != logits.shape:
+                raise ValueError(
+                    f"class context shape {tuple(class_context.shape)} must equal the classifier's "
+                    f"output shape {tuple(logits.shape)}"
+                )
+            logits = logits + class_context
         if self.feature_stride > 1:
             # Upsample by exactly the stride, then crop: the same input pixel
             # gets the same logit whether the model sees the whole image or a
@@ -117,6 +133,64 @@ class SegmentationModel(nn.Module):
                 logits, scale_factor=self.feature_stride, mode="bilinear", align_corners=False
             )
         return logits[..., : x.shape[-2], : x.shape[-1]], features
+
+    def project_context(self, features: torch.Tensor) -> torch.Tensor:
+        """The classifier's linear part applied to a feature map (no bias).
+
+        Parameters
+        ----------
+        features : torch.Tensor
+            ``(N, feature_channels, h, w)``, e.g. Model 1's features.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(N, num_classes, h, w)``: what ``features`` add to this model's
+            logits when given as ``context``. Bilinear resampling commutes with
+            it, so a context can be projected at low resolution and resampled
+            at ``num_classes`` channels instead of ``feature_channels``.
+        """
+        classifier = self.classifier
+        if not (isinstance(classifier, nn.Conv2d) and classifier.kernel_size == (1, 1) and classifier.groups == 1):
+            raise ModelConfigError(
+                f"{type(self).__name__}'s classifier is not a single 1x1 convolution; its context "
+                "cannot be projected"
+            )
+        return F.conv2d(features, classifier.weight)
+
+
+def forward_gflop(model: nn.Module, height: int, width: int) -> float:
+    """Floating-point work (GFLOP) of one forward pass of ``model`` on a ``1 x 3 x height x width`` batch.
+
+    Counts what torch's ``FlopCounterMode`` counts for these networks (2 per
+    multiply-add of every convolution and linear layer; additions of biases,
+    activations and resampling are not counted), from forward hooks on a copy
+    of the model on the ``meta`` device: shapes only, no memory, no arithmetic,
+    and without importing the FLOP counter's machinery (~120 MB per process).
+    """
+    import copy
+
+    meta = copy.deepcopy(model).to("meta").eval()
+    total = [0]
+
+    def count(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if isinstance(module, nn.Linear):
+            total[0] += 2 * output.numel() * module.in_features
+        elif isinstance(module, nn.ConvTranspose2d):
+            kh, kw = module.kernel_size
+            total[0] += 2 * inputs[0].numel() * module.out_channels // module.groups * kh * kw
+        else:  # nn.Conv2d
+            kh, kw = module.kernel_size
+            total[0] += 2 * output.numel() * module.in_channels // module.groups * kh * kw
+
+    hooks = [m.register_forward_hook(count) for m in meta.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
+    try:
+        with torch.inference_mode():
+            meta(torch.zeros(1, 3, height, width, device="meta"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total[0] / 1e9
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Sequential:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from wsiseg.models.dilated import DilatedHeadModel
 from wsiseg.models.registry import register_model
@@ -19,4 +18,6 @@ class DeepLabV3(DilatedHeadModel):
 
     @staticmethod
     def build_head(in_channels: int, num_classes: int) -> nn.Sequential:
+        from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+
         return DeepLabHead(in_channels, num_classes)

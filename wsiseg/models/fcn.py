@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models.segmentation.fcn import FCNHead
 
 from wsiseg.models.dilated import DilatedHeadModel
 from wsiseg.models.registry import register_model
@@ -19,4 +18,6 @@ class FCN(DilatedHeadModel):
 
     @staticmethod
     def build_head(in_channels: int, num_classes: int) -> nn.Sequential:
+        from torchvision.models.segmentation.fcn import FCNHead
+
         return FCNHead(in_channels, num_classes)

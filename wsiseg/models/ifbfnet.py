@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from wsiseg.models.backbones import ResNetEncoder, _dilate_basic_stage, build_encoder
 from wsiseg.errors import ModelConfigError
@@ -71,6 +70,8 @@ class IFBFNet(SegmentationModel):
         super().__init__(num_classes)
         self.encoder = _ifbf_encoder(backbone, backbone_weights)
         stage1, deepest = self.encoder.channels[1], self.encoder.channels[-1]
+        from torchvision.models.segmentation.deeplabv3 import ASPP  # lazily: torchvision is large
+
         self.aspp = ASPP(deepest, [6, 12, 18], out_channels=256)
         self.reduce = conv_bn_relu(stage1, 64)
         self.fusion1 = BalancedFusion(256 + 64)
