@@ -4,27 +4,31 @@
     python benchmarks/bench_segment.py memory  SLIDE [SLIDE ...]
     python benchmarks/bench_segment.py scaling SLIDE
     python benchmarks/bench_segment.py peer    SLIDE [--region 4096]
-    [--model BUNDLE] [--out benchmarks/results] [--keep]
+    [--model BUNDLE] [--out benchmarks/results] [--scratch DIR]
 
 Every run is a real ``wsiseg segment`` process with its own local Dask
-cluster, as a user runs it; its whole process tree (driver, scheduler and
-worker processes) is sampled every 0.2 s for the peak resident memory.
+cluster, as a user runs it. Its whole process tree (driver and scheduler,
+nannies, workers) is sampled every 0.5 s: the peak of the summed resident
+memory (RSS, which counts shared library pages once per process) and of the
+summed proportional memory (PSS, which splits them among the processes).
 
 ``speed``   the full-resolution baseline, then the two-stage pipeline at each
-            threshold: wall time, model GFLOP actually executed (counted by
-            torch's FLOP counter per input shape), refined-tile fraction, and
-            agreement (Dice of the two-stage mask against the full-resolution
-            mask, and against the two-stage mask at threshold 0, which is
-            Model 2 everywhere). Then where the time of the default run goes,
-            and the convolutions' throughput against this machine's measured
-            fp32 matmul peak.
-``memory``  peak RSS of the process tree, two-stage at the default threshold,
-            for each slide.
-``scaling`` the default two-stage run with 1 and with 2 workers.
+            threshold: wall time, model GFLOP executed (counted per input
+            shape), refined-tile fraction, and agreement: Dice of the mask
+            against the full-resolution baseline's mask, and against the
+            two-stage mask at threshold 0 (Model 2 on every tile, the output
+            the two-stage pipeline approximates). Then where the time of the
+            default run and of the baseline goes, stage by stage, and the
+            convolutions' throughput against this machine's fp32 matmul peak.
+``memory``  the two-stage run at the default threshold for each slide.
+``scaling`` the default two-stage run with 1 worker on 1 core and with 2
+            workers on 2 cores (the process tree pinned with CPU affinity, so
+            that the 1-worker run cannot use the second core through torch's
+            threads), and 1 worker with 2 torch threads for reference.
 ``peer``    MONAI's ``sliding_window_inference`` (the optional ``bench``
-            extra) with the bundle's full-resolution model over a region of the
-            slide, against wsiseg's full-resolution and two-stage runs on the
-            same region.
+            extra) with the bundle's full-resolution model over a region of
+            the slide held in memory, against wsiseg's full-resolution and
+            two-stage runs on the same region.
 
 Each study prints Markdown (with the command) and writes JSON to ``--out``.
 """
@@ -44,61 +48,72 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- running
 
 
-def _tree_rss(pid: int) -> int:
+def _tree_memory(pid: int) -> tuple[int, int]:
+    """Summed RSS and PSS (bytes) of a process and all its descendants."""
     import psutil
 
     try:
         process = psutil.Process(pid)
         members = [process, *process.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
-    total = 0
+        return 0, 0
+    rss = pss = 0
     for member in members:
         try:
-            total += member.memory_info().rss
-        except psutil.NoSuchProcess:
+            info = member.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return total
+        rss += info.rss
+        pss += info.pss
+    return rss, pss
 
 
-def run_segment(slide: Path, out: Path, args: list[str], workers: int, model: str | None) -> dict[str, Any]:
-    """``wsiseg segment`` in a subprocess; its report plus wall seconds and peak tree RSS."""
+def run_segment(
+    slide: Path, out: Path, args: list[str], workers: int, model: str | None, cores: int | None = None
+) -> dict[str, Any]:
+    """``wsiseg segment`` in a subprocess; its report plus process seconds and peak tree memory.
+
+    ``cores`` pins the process tree to the first ``cores`` CPUs (wsiseg then
+    sizes torch's threads to them).
+    """
     if out.exists():
         shutil.rmtree(out)
     command = [sys.executable, "-m", "wsiseg.cli", "segment", str(slide), "--out", str(out), "--quiet",
                "--workers", str(workers), *args]
     if model:
         command += ["--model", model]
+    pin = (lambda: os.sched_setaffinity(0, set(range(cores)))) if cores else None
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = [0]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pin)
+    peak = [0, 0]
 
     def sample() -> None:
         while process.poll() is None:
-            peak[0] = max(peak[0], _tree_rss(process.pid))
-            time.sleep(0.2)
+            rss, pss = _tree_memory(process.pid)
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
+            time.sleep(0.5)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    stdout, stderr = process.communicate()
+    _, stderr = process.communicate()
     sampler.join()
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed: {stderr.strip()}")
     report = json.loads((out / "report.json").read_text())
     report["bench"] = {"process_seconds": time.perf_counter() - start, "peak_tree_rss_mb": peak[0] / 2**20,
-                       "command": " ".join(command[2:])}
+                       "peak_tree_pss_mb": peak[1] / 2**20, "cores": cores or len(os.sched_getaffinity(0)),
+                       "command": "wsiseg " + " ".join(command[3:])}
     return report
 
 
 def mask_dice(a: Path, b: Path) -> float:
-    """Foreground Dice between two outputs' ``mask/0``, chunk by chunk (flat memory)."""
+    """Foreground Dice between two outputs' ``mask/0``, a band of chunks at a time (flat memory)."""
     import zarr
 
     first, second = zarr.open_array(str(a / "mask/0"), mode="r"), zarr.open_array(str(b / "mask/0"), mode="r")
@@ -142,37 +157,6 @@ def _total_gflop(report: dict[str, Any]) -> float:
     return float(sum(report.get("model_gflop", {}).values()))
 
 
-# --------------------------------------------------------------------------- studies
-
-
-def study_speed(slide: Path, thresholds: list[float], workers: int, model: str | None, scratch: Path) -> dict[str, Any]:
-    full_out = scratch / "full.zarr"
-    full = run_segment(slide, full_out, ["--full-resolution"], workers, model)
-    rows = [{"run": "full resolution", "threshold": None, "refined": 1.0, "seconds": full["timings"]["total"],
-             "gflop": _total_gflop(full), "dice_vs_full": 1.0, "dice_vs_t0": None}]
-    outputs = {}
-    for threshold in sorted(thresholds):
-        out = scratch / f"t{threshold:g}.zarr"
-        report = run_segment(slide, out, ["--threshold", f"{threshold:g}"], workers, model)
-        outputs[threshold] = (out, report)
-    t0_out = outputs[min(thresholds)][0] if min(thresholds) == 0 else None
-    for threshold, (out, report) in outputs.items():
-        rows.append({
-            "run": "two-stage", "threshold": threshold, "refined": report["tiles"]["refined_fraction"],
-            "seconds": report["timings"]["total"], "gflop": _total_gflop(report),
-            "dice_vs_full": mask_dice(out, full_out),
-            "dice_vs_t0": mask_dice(out, t0_out) if t0_out else None,
-        })
-    default_threshold = bundle_threshold(model)
-    if default_threshold not in outputs:
-        outputs_default = run_segment(slide, scratch / "default.zarr", [], workers, model)
-    else:
-        outputs_default = outputs[default_threshold][1]
-    default = outputs_default
-    return {"slide": str(slide), "workers": workers, "default_threshold": default_threshold, "rows": rows, "full_report": _brief(full),
-            "default_report": _brief(default), "breakdown": breakdown(default, workers), "baseline_breakdown": breakdown(full, workers)}
-
-
 def bundle_threshold(model: str | None) -> float:
     """The threshold ``wsiseg segment`` uses when given none: the bundle's."""
     from wsiseg.bundle import inspect_bundle, resolve_model
@@ -186,55 +170,107 @@ def _brief(report: dict[str, Any]) -> dict[str, Any]:
     return {k: report.get(k) for k in keys}
 
 
-def breakdown(report: dict[str, Any], threads: int) -> dict[str, Any]:
-    """Where the time of a run goes, in worker-thread seconds (wall x threads)."""
-    wall = report["timings"]["total"]
-    available = wall * threads
+def breakdown(report: dict[str, Any]) -> dict[str, Any]:
+    """Where a run's time goes, per stage, in worker-thread seconds (stage wall x worker threads).
+
+    Inside tasks: model forward, read / decode, compose + write, context
+    sampling; the rest of each stage's thread-seconds is scheduling, the
+    driver and idle workers (the finish stage, run by the driver with a few
+    tasks, and the set-up before stage 1 are counted there).
+    """
+    threads = int(report["scheduler"]["threads"])
+    walls = report["timings"]
     tasks = report["task_seconds"]
-    model = tasks.get("model", 0.0) + tasks.get("context", 0.0)
-    parts = {
-        "model forward (stage 1, stage 2, context)": model,
-        "read / decode": tasks.get("read", 0.0),
-        "compose + write": tasks.get("compose", 0.0) + tasks.get("write", 0.0),
-    }
-    parts["scheduling, driver and idle"] = max(0.0, available - sum(parts.values()))
+    stages = {}
+    for stage in ("stage1", "stage2"):
+        if stage not in tasks:
+            continue
+        parts = tasks[stage]
+        named = {
+            "model forward": parts.get("model", 0.0),
+            "read / decode": parts.get("read", 0.0),
+            "compose + write": parts.get("compose", 0.0) + parts.get("write", 0.0),
+            "context sampling": parts.get("context", 0.0),
+        }
+        available = walls[stage] * threads
+        named["scheduling and idle"] = max(0.0, available - sum(named.values()))
+        stages[stage] = {"wall_s": walls[stage], "thread_seconds": available, "parts_s": named}
+    total = walls["total"] * threads
+    inside = sum(sum(s["parts_s"].values()) for s in stages.values())
+    model = sum(s["parts_s"]["model forward"] for s in stages.values())
     gflop = _total_gflop(report)
     return {
-        "wall_s": wall, "thread_seconds": available,
-        "parts_s": parts,
-        "parts_fraction": {k: v / available for k, v in parts.items()},
-        "stages_wall_s": {k: v for k, v in report["timings"].items() if k != "total"},
+        "threads": threads,
+        "wall_s": walls["total"],
+        "process_s": report["bench"]["process_seconds"],
+        "stages": stages,
+        "outside_stages_s": {"setup and select": walls["total"] - sum(walls.get(k, 0.0) for k in ("stage1", "stage2", "finish")),
+                             "finish": walls.get("finish", 0.0)},
+        "model_share_of_wall": model / total,
+        "model_share_of_process": model / (report["bench"]["process_seconds"] * threads),
+        "unaccounted_thread_seconds": total - inside,
         "model_gflop": gflop,
-        "conv_gflops": gflop / model if model else 0.0,
+        "gflops_per_thread": gflop / model if model else 0.0,
     }
+
+
+# --------------------------------------------------------------------------- studies
+
+
+def study_speed(slide: Path, thresholds: list[float], workers: int, model: str | None, scratch: Path) -> dict[str, Any]:
+    full_out = scratch / "full.zarr"
+    full = run_segment(slide, full_out, ["--full-resolution"], workers, model)
+    rows = [_row("full resolution", None, full, 1.0, None)]
+    default_threshold = bundle_threshold(model)
+    runs = sorted(set(thresholds) | {default_threshold})
+    outputs = {t: (scratch / f"t{t:g}.zarr") for t in runs}
+    reports = {t: run_segment(slide, outputs[t], ["--threshold", f"{t:g}"], workers, model) for t in runs}
+    t0 = outputs.get(0.0)
+    for t in runs:
+        rows.append(_row("two-stage", t, reports[t], mask_dice(outputs[t], full_out),
+                         mask_dice(outputs[t], t0) if t0 else None))
+    return {"slide": str(slide), "workers": workers, "default_threshold": default_threshold, "rows": rows,
+            "full_report": _brief(full), "default_report": _brief(reports[default_threshold]),
+            "breakdown": breakdown(reports[default_threshold]), "baseline_breakdown": breakdown(full)}
+
+
+def _row(run: str, threshold: float | None, report: dict[str, Any], dice_full: float, dice_t0: float | None) -> dict[str, Any]:
+    return {"run": run, "threshold": threshold, "refined": report["tiles"]["refined_fraction"],
+            "seconds": report["timings"]["total"], "process_seconds": report["bench"]["process_seconds"],
+            "gflop": _total_gflop(report), "peak_tree_rss_mb": report["bench"]["peak_tree_rss_mb"],
+            "dice_vs_full": dice_full, "dice_vs_t0": dice_t0}
 
 
 def study_memory(slides: list[Path], workers: int, model: str | None, scratch: Path) -> dict[str, Any]:
     rows = []
     for slide in slides:
-        report = run_segment(slide, scratch / f"{slide.stem}.zarr", [], workers, model)
+        out = scratch / f"{slide.stem}.zarr"
+        report = run_segment(slide, out, [], workers, model)
         rows.append({"slide": slide.name, "size": report["input"]["size"], "seconds": report["timings"]["total"],
-                     "refined": report["tiles"]["refined_fraction"], "peak_tree_rss_mb": report["bench"]["peak_tree_rss_mb"]})
-        shutil.rmtree(scratch / f"{slide.stem}.zarr")
-    return {"rows": rows}
+                     "refined": report["tiles"]["refined_fraction"],
+                     "peak_tree_rss_mb": report["bench"]["peak_tree_rss_mb"],
+                     "peak_tree_pss_mb": report["bench"]["peak_tree_pss_mb"]})
+        shutil.rmtree(out)
+    return {"workers": workers, "rows": rows}
 
 
 def study_scaling(slide: Path, model: str | None, scratch: Path) -> dict[str, Any]:
     rows = []
-    for workers in (1, 2):
-        report = run_segment(slide, scratch / f"w{workers}.zarr", [], workers, model)
-        rows.append({"workers": workers, "seconds": report["timings"]["total"],
-                     "stage_seconds": {k: v for k, v in report["timings"].items() if k != "total"}})
-    return {"slide": str(slide), "rows": rows, "speedup": rows[0]["seconds"] / rows[1]["seconds"]}
+    for workers, cores in ((1, 1), (2, 2), (1, 2)):
+        report = run_segment(slide, scratch / f"w{workers}c{cores}.zarr", [], workers, model, cores=cores)
+        rows.append({"workers": workers, "cores": cores, "seconds": report["timings"]["total"],
+                     "process_seconds": report["bench"]["process_seconds"],
+                     "stage_seconds": {k: v for k, v in report["timings"].items() if k != "total"},
+                     "refined": report["tiles"]["refined_fraction"], "gflop": _total_gflop(report)})
+    return {"slide": str(slide), "rows": rows,
+            "speedup_1_to_2_workers": rows[0]["process_seconds"] / rows[1]["process_seconds"],
+            "speedup_stages": rows[0]["seconds"] / rows[1]["seconds"]}
 
 
 def study_peer(slide: Path, region: int, workers: int, model: str | None, scratch: Path) -> dict[str, Any]:
     """MONAI sliding-window inference vs wsiseg on the same region, same model."""
     import tifffile
-    import torch
-    from monai.inferers import sliding_window_inference
 
-    from wsiseg.bundle import load_bundle, resolve_model
     from wsiseg.slide import Box, open_slide
 
     source = open_slide(slide)
@@ -247,85 +283,136 @@ def study_peer(slide: Path, region: int, workers: int, model: str | None, scratc
     tifffile.imwrite(region_path, pixels, tile=(tile, tile), photometric="rgb", compression="zlib",
                      resolution=(1e4 / source.mpp[1], 1e4 / source.mpp[0]) if source.mpp else None,
                      resolutionunit="CENTIMETER" if source.mpp else None)
+    del pixels
     full = run_segment(region_path, scratch / "region-full.zarr", ["--full-resolution"], workers, model)
     two = run_segment(region_path, scratch / "region-two.zarr", [], workers, model)
-
-    bundle = load_bundle(resolve_model(model))
-    net = bundle.model.eval()
     halo, tile_size = full["settings"]["halo"], full["settings"]["tile_size"]
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+    monai_mask = scratch / "monai-mask.npy"
     start = time.perf_counter()
-    with torch.inference_mode():
-        logits = sliding_window_inference(
-            x, roi_size=(tile_size + 2 * halo, tile_size + 2 * halo), sw_batch_size=4,
-            predictor=lambda batch: net(batch)[0], overlap=2 * halo / (tile_size + 2 * halo), mode="constant",
-        )
-    monai_seconds = time.perf_counter() - start
-    monai_mask = (torch.sigmoid(logits[0, 0]) >= 0.5).numpy() if logits.shape[1] == 1 else logits[0].argmax(0).numpy() > 0
+    child = subprocess.run(
+        [sys.executable, __file__, "_monai", str(region_path), "--model", model or "wsiseg:default",
+         "--tile", str(tile_size), "--halo", str(halo), "--out", str(monai_mask)],
+        capture_output=True, text=True,
+    )
+    if child.returncode != 0:
+        raise RuntimeError(f"the MONAI run failed: {child.stderr.strip()}")
+    monai = json.loads(child.stdout.strip().splitlines()[-1])
+    monai["process_seconds"] = time.perf_counter() - start
+    import numpy as np
     import zarr
 
-    wsiseg_mask = zarr.open_array(str(scratch / "region-full.zarr" / "mask/0"), mode="r")[...] > 0
-    both = int((monai_mask & wsiseg_mask).sum())
-    agreement = 2 * both / max(1, int(monai_mask.sum()) + int(wsiseg_mask.sum()))
+    theirs = np.load(monai_mask)
+    ours = zarr.open_array(str(scratch / "region-full.zarr" / "mask/0"), mode="r")[...] > 0
+    agreement = 2 * int((theirs & ours).sum()) / max(1, int(theirs.sum()) + int(ours.sum()))
     return {
         "region": size, "slide": str(slide),
         "rows": [
-            {"run": "MONAI sliding_window_inference (in memory, 1 process)", "seconds": monai_seconds},
-            {"run": "wsiseg --full-resolution", "seconds": full["timings"]["total"], "process_seconds": full["bench"]["process_seconds"]},
-            {"run": f"wsiseg two-stage (default threshold {bundle_threshold(model):g})", "seconds": two["timings"]["total"], "process_seconds": two["bench"]["process_seconds"],
+            {"run": "MONAI sliding_window_inference (image in memory, 1 process, all cores)",
+             "seconds": monai["seconds"], "process_seconds": monai["process_seconds"],
+             "peak_rss_mb": monai["peak_rss_mb"]},
+            {"run": "wsiseg --full-resolution", "seconds": full["timings"]["total"],
+             "process_seconds": full["bench"]["process_seconds"], "peak_rss_mb": full["bench"]["peak_tree_rss_mb"]},
+            {"run": f"wsiseg two-stage (default threshold {bundle_threshold(model):g})", "seconds": two["timings"]["total"],
+             "process_seconds": two["bench"]["process_seconds"], "peak_rss_mb": two["bench"]["peak_tree_rss_mb"],
              "refined": two["tiles"]["refined_fraction"]},
         ],
         "dice_monai_vs_wsiseg_full": agreement,
     }
 
 
+def run_monai(region: Path, model: str, tile: int, halo: int, out: Path) -> None:
+    """(In a child process.) MONAI sliding-window inference over a whole region held in memory."""
+    import resource
+
+    import numpy as np
+    import tifffile
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from wsiseg.bundle import load_bundle, resolve_model
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    net = load_bundle(resolve_model(model)).model.eval()
+    x = torch.from_numpy(tifffile.imread(region)).permute(2, 0, 1)[None].float() / 255
+    start = time.perf_counter()
+    with torch.inference_mode():
+        logits = sliding_window_inference(
+            x, roi_size=(tile + 2 * halo, tile + 2 * halo), sw_batch_size=4,
+            predictor=lambda batch: net(batch)[0], overlap=2 * halo / (tile + 2 * halo), mode="constant",
+        )
+    seconds = time.perf_counter() - start
+    mask = (torch.sigmoid(logits[0, 0]) >= 0.5) if logits.shape[1] == 1 else logits[0].argmax(0) > 0
+    np.save(out, mask.numpy())
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
 # --------------------------------------------------------------------------- printing
 
 
 def print_markdown(study: str, result: dict[str, Any], command: str) -> None:
-    print(f"\n`{command}`  \n{machine()}\n")
+    print(f"\n`{command}`  \n{result['machine']}\n")
     if study == "speed":
         full = result["rows"][0]
-        print("| run | threshold | refined tiles | wall s | speed-up | model GFLOP | FLOP ratio | Dice vs full-res | Dice vs t=0 |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| run | threshold | refined tiles | wall s (process) | speed-up | model GFLOP | FLOP ratio | "
+              "Dice vs full-res | Dice vs threshold 0 | peak RSS MB |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for row in result["rows"]:
             t = "" if row["threshold"] is None else f"{row['threshold']:g}"
             vs_t0 = "" if row["dice_vs_t0"] is None else f"{row['dice_vs_t0']:.4f}"
-            print(f"| {row['run']} | {t} | {100 * row['refined']:.1f} % | {row['seconds']:.1f} | "
-                  f"{full['seconds'] / row['seconds']:.2f}x | {row['gflop']:.0f} | {full['gflop'] / max(row['gflop'], 1e-9):.2f}x | "
-                  f"{row['dice_vs_full']:.4f} | {vs_t0} |")
-        for name in ("breakdown", "baseline_breakdown"):
+            print(f"| {row['run']} | {t} | {100 * row['refined']:.1f} % | {row['process_seconds']:.1f} | "
+                  f"{full['process_seconds'] / row['process_seconds']:.2f}x | {row['gflop']:.0f} | "
+                  f"{full['gflop'] / max(row['gflop'], 1e-9):.2f}x | {row['dice_vs_full']:.4f} | {vs_t0} | "
+                  f"{row['peak_tree_rss_mb']:.0f} |")
+        for name, title in (("breakdown", f"Default two-stage run (threshold {result['default_threshold']:g})"),
+                            ("baseline_breakdown", "Full-resolution run")):
             b = result[name]
-            print(f"\n{'Default two-stage run (threshold ' + format(result['default_threshold'], 'g') + ')' if name == 'breakdown' else 'Full-resolution run'}: {b['wall_s']:.1f} s wall x "
-                  f"{result['workers']} worker threads = {b['thread_seconds']:.1f} thread-seconds")
-            print("\n| where | thread-seconds | share |\n|---|---|---|")
-            for part, seconds in b["parts_s"].items():
-                print(f"| {part} | {seconds:.1f} | {100 * b['parts_fraction'][part]:.1f} % |")
-            print(f"\nconvolutions: {b['model_gflop']:.0f} GFLOP in {b['parts_s']['model forward (stage 1, stage 2, context)']:.1f} "
-                  f"thread-seconds = {b['conv_gflops']:.1f} GFLOP/s per thread; stage walls: "
-                  + ", ".join(f"{k} {v:.1f} s" for k, v in b["stages_wall_s"].items()))
+            print(f"\n{title}: {b['wall_s']:.1f} s from planning to report ({b['process_s']:.1f} s for the "
+                  f"process, cluster start included) x {b['threads']} worker threads")
+            print("\n| stage | wall s | model forward | read / decode | compose + write | context sampling | "
+                  "scheduling and idle |\n|---|---|---|---|---|---|---|")
+            for stage, s in b["stages"].items():
+                parts = s["parts_s"]
+                cells = " | ".join(f"{parts[k]:.1f} ({100 * parts[k] / s['thread_seconds']:.0f} %)" for k in parts)
+                print(f"| {stage} | {s['wall_s']:.1f} | {cells} |")
+            outside = b["outside_stages_s"]
+            print(f"\nOutside the stages: set-up and selection {outside['setup and select']:.1f} s, finish "
+                  f"(pyramid, overlay, report) {outside['finish']:.1f} s. Model forward passes: "
+                  f"{100 * b['model_share_of_wall']:.1f} % of the run's thread-seconds "
+                  f"({100 * b['model_share_of_process']:.1f} % of the process's). Convolutions: "
+                  f"{b['model_gflop']:.0f} GFLOP at {b['gflops_per_thread']:.1f} GFLOP/s per thread.")
         print(f"\nfp32 matmul peak (torch, 2048^2): {result['matmul_1thread']:.1f} GFLOP/s with 1 thread, "
               f"{result['matmul_all']:.1f} GFLOP/s with all cores")
     elif study == "memory":
-        print("| slide | size | refined | wall s | peak RSS of the process tree MB |\n|---|---|---|---|---|")
+        print("| slide | size | refined | wall s | peak RSS of the process tree MB | peak PSS MB |\n|---|---|---|---|---|---|")
         for row in result["rows"]:
             print(f"| {row['slide']} | {row['size'][0]} x {row['size'][1]} | {100 * row['refined']:.1f} % | "
-                  f"{row['seconds']:.1f} | {row['peak_tree_rss_mb']:.0f} |")
+                  f"{row['seconds']:.1f} | {row['peak_tree_rss_mb']:.0f} | {row['peak_tree_pss_mb']:.0f} |")
     elif study == "scaling":
-        print("| workers | wall s | stages |\n|---|---|---|")
+        print("| workers | cores | wall s (process) | stages s |\n|---|---|---|---|")
         for row in result["rows"]:
             stages = ", ".join(f"{k} {v:.1f}" for k, v in row["stage_seconds"].items())
-            print(f"| {row['workers']} | {row['seconds']:.1f} | {stages} |")
-        print(f"\nspeed-up with 2 workers: {result['speedup']:.2f}x")
+            print(f"| {row['workers']} | {row['cores']} | {row['process_seconds']:.1f} | {stages} |")
+        print(f"\nspeed-up from 1 worker on 1 core to 2 workers on 2 cores: {result['speedup_1_to_2_workers']:.2f}x "
+              f"(process), {result['speedup_stages']:.2f}x (planning to report)")
     elif study == "peer":
-        print(f"region {result['region']} x {result['region']} pixels\n\n| run | seconds |\n|---|---|")
+        print(f"region {result['region']} x {result['region']} pixels\n\n| run | seconds | process seconds | peak RSS MB |\n|---|---|---|---|")
         for row in result["rows"]:
-            print(f"| {row['run']} | {row['seconds']:.1f} |")
+            print(f"| {row['run']} | {row['seconds']:.1f} | {row['process_seconds']:.1f} | {row['peak_rss_mb']:.0f} |")
         print(f"\nDice of MONAI's mask vs wsiseg's full-resolution mask: {result['dice_monai_vs_wsiseg_full']:.4f}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_monai":
+        parser = argparse.ArgumentParser()
+        parser.add_argument("region", type=Path)
+        for flag in ("--model", "--out"):
+            parser.add_argument(flag, required=True)
+        parser.add_argument("--tile", type=int, required=True)
+        parser.add_argument("--halo", type=int, required=True)
+        args = parser.parse_args(argv[1:])
+        run_monai(args.region, args.model, args.tile, args.halo, Path(args.out))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study", choices=["speed", "memory", "scaling", "peer"])
     parser.add_argument("slides", nargs="+", type=Path)
@@ -336,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--scratch", type=Path, default=None, help="folder for the runs' outputs (default: a temporary one)")
     args = parser.parse_args(argv)
-    command = "python benchmarks/bench_segment.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/bench_segment.py " + " ".join(argv)
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="wsiseg-bench-"))
     scratch.mkdir(parents=True, exist_ok=True)
     try:

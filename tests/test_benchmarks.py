@@ -59,9 +59,15 @@ def test_speed_study_runs_on_a_tiny_slide(tmp_path, test_bundle) -> None:
                     "--thresholds", "0", "0.5")
     assert result.returncode == 0, result.stderr
     data = json.loads((tmp_path / "results" / "speed-tiny.json").read_text())
-    assert [r["threshold"] for r in data["rows"]] == [None, 0.0, 0.5]
+    # The thresholds asked for plus the bundle's default (0.25: the test bundle states none).
+    assert [r["threshold"] for r in data["rows"]] == [None, 0.0, 0.25, 0.5]
     assert data["rows"][1]["refined"] == 1.0 and data["rows"][1]["dice_vs_t0"] == 1.0
     assert all(r["gflop"] > 0 for r in data["rows"]) and "| full resolution |" in result.stdout
+    # Refining fewer tiles never costs more model work than refining all of them.
+    assert data["rows"][3]["gflop"] <= data["rows"][2]["gflop"] <= data["rows"][1]["gflop"]
+    stages = data["breakdown"]["stages"]
+    assert set(stages) == {"stage1", "stage2"} and stages["stage2"]["parts_s"]["model forward"] > 0
+    assert 0 < data["breakdown"]["model_share_of_wall"] < 1
     from wsiseg.bundle import inspect_bundle
     from wsiseg.segment import default_selection
 
@@ -73,10 +79,12 @@ def test_memory_and_scaling_studies_run_on_a_tiny_slide(tmp_path, test_bundle) -
     memory = _bench(tmp_path, "memory", str(slide), "--model", str(test_bundle), "--workers", "1")
     assert memory.returncode == 0, memory.stderr
     rows = json.loads((tmp_path / "results" / "memory-tiny.json").read_text())["rows"]
-    assert rows[0]["peak_tree_rss_mb"] > 100
+    assert rows[0]["peak_tree_rss_mb"] > 100 and 0 < rows[0]["peak_tree_pss_mb"] <= rows[0]["peak_tree_rss_mb"]
     scaling = _bench(tmp_path, "scaling", str(slide), "--model", str(test_bundle))
     assert scaling.returncode == 0, scaling.stderr
-    assert [r["workers"] for r in json.loads((tmp_path / "results" / "scaling-tiny.json").read_text())["rows"]] == [1, 2]
+    rows = json.loads((tmp_path / "results" / "scaling-tiny.json").read_text())["rows"]
+    assert [(r["workers"], r["cores"]) for r in rows] == [(1, 1), (2, 2), (1, 2)]
+    assert len({r["gflop"] for r in rows}) == 1  # the same work, however it is spread
 
 
 def test_peer_study_runs_on_a_tiny_region(tmp_path, test_bundle) -> None:

@@ -142,6 +142,75 @@ def test_folder_layout_and_malformed_roots(tmp_path) -> None:
         open_dataset("folder", tmp_path / "f")
 
 
+@pytest.mark.parametrize("name,make", [("ph2", make_ph2), ("bowl", make_bowl), ("kitti", make_kitti), ("folder", make_folder)])
+def test_seventy_thirty_split_sizes(tmp_path, name, make) -> None:
+    make(tmp_path, n=10) if name != "folder" else make(tmp_path, n=10, size=16)
+    data = open_dataset(name, tmp_path)
+    train_ids = {s.id for s in data.split("train")}
+    test_ids = {s.id for s in data.split("test")}
+    assert (len(train_ids), len(test_ids)) == (7, 3)
+    assert not train_ids & test_ids and train_ids | test_ids == {s.id for s in data.split("all")}
+    assert {s.id for s in data.split("test", 1)} != test_ids  # another seed, another split
+
+
+@pytest.mark.parametrize("name,layout", [("ph2", "PH2 Dataset images/IMDxxx"), ("bowl", "<id>/images/<id>.png"),
+                                         ("kitti", "training/image_2"), ("bdd", "images/10k"), ("folder", "images/*")])
+def test_missing_root_names_the_expected_layout(tmp_path, name, layout) -> None:
+    import re
+
+    with pytest.raises(DatasetError, match=f"does not exist.*--dataset {name} .*{re.escape(layout)}"):
+        open_dataset(name, tmp_path / "nowhere")
+
+
+def test_augmentation_transforms_image_and_mask_together() -> None:
+    from wsiseg.train.augment import Augmentation
+
+    image = torch.rand(3, 16, 16)
+    mask = torch.zeros(16, 16, dtype=torch.long)
+    mask[2:5, 1:4] = 1
+    image[:, 2:5, 1:4] = 1.0  # the object is white in the image too
+    rng = np.random.default_rng(0)
+    flips = 0
+    for _ in range(40):
+        out, out_mask = Augmentation(brightness=0, contrast=0, translate=0)(image, mask, rng)
+        flipped = bool(out_mask[2:5, 12:15].all())
+        flips += flipped
+        assert torch.equal(out, image.flip(-1) if flipped else image)
+        assert torch.equal(out_mask, mask.flip(-1) if flipped else mask)
+    assert 10 < flips < 30  # a flip with probability 1/2
+
+    clean, square = torch.zeros(3, 32, 32), torch.zeros(32, 32, dtype=torch.long)
+    clean[:, 8:16, 10:18], square[8:16, 10:18] = 1.0, 1
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    moved = 0
+    for _ in range(20):  # translation: upscale then crop keeps image and mask aligned
+        out, out_mask = Augmentation(hflip=False, brightness=0, contrast=0, translate=0.5)(clean, square, rng)
+        assert out.shape == clean.shape and out_mask.shape == square.shape
+        weight, area = out[0], out_mask.float()
+        centre_image = ((ys * weight).sum() / weight.sum(), (xs * weight).sum() / weight.sum())
+        centre_mask = ((ys * area).sum() / area.sum(), (xs * area).sum() / area.sum())
+        # within the half pixel a discrete mask can be off (plain "nearest" was off by up to 0.62)
+        assert abs(centre_image[0] - centre_mask[0]) <= 0.51 and abs(centre_image[1] - centre_mask[1]) <= 0.51
+        moved += not torch.equal(out_mask, square)
+    assert moved > 10
+
+    out, _ = Augmentation(hflip=False, brightness=0.5, contrast=0, translate=0)(image * 0.5, mask, rng)
+    ratio = out / (image * 0.5)
+    assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio)) and 0.5 <= float(ratio.flatten()[0]) <= 1.5
+
+
+def test_ifbfnet_trains_as_a_two_stage_pair(tmp_path) -> None:
+    from wsiseg.bundle import load_bundle
+
+    make_folder(tmp_path / "d", n=4, size=64)
+    config = _tiny_config(tmp_path / "d", arch="ifbfnet", backbone="resnet_lite", image_size=64, halo=16, ratio=2)
+    bundle = load_bundle(train(config, tmp_path / "ifbf.safetensors"))
+    assert bundle.is_two_stage and bundle.model2.spec["arch"] == "ifbfnet"
+    rows = bundle.config["validation"]["rows"]
+    assert {r["method"] for r in rows} == {"two-stage"} and all(0.0 <= r["dice"] <= 1.0 for r in rows)
+    assert len(bundle.config["training"]["history"]["stage2"]) == 1
+
+
 def test_one_optimisation_step_lowers_the_loss_on_a_fixed_batch() -> None:
     from wsiseg.models import build_model
 

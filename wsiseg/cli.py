@@ -248,7 +248,12 @@ TRAIN_LABELS = {"stage1": "Model 1 ", "stage2": "Model 2 ", "baseline": "baselin
 @click.option("--finetune/--no-finetune", default=True, show_default=True, help="Start Model 2 from Model 1.")
 @click.option("--context/--no-context", default=True, show_default=True, help="Give Model 2 Model 1's features.")
 @click.option("--stage", type=click.Choice(["two-stage", "baseline", "all"]), default="two-stage", show_default=True)
-@click.option("--augment/--no-augment", default=True, show_default=True)
+@click.option("--augment/--no-augment", default=True, show_default=True, help="The paper's augmentation (the next four).")
+@click.option("--brightness", default=0.1, show_default=True, help="Brightness jitter: multiply by U(1-b, 1+b).")
+@click.option("--contrast", default=0.1, show_default=True, help="Contrast jitter: scale deviations from the mean by U(1-c, 1+c).")
+@click.option("--translate", default=0.1, show_default=True, help="Translation: upscale by up to this fraction, then crop.")
+@click.option("--rotate/--no-rotate", default=None,
+              help="Rotations by 90 degrees and vertical flips (default: where orientation is arbitrary: PH2, BOWL).")
 @click.option("--multiclass", is_flag=True, help="KITTI / BDD: 19 classes instead of vehicle vs rest.")
 @click.option("--split-seed", default=0, show_default=True, help="Seed of the 70/30 split.")
 @click.option("--seed", default=0, show_default=True)
@@ -302,7 +307,8 @@ def train(out: Path, **opts: Any) -> None:
 @click.option("--limit", type=int, default=0, help="Score only the first N images.")
 @click.option("--tile-size", type=int, default=None, help="Override the bundle's tile size.")
 @click.option("--halo", type=int, default=None, help="Override the bundle's halo.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the timed inference runs: the paper's comparison is CPU seconds per image.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
               help="Folder for evaluation.csv / .json / speed_vs_dice.png (default: evaluation-<bundle name>).")
 def evaluate(bundle: Path, **opts: Any) -> None:

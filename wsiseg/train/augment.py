@@ -79,7 +79,9 @@ class Augmentation:
         if (big_h, big_w) == (height, width):
             return image, mask
         image = F.interpolate(image[None], size=(big_h, big_w), mode="bilinear", align_corners=False)[0]
-        mask = F.interpolate(mask[None, None].float(), size=(big_h, big_w), mode="nearest")[0, 0].to(mask.dtype)
+        # nearest-exact samples at pixel centres, as the image's bilinear (align_corners=False) does:
+        # plain "nearest" shifts the mask by up to half a pixel against the image.
+        mask = F.interpolate(mask[None, None].float(), size=(big_h, big_w), mode="nearest-exact")[0, 0].to(mask.dtype)
         y, x = int(rng.integers(big_h - height + 1)), int(rng.integers(big_w - width + 1))
         return image[:, y : y + height, x : x + width], mask[y : y + height, x : x + width]
 

@@ -142,6 +142,16 @@ def _read_grey(path: Path) -> np.ndarray:
     return array[..., 0] if array.ndim == 3 else array
 
 
+#: The layout each data set is read from, for error messages.
+EXPECTED_LAYOUT = {
+    "ph2": "'PH2 Dataset images/IMDxxx/IMDxxx_Dermoscopic_Image/IMDxxx.bmp' with 'IMDxxx_lesion/IMDxxx_lesion.bmp'",
+    "bowl": "'<id>/images/<id>.png' and '<id>/masks/*.png' (a stage1_train folder)",
+    "kitti": "'training/image_2/*.png' and 'training/semantic/*.png'",
+    "bdd": "'images/10k/{train,val}/*.jpg' and 'labels/sem_seg/masks/{train,val}/*.png'",
+    "folder": "'images/*' and 'masks/*' with matching file names (stems)",
+}
+
+
 def _layout_error(name: str, root: Path, expected: str) -> DatasetError:
     return DatasetError(f"{root} is not a {name} data set: expected {expected}")
 
@@ -150,7 +160,7 @@ def _layout_error(name: str, root: Path, expected: str) -> DatasetError:
 
 
 def _ph2(root: Path, multiclass: bool) -> SegmentationData:
-    expected = "'PH2 Dataset images/IMDxxx/IMDxxx_Dermoscopic_Image/IMDxxx.bmp' with 'IMDxxx_lesion/IMDxxx_lesion.bmp'"
+    expected = EXPECTED_LAYOUT["ph2"]
     for base in (root / "PH2 Dataset images", root / "PH2Dataset" / "PH2 Dataset images", root):
         cases = sorted(p for p in base.glob("IMD*") if p.is_dir()) if base.is_dir() else []
         if cases:
@@ -172,7 +182,7 @@ def _ph2(root: Path, multiclass: bool) -> SegmentationData:
 
 
 def _bowl(root: Path, multiclass: bool) -> SegmentationData:
-    expected = "'<id>/images/<id>.png' and '<id>/masks/*.png' (a stage1_train folder)"
+    expected = EXPECTED_LAYOUT["bowl"]
     base = root
     if not any((p / "images").is_dir() for p in root.iterdir() if p.is_dir()) if root.is_dir() else True:
         candidates = [root / "stage1_train", root / "stage1_test"]
@@ -209,7 +219,7 @@ def _bowl(root: Path, multiclass: bool) -> SegmentationData:
 
 
 def _kitti(root: Path, multiclass: bool) -> SegmentationData:
-    expected = "'training/image_2/*.png' and 'training/semantic/*.png'"
+    expected = EXPECTED_LAYOUT["kitti"]
     images, labels = root / "training" / "image_2", root / "training" / "semantic"
     if not images.is_dir() or not labels.is_dir():
         raise _layout_error("KITTI semantics", root, expected)
@@ -237,7 +247,7 @@ def _kitti(root: Path, multiclass: bool) -> SegmentationData:
 
 
 def _bdd(root: Path, multiclass: bool) -> SegmentationData:
-    expected = "'images/10k/{train,val}/*.jpg' and 'labels/sem_seg/masks/{train,val}/*.png'"
+    expected = EXPECTED_LAYOUT["bdd"]
     samples = []
     for split in ("train", "val"):
         images = root / "images" / "10k" / split
@@ -264,7 +274,7 @@ def _bdd(root: Path, multiclass: bool) -> SegmentationData:
 
 
 def _folder(root: Path, multiclass: bool) -> SegmentationData:
-    expected = "'images/*' and 'masks/*' with matching file names (stems)"
+    expected = EXPECTED_LAYOUT["folder"]
     images, masks = root / "images", root / "masks"
     if not images.is_dir() or not masks.is_dir():
         raise _layout_error("folder", root, expected)
@@ -307,7 +317,10 @@ def open_dataset(name: str, root: str | Path, multiclass: bool = False) -> Segme
         raise DatasetError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(f"data root {root} does not exist or is not a folder")
+        raise DatasetError(
+            f"data root {root} does not exist or is not a folder; for --dataset {name} it should hold "
+            f"{EXPECTED_LAYOUT[name]}"
+        )
     if multiclass and name in ("ph2", "bowl"):
         raise DatasetError(f"{name} is a binary data set; drop --multiclass")
     return _OPENERS[name](root, multiclass)

@@ -26,7 +26,6 @@ uninterrupted run would.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
@@ -78,7 +77,10 @@ class TrainConfig:
     finetune : start Model 2 from Model 1 (else from scratch).
     context : give Model 2 Model 1's features.
     stage : ``two-stage``, ``baseline`` or ``all``.
-    augment : the paper's augmentation (rotations too where orientation is arbitrary).
+    augment : the paper's augmentation: horizontal flips, ``brightness`` and
+        ``contrast`` jitter, ``translate`` (upscale by up to this fraction, then
+        crop) and rotations where ``rotate`` (None: where the data set's
+        orientation is arbitrary).
     split_seed, seed : the 70/30 split and the training randomness.
     mpp : micrometres per pixel of the training images, if known (recorded
         so that ``wsiseg segment`` can rescale slides to it).
@@ -117,6 +119,10 @@ class TrainConfig:
     context: bool = True
     stage: str = "two-stage"
     augment: bool = True
+    brightness: float = 0.1
+    contrast: float = 0.1
+    translate: float = 0.1
+    rotate: bool | None = None
     split_seed: int = 0
     seed: int = 0
     mpp: float | None = None
@@ -179,8 +185,11 @@ class TrainingImages:
         if len(self.items) < 1:
             raise InputError("the training split is empty")
         self.config = config
-        rotate = data.rotation_invariant
-        self.augmentation = Augmentation(rotate=rotate) if config.augment else None
+        rotate = data.rotation_invariant if config.rotate is None else config.rotate
+        self.augmentation = Augmentation(
+            brightness=config.brightness, contrast=config.contrast, translate=config.translate,
+            rotate=rotate,
+        ) if config.augment else None
 
     def batches(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of ``(x (N, 3, S, S) float in [0, 1], y (N, S, S) int64)`` batches."""
@@ -373,7 +382,10 @@ def train(
         start_epoch = 0
         if role not in models:
             if phase == "stage2" and config.finetune:
-                models[role] = copy.deepcopy(models["model1"])
+                # A fresh model holding Model 1's weights (a deepcopy would also copy tensors a
+                # model keeps from its last forward pass, such as IFBFNet's auxiliary logits).
+                models[role] = _new_model(config, data.num_classes, role)
+                models[role].load_state_dict(models["model1"].state_dict())
             else:
                 models[role] = _new_model(config, data.num_classes, role)
         model = models[role].to(device, memory_format=channels_last).train()
