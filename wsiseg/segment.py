@@ -500,7 +500,13 @@ def _plan(
     from wsiseg.cluster import torch_threads_per_host
 
     model_ref = str(resolve_model(options.model)) if options.model and options.model != DEFAULT_MODEL else DEFAULT_MODEL
-    bundle = client.submit(describe_bundle, model_ref, pure=False).result()
+    # One task per worker: every worker loads (and checksums) the bundle now, in parallel,
+    # rather than in its first stage-1 task.
+    workers = list(client.scheduler_info(n_workers=-1)["workers"])
+    bundle = client.gather([
+        client.submit(describe_bundle, model_ref, workers=[worker], allow_other_workers=True, pure=False)
+        for worker in workers
+    ])[0]
     config, roles = bundle["config"], bundle["roles"]
     if options.full_resolution:
         if "model" not in roles:
