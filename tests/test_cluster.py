@@ -88,6 +88,63 @@ def test_real_cluster_equals_local_run(tmp_path, pyramid_slide, test_bundle, rea
     np.testing.assert_array_equal(np.asarray(zarr.open_array(str(out / "mask/0"), mode="r")[...]), local_mask)
 
 
+def test_interrupted_cli_run_resumes_on_the_cluster(tmp_path, pyramid_slide, test_bundle, real_cluster) -> None:
+    """Ctrl-C in the middle of ``wsiseg segment --scheduler``; ``--resume`` finishes the mask an
+    uninterrupted run of the same command gives."""
+    import json
+
+    client, _ = real_cluster
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "wsiseg.cli", "segment", str(pyramid_slide), "--model", str(test_bundle),
+                "--out", str(out), "--scheduler", client.scheduler.address, "--quiet", "--budget", "0.5",
+                "--tile-size", "256", "--halo", "32"]
+
+    whole = subprocess.run(command(tmp_path / "whole.zarr"), capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "interrupted.zarr"
+    run = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    record = out / ".wsiseg" / "progress.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and run.poll() is None:
+        if record.exists() and any('"tiles"' in line for line in record.read_text().splitlines()):
+            run.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130 and "run again with --resume" in stderr
+    assert not (out / "report.json").exists()
+    done = {tuple(t) for line in record.read_text().splitlines() for t in json.loads(line).get("tiles", [])}
+    assert 0 < len(done) < 12
+
+    resumed = subprocess.run(command(out) + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["tiles"]["resumed"] == len(done) and report["status"] == "complete"
+    for level in ("0", "1", "2"):
+        np.testing.assert_array_equal(
+            np.asarray(zarr.open_array(str(out / "mask" / level), mode="r")[...]),
+            np.asarray(zarr.open_array(str(tmp_path / "whole.zarr" / "mask" / level), mode="r")[...]),
+        )
+
+
+def test_the_driver_never_imports_torch(tmp_path, pyramid_slide, test_bundle, real_cluster) -> None:
+    """Models load on the workers only: the process that plans and drives a run stays small."""
+    client, _ = real_cluster
+    script = (
+        "import sys\n"
+        "from distributed import Client\n"
+        "from wsiseg.segment import SegmentOptions, segment_slide\n"
+        f"client = Client({client.scheduler.address!r})\n"
+        f"report = segment_slide({str(pyramid_slide)!r}, {str(tmp_path / 'driver.zarr')!r}, "
+        f"SegmentOptions(model={str(test_bundle)!r}, tile_size=256), client)\n"
+        "print(report['status'], 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["complete", "False"]
+
+
 def test_killing_a_worker_mid_run_still_gives_the_same_output(
     tmp_path, pyramid_slide, test_bundle, real_cluster, local_mask
 ) -> None:

@@ -238,7 +238,7 @@ def test_slide_is_rescaled_to_the_models_pixel_size(tmp_path, pyramid_slide, sli
     out = tmp_path / "rescaled.zarr"
     options = SegmentOptions(model=str(coarse), selection=SELECTION, ratio=2, tile_size=128, halo=32,
                              stage1_block=64, stage1_halo=32)
-    report = segment_slide(chained, out, options, local_client)
+    report = segment_slide(chained, out, replace_options(options, geojson=True), local_client)
     working = report["working_resolution"]
     assert (working["level"], working["coarsen"], working["size"]) == (1, 1, [500, 384])
     assert working["scale_mismatch"] == 1.0
@@ -254,6 +254,15 @@ def test_slide_is_rescaled_to_the_models_pixel_size(tmp_path, pyramid_slide, sli
 
     node = list(Reader(parse_url(str(out / "mask")))())[0]
     assert node.metadata["coordinateTransformations"][0][0]["scale"] == pytest.approx([1.0, 1.0])  # 2 px x 0.5 um
+
+    # GeoJSON coordinates are level-0 pixels: each mask pixel is a 2 x 2 square of the slide.
+    import shapely.geometry
+
+    features = json.loads((out / "mask.geojson").read_text())["features"]
+    shapes = [shapely.geometry.shape(f["geometry"]) for f in features if f["properties"]["classification"]["name"] == "tissue"]
+    assert sum(shape.area for shape in shapes) == 4 * int((_read(out, "mask/0") == 1).sum())
+    x0, y0, x1, y1 = shapely.union_all(shapes).bounds
+    assert x0 >= 0 and y0 >= 0 and x1 <= 1000 and y1 <= 768 and x1 > 900 and y1 > 700
 
     fine = save_bundle(tmp_path / "fine.safetensors", loaded.models, {**loaded.config, "mpp": 0.25})
     report = segment_slide(pyramid_slide, tmp_path / "fine.zarr", replace_options(options, model=str(fine)), local_client)

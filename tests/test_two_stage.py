@@ -243,3 +243,30 @@ def test_without_a_halo_tiles_leave_seams(rng) -> None:
     seam = np.abs(with_halo.probabilities - no_halo.probabilities)[0]
     assert seam[:, 31:33].max() > 1e-3  # at the tile border
     np.testing.assert_allclose(seam[8:24, 8:24], 0, atol=1e-6)  # tile interiors agree
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+def test_uniform_label_holds_for_every_upsampled_pixel(rng, classes) -> None:
+    from wsiseg.models.base import probabilities_to_labels, uniform_label
+
+    answered = {None: 0, "label": 0}
+    for trial in range(300):
+        spread = rng.uniform(0.0, 0.6)  # from nearly constant maps to mixed ones
+        centre = rng.dirichlet(np.ones(max(2, classes)))
+        if classes == 1:
+            probs = np.clip(rng.uniform(0, 1) + rng.uniform(-spread, spread, (1, 6, 7)), 0, 1).astype(np.float32)
+        else:
+            noisy = centre[:, None, None] + rng.uniform(-spread, spread, (classes, 6, 7)) / classes
+            probs = (np.clip(noisy, 1e-3, None) / np.clip(noisy, 1e-3, None).sum(0)).astype(np.float32)
+        labels = probabilities_to_labels(
+            upsample_stage1(lambda b: torch.from_numpy(probs)[(slice(None), *b.slices())], (6, 7), (4.0, 4.0), Box(0, 24, 0, 28)).numpy()
+        )
+        label = uniform_label(probs)
+        if label is None:
+            answered[None] += 1
+        else:
+            answered["label"] += 1
+            assert (labels == label).all(), trial
+        if len(np.unique(probabilities_to_labels(probs))) > 1:
+            assert label is None  # mixed low-resolution labels never get one answer
+    assert answered[None] > 30 and answered["label"] > 30  # both cases were exercised

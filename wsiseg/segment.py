@@ -429,11 +429,15 @@ def task_refine(
 def task_compose(plan: SlidePlan, tiles: list[tuple[int, int]]) -> dict[str, Any]:
     """Unrefined tiles: Model 1's upsampled probabilities to labels, written.
 
-    The tiles' probability crops are read as one box, so each stored chunk
-    is decoded once per task.
+    The tiles' probability crops are read as one box, so each stored chunk is
+    decoded once per task. A tile whose crop gives one label everywhere (see
+    :func:`~wsiseg.models.base.uniform_label`; glass and empty background,
+    most of a slide) is not upsampled, and when that label is background it
+    is not written either: the mask's fill value is 0.
     """
     import torch
 
+    from wsiseg.models.base import uniform_label
     from wsiseg.two_stage import sample_plan, upsample_stage1
 
     t0 = time.perf_counter()
@@ -447,7 +451,11 @@ def task_compose(plan: SlidePlan, tiles: list[tuple[int, int]]) -> dict[str, Any
         return probs[:, box.y0 - union.y0 : box.y1 - union.y0, box.x0 - union.x0 : box.x1 - union.x0]
 
     counts = {}
-    for (row, col), tile in zip(tiles, boxes):
+    for (row, col), tile, crop in zip(tiles, boxes, crops):
+        label = uniform_label(read(crop).numpy())
+        if label == 0:
+            counts[f"{row},{col}"] = [tile.shape[0] * tile.shape[1]] + [0] * (max(2, plan.num_classes) - 1)
+            continue
         counts[f"{row},{col}"] = _write_labels(plan, tile, upsample_stage1(read, plan.low_shape, plan.scale, tile).numpy())
     return {"tiles": [list(t) for t in tiles], "counts": counts, "timings": {"compose": time.perf_counter() - t0}}
 

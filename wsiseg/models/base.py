@@ -111,20 +111,10 @@ class SegmentationModel(nn.Module):
             raise ValueError(f"expected an (N, 3, H, W) batch, got shape {tuple(x.shape)}")
         features = self.extract_features((x - self.input_mean) / self.input_std)
         if context is not None:
-            if context.shape != features.shape:
-                raise ValueError(
-                    f"context shape {tuple(context.shape)} must equal the feature "
-                    f"shape {tuple(features.shape)}"
-                )
-            features = features + context
+            features = features + _same_shape("context", context, "the feature", features)
         logits = self.classifier(features)
         if class_context is not None:
-            if class_context.shape != logits.shape:
-                raise ValueError(
-                    f"class context shape {tuple(class_context.shape)} must equal the classifier's "
-                    f"output shape {tuple(logits.shape)}"
-                )
-            logits = logits + class_context
+            logits = logits + _same_shape("class context", class_context, "the classifier's output", logits)
         if self.feature_stride > 1:
             # Upsample by exactly the stride, then crop: the same input pixel
             # gets the same logit whether the model sees the whole image or a
@@ -157,6 +147,13 @@ class SegmentationModel(nn.Module):
                 "cannot be projected"
             )
         return F.conv2d(features, classifier.weight)
+
+
+def _same_shape(name: str, tensor: torch.Tensor, target_name: str, target: torch.Tensor) -> torch.Tensor:
+    """``tensor``, after checking that its shape equals ``target``'s (a clear error otherwise)."""
+    if tensor.shape != target.shape:
+        raise ValueError(f"{name} shape {tuple(tensor.shape)} must equal {target_name} shape {tuple(target.shape)}")
+    return tensor
 
 
 def forward_gflop(model: nn.Module, height: int, width: int) -> float:
@@ -207,6 +204,39 @@ def logits_to_probabilities(logits: torch.Tensor) -> torch.Tensor:
     if logits.shape[1] == 1:
         return torch.sigmoid(logits)
     return torch.softmax(logits, dim=1)
+
+
+def uniform_label(probs: np.ndarray, margin: float = 1e-6) -> int | None:
+    """The label that every convex combination of these probability vectors gets, if one does.
+
+    Bilinear upsampling only forms convex combinations of the low-resolution
+    values, so when this returns a label the upsampled tile is that label
+    everywhere and need not be computed.
+
+    Parameters
+    ----------
+    probs : np.ndarray
+        ``(C, h, w)`` probabilities (``C == 1``: P(foreground)).
+
+    Returns
+    -------
+    int or None
+        ``C == 1``: 0 when every value is below 0.5, 1 when every value is at
+        least 0.5 (each by ``margin``, against round-off); ``C >= 2``: the class
+        whose smallest probability exceeds every other class's largest one.
+        None otherwise.
+    """
+    if probs.shape[0] == 1:
+        if float(probs.max()) < 0.5 - margin:
+            return 0
+        if float(probs.min()) >= 0.5 + margin:
+            return 1
+        return None
+    flat = probs.reshape(probs.shape[0], -1)
+    lows, highs = flat.min(axis=1), flat.max(axis=1)
+    best = int(np.argmax(lows))
+    others = np.delete(highs, best)
+    return best if float(lows[best]) > float(others.max()) + margin else None
 
 
 def probabilities_to_labels(probs: np.ndarray) -> np.ndarray:
