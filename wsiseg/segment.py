@@ -298,37 +298,42 @@ def task_stage1(plan: SlidePlan, row: int, col: int) -> dict[str, Any]:
     Model 2) and low-resolution pixels (for the thumbnail), and returns the
     integrals of uncertainty over the tile footprints it covers.
     """
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    from wsiseg.two_stage import predict_tiles
+
     runner = _runner(plan, "model1")
     project = _runner(plan, plan.stage2_role).model.project_context if plan.context else None
     grid = plan.block_grid
-    halo = round_up(plan.stage1_halo, runner.stride)
-    block, window = grid.tile(row, col), grid.window(row, col, halo)
-    pixels = read_scaled(plan.slide, plan.level, plan.coarsen, window)
-    t1 = time.perf_counter()
+    block = grid.tile(row, col)
+    reads: list[np.ndarray] = []
+    read_seconds = [0.0]
+    t0 = time.perf_counter()
+
+    def read_window(window: Box) -> np.ndarray:
+        t = time.perf_counter()
+        reads.append(read_scaled(plan.slide, plan.level, plan.coarsen, window))
+        read_seconds[0] += time.perf_counter() - t
+        return reads[-1]
+
     with runner.counting() as work:
-        probs, features = runner.predict(pixels[None], project=project)
-    t2 = time.perf_counter()
-    inner = block.relative_to(window)
-    probs = probs[0][(slice(None), *inner.slices())].numpy()
+        # The same call the in-memory engine makes per block (wsiseg.two_stage.predict_image).
+        ((_, _, probs, projected),) = predict_tiles(runner, read_window, grid, plan.stage1_halo, [(row, col)], 1, project=project)
+    t1 = time.perf_counter()
+    probs = probs.numpy()
     uncertainty = uncertainty_map(probs, plan.uncertainty)
     open_array(plan.out, "probability/0")[:, block.y0 : block.y1, block.x0 : block.x1] = probs
     open_array(plan.out, "uncertainty/0")[block.y0 : block.y1, block.x0 : block.x1] = uncertainty
-    open_array(plan.out, LOWRES_ARRAY)[block.y0 : block.y1, block.x0 : block.x1] = pixels[inner.slices()]
-    if project is not None:
-        s = runner.stride
-        fy0, fx0 = block.y0 // s, block.x0 // s
-        fy1, fx1 = -(-block.y1 // s), -(-block.x1 // s)
-        wy0, wx0 = fy0 - window.y0 // s, fx0 - window.x0 // s
-        open_array(plan.out, CONTEXT_ARRAY)[:, fy0:fy1, fx0:fx1] = (
-            features[0, :, wy0 : wy0 + fy1 - fy0, wx0 : wx0 + fx1 - fx0].numpy()
+    inner = block.relative_to(grid.window(row, col, round_up(plan.stage1_halo, runner.stride)))
+    open_array(plan.out, LOWRES_ARRAY)[block.y0 : block.y1, block.x0 : block.x1] = reads[0][inner.slices()]
+    if projected is not None:
+        fy0, fx0 = block.y0 // runner.stride, block.x0 // runner.stride
+        open_array(plan.out, CONTEXT_ARRAY)[:, fy0 : fy0 + projected.shape[1], fx0 : fx0 + projected.shape[2]] = (
+            projected.numpy()
         )
     tiles = plan.grid
     r0, c0, sums, areas = tile_integrals(
         uncertainty, tiles.edges(0), tiles.edges(1), plan.scale, origin=(block.y0, block.x0)
     )
-    timings.update(read=t1 - t0, model=t2 - t1, write=time.perf_counter() - t2)
+    timings = {"read": read_seconds[0], "model": t1 - t0 - read_seconds[0], "write": time.perf_counter() - t1}
     return {"r0": r0, "c0": c0, "sums": sums.tolist(), "areas": areas.tolist(), "timings": timings,
             "gflop": {"stage1": work["gflop"]}}
 
