@@ -172,3 +172,13 @@ def test_local_cluster_workers_get_malloc_settings() -> None:
         assert _malloc_environ(client) == [WORKER_MALLOC_ENVIRON]
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("gpu, cores, expected", [(False, 16, 16), (True, 16, 4), (True, 2, 2), (False, 1, 1)])
+def test_default_local_workers(monkeypatch, gpu, cores, expected) -> None:
+    """One worker per core on the CPU; GPU_WORKERS share a visible GPU, never more than the cores."""
+    import wsiseg.cluster as cluster
+
+    monkeypatch.setattr(cluster, "_cuda_visible", lambda: gpu)
+    monkeypatch.setattr(cluster, "available_cores", lambda: cores)
+    assert cluster._default_workers() == expected

@@ -108,7 +108,7 @@ class ProgressBars:
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Run on a Dask cluster, e.g. tcp://host:8786. Slide, model and output must be at the same "
                    "paths on every worker.")
-@click.option("--workers", type=int, default=None, help="Local worker processes (default: one per core).")
+@click.option("--workers", type=int, default=None, help="Local worker processes (default: one per core; 4 sharing the GPU when one is visible).")
 @click.option("--tile-size", type=int, default=None, help="Tile side in pixels (default: ~512, aligned to the file's tiles).")
 @click.option("--halo", type=int, default=None, help="Context pixels read around each tile (default: the bundle's, or 32).")
 @click.option("--ratio", type=int, default=None, help="Model 1's downsampling factor (default: the bundle's, or 4).")

@@ -57,7 +57,7 @@ def start_client(
     scheduler : str, optional
         Address such as ``tcp://host:8786`` of a running ``dask scheduler``.
     workers : int, optional
-        Local worker processes (default: one per core, or one per GPU).
+        Local worker processes (default: one per core, or GPU_WORKERS sharing a visible GPU).
     processes : bool
         Local workers as processes (default) or threads of this process.
     threads_per_worker : int
@@ -95,9 +95,15 @@ def start_client(
     return Client(cluster)
 
 
+#: Worker processes sharing one visible GPU. Decoding, composing and writing
+#: run on the CPU: on an H100 with 16 cores, a 16k slide's default run took
+#: 41.3 s with 1 worker, 27.8 s with 4 and 31.7 s with 8 (benchmarks/RESULTS.md).
+GPU_WORKERS = 4
+
+
 def _default_workers() -> int:
-    """One worker per core, or one in all when a CUDA GPU is visible."""
-    return 1 if _cuda_visible() else available_cores()
+    """One worker per core; with a CUDA GPU visible, GPU_WORKERS (at most one per core)."""
+    return min(GPU_WORKERS, available_cores()) if _cuda_visible() else available_cores()
 
 
 def _cuda_visible() -> bool:
