@@ -63,8 +63,10 @@ def test_speed_study_runs_on_a_tiny_slide(tmp_path, test_bundle) -> None:
     assert [r["threshold"] for r in data["rows"]] == [None, 0.0, 0.25, 0.5]
     assert data["rows"][1]["refined"] == 1.0 and data["rows"][1]["dice_vs_t0"] == 1.0
     assert all(r["gflop"] > 0 for r in data["rows"]) and "| full resolution |" in result.stdout
-    # Refining fewer tiles never costs more model work than refining all of them.
-    assert data["rows"][3]["gflop"] <= data["rows"][2]["gflop"] <= data["rows"][1]["gflop"]
+    # Refining fewer tiles never costs more model work than refining all of them (up to the rounding of
+    # per-task sums: two thresholds that refine the same tiles may group them into tasks differently).
+    gflop = [r["gflop"] for r in data["rows"]]
+    assert gflop[3] <= gflop[2] * (1 + 1e-9) and gflop[2] <= gflop[1] * (1 + 1e-9)
     stages = data["breakdown"]["stages"]
     assert set(stages) == {"stage1", "stage2"} and stages["stage2"]["parts_s"]["model forward"] > 0
     assert 0 < data["breakdown"]["model_share_of_wall"] < 1

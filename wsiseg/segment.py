@@ -738,13 +738,13 @@ def segment_slide(
     timings: dict[str, float] = {}
     task_seconds: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
 
-    gflop: dict[str, float] = defaultdict(float)
+    gflop: dict[str, list[float]] = defaultdict(list)  # per task; summed with fsum: independent of arrival order
 
     def add_task_times(stage: str, result: Any) -> None:
         for key, value in (result.get("timings", {}) if isinstance(result, dict) else {}).items():
             task_seconds[stage][key] += value
         for key, value in (result.get("gflop", {}) if isinstance(result, dict) else {}).items():
-            gflop[key] += value
+            gflop[key].append(value)
 
     try:
         grid = plan.grid
@@ -812,7 +812,7 @@ def segment_slide(
     report["timings"] = timings
     # Seconds inside tasks, summed over worker threads, per stage and part (read, model, ...).
     report["task_seconds"] = {stage: dict(parts) for stage, parts in task_seconds.items()}
-    report["model_gflop"] = dict(gflop)  # work done in this session (not counting resumed tiles)
+    report["model_gflop"] = {key: math.fsum(values) for key, values in gflop.items()}  # work done in this session (not counting resumed tiles)
     write_report(out, report)
     return report
 
