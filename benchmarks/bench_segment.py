@@ -114,18 +114,19 @@ def run_segment(
 
 def mask_dice(a: Path, b: Path) -> float:
     """Foreground Dice between two outputs' ``mask/0``, a band of chunks at a time (flat memory)."""
+    import numpy as np
     import zarr
+
+    from wsiseg.metrics import confusion, dice_iou
 
     first, second = zarr.open_array(str(a / "mask/0"), mode="r"), zarr.open_array(str(b / "mask/0"), mode="r")
     if first.shape != second.shape:
         raise ValueError("masks differ in shape")
     step = first.chunks[0] * 4
-    both = either = 0
+    counts = np.zeros((2, 2), np.int64)
     for y in range(0, first.shape[0], step):
-        x1, x2 = first[y : y + step] > 0, second[y : y + step] > 0
-        both += int((x1 & x2).sum())
-        either += int(x1.sum()) + int(x2.sum())
-    return 1.0 if either == 0 else 2 * both / either
+        counts += confusion((first[y : y + step] > 0).astype(np.uint8), (second[y : y + step] > 0).astype(np.uint8), 2)
+    return dice_iou(counts)[0]
 
 
 def machine() -> str:
@@ -301,9 +302,11 @@ def study_peer(slide: Path, region: int, workers: int, model: str | None, scratc
     import numpy as np
     import zarr
 
+    from wsiseg.metrics import dice
+
     theirs = np.load(monai_mask)
     ours = zarr.open_array(str(scratch / "region-full.zarr" / "mask/0"), mode="r")[...] > 0
-    agreement = 2 * int((theirs & ours).sum()) / max(1, int(theirs.sum()) + int(ours.sum()))
+    agreement = dice(theirs.astype(np.uint8), ours.astype(np.uint8))
     return {
         "region": size, "slide": str(slide),
         "rows": [

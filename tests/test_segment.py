@@ -295,3 +295,34 @@ def test_models_are_loaded_once_per_process_and_threads_fit_the_cores(tmp_path, 
     threads = torch_threads_per_host(local_client)
     dask_threads = sum(w["nthreads"] for w in local_client.scheduler_info(n_workers=-1)["workers"].values())
     assert set(threads.values()) == {max(1, available_cores() // dask_threads)}
+
+
+def test_uniform_unrefined_tiles_are_written_as_the_in_memory_engine_composes_them(
+    tmp_path, pyramid_slide, slide_image, local_client
+) -> None:
+    """Unrefined tiles whose Model 1 crop is one label everywhere skip upsampling (task_compose):
+    foreground ones are written as a constant, background ones not at all. The mask must not change."""
+    from conftest import centred_model
+
+    from wsiseg.bundle import save_bundle
+    from wsiseg.two_stage import downsample_mean
+
+    model1 = centred_model("unet", "mobilenet_v3_large", downsample_mean(slide_image, 4), 1)
+    with torch.no_grad():
+        model1.classifier.bias += 15.0  # mostly foreground: some tiles all foreground, others mixed
+    model2 = centred_model("unet", "mobilenet_v3_large", slide_image, 2)
+    bundle = save_bundle(tmp_path / "biased.safetensors", {"model1": model1, "model2": model2}, {"ratio": 4})
+    selection = TileSelection.top_n(2)
+    out = tmp_path / "biased.zarr"
+    report = segment_slide(pyramid_slide, out, SegmentOptions(model=str(bundle), selection=selection, **GEOMETRY),
+                           local_client)
+    torch.set_num_threads(1)
+    expected = segment_image(slide_image, model1, model2, TwoStageConfig(ratio=4, selection=selection, **GEOMETRY),
+                             device="cpu")
+    mask = _read(out, "mask/0")
+    np.testing.assert_array_equal(mask, expected.mask)
+    grid = TileGrid(*mask.shape, GEOMETRY["tile_size"])
+    unrefined = [grid.tile(r, c) for r, c in grid.tiles() if not expected.refined[r, c]]
+    all_foreground = sum(bool((mask[t.slices()] == 1).all()) for t in unrefined)
+    assert 1 <= all_foreground < len(unrefined)  # both the shortcut and the upsampling were taken
+    assert report["label_pixels"]["foreground"] == int(mask.sum())

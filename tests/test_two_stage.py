@@ -270,3 +270,41 @@ def test_uniform_label_holds_for_every_upsampled_pixel(rng, classes) -> None:
         if len(np.unique(probabilities_to_labels(probs))) > 1:
             assert label is None  # mixed low-resolution labels never get one answer
     assert answered[None] > 30 and answered["label"] > 30  # both cases were exercised
+
+
+def test_union_reader_reads_the_union_once_and_serves_each_box(rng) -> None:
+    from wsiseg.two_stage import union_reader
+
+    values = torch.from_numpy(rng.random((2, 40, 50)).astype(np.float32))
+    reads = []
+
+    def read(box: Box) -> torch.Tensor:
+        reads.append(box)
+        return values[(slice(None), *box.slices())]
+
+    boxes = [Box(3, 10, 4, 20), Box(8, 30, 15, 25)]
+    served = union_reader(read, boxes)
+    assert reads == []  # nothing read until asked
+    for box in [*boxes, Box(5, 6, 10, 11)]:
+        torch.testing.assert_close(served(box), values[(slice(None), *box.slices())], rtol=0, atol=0)
+    assert reads == [Box(3, 30, 4, 25)]
+    with pytest.raises(ValueError, match="outside"):
+        served(Box(0, 5, 4, 10))
+
+
+def test_compose_tile_skips_model1_where_model2_weighs_one(rng) -> None:
+    from wsiseg.two_stage import compose_tile
+
+    p1, p2 = (torch.from_numpy(rng.random((2, 8, 9)).astype(np.float32)) for _ in range(2))
+    calls = []
+
+    def stage1() -> torch.Tensor:
+        calls.append(1)
+        return p1
+
+    np.testing.assert_array_equal(compose_tile(stage1, p2, np.ones((8, 9), np.float32)), p2.numpy())
+    assert calls == []
+    ramp = np.tile(np.linspace(0.1, 1.0, 9, dtype=np.float32), (8, 1))
+    np.testing.assert_allclose(compose_tile(stage1, p2, ramp), ramp * p2.numpy() + (1 - ramp) * p1.numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(compose_tile(stage1, None, np.zeros((8, 9), np.float32)), p1.numpy())
+    assert calls == [1, 1]

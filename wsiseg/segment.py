@@ -378,11 +378,20 @@ def _write_labels(plan: SlidePlan, tile: Box, probs: np.ndarray) -> list[int]:
 
 
 def _map_reader(plan: SlidePlan, name: str) -> Callable[[Box], Any]:
-    """``read(box) -> (C, bh, bw)`` tensor from a stored low-resolution map."""
+    """``read(box) -> (C, bh, bw)`` tensor of a stored low-resolution map."""
     import torch
 
     array = open_array(plan.out, name)
     return lambda box: torch.from_numpy(np.asarray(array[:, box.y0 : box.y1, box.x0 : box.x1]))
+
+
+def _stage1_reader(plan: SlidePlan, tiles: list[Box]) -> Callable[[Box], Any]:
+    """Model 1's stored probabilities for :func:`~wsiseg.two_stage.upsample_stage1` over
+    ``tiles``, read once over the union of their crops."""
+    from wsiseg.two_stage import stage1_crop, union_reader
+
+    crops = [stage1_crop(tile, plan.scale, plan.low_shape) for tile in tiles]
+    return union_reader(_map_reader(plan, "probability/0"), crops)
 
 
 def task_refine(
@@ -418,14 +427,14 @@ def task_refine(
             runner2, lambda w: _assemble(w, reads), grid, plan.halo, tiles, plan.batch_size, context_for
         ))
     t1 = time.perf_counter()
-    read_probs = None if plan.full_resolution else _map_reader(plan, "probability/0")
+    read_probs = None if plan.full_resolution else _stage1_reader(plan, [grid.tile(r, c) for r, c in tiles])
     for row, col, p2, _ in predictions:
         tile = grid.tile(row, col)
         if plan.full_resolution:
             probs = p2.numpy()
         else:
             weights = blend_weights(flags[(row, col)], 1, 1, tile, plan.blend)
-            probs = compose_tile(upsample_stage1(read_probs, plan.low_shape, plan.scale, tile), p2, weights)
+            probs = compose_tile(lambda tile=tile: upsample_stage1(read_probs, plan.low_shape, plan.scale, tile), p2, weights)
         counts[f"{row},{col}"] = _write_labels(plan, tile, probs)
     timings.update(model=t1 - t0 - context_seconds[0], context=context_seconds[0], compose=time.perf_counter() - t1)
     return {"tiles": [list(t) for t in tiles], "counts": counts, "timings": timings, "gflop": {"stage2": work2["gflop"]}}
@@ -440,28 +449,22 @@ def task_compose(plan: SlidePlan, tiles: list[tuple[int, int]]) -> dict[str, Any
     most of a slide) is not upsampled, and when that label is background it
     is not written either: the mask's fill value is 0.
     """
-    import torch
-
     from wsiseg.models.base import uniform_label
-    from wsiseg.two_stage import sample_plan, upsample_stage1
+    from wsiseg.two_stage import stage1_crop, upsample_stage1
 
     t0 = time.perf_counter()
-    grid = plan.grid
-    boxes = [grid.tile(row, col) for row, col in tiles]
-    crops = [sample_plan((b.y0, b.x0), b.shape, 1.0, plan.scale, plan.low_shape)[0] for b in boxes]
-    union = Box(min(c.y0 for c in crops), max(c.y1 for c in crops), min(c.x0 for c in crops), max(c.x1 for c in crops))
-    probs = torch.from_numpy(np.asarray(open_array(plan.out, "probability/0")[:, union.y0 : union.y1, union.x0 : union.x1]))
-
-    def read(box: Box) -> Any:
-        return probs[:, box.y0 - union.y0 : box.y1 - union.y0, box.x0 - union.x0 : box.x1 - union.x0]
-
+    boxes = [plan.grid.tile(row, col) for row, col in tiles]
+    read = _stage1_reader(plan, boxes)
     counts = {}
-    for (row, col), tile, crop in zip(tiles, boxes, crops):
-        label = uniform_label(read(crop).numpy())
-        if label == 0:
-            counts[f"{row},{col}"] = [tile.shape[0] * tile.shape[1]] + [0] * (max(2, plan.num_classes) - 1)
+    for (row, col), tile in zip(tiles, boxes):
+        label = uniform_label(read(stage1_crop(tile, plan.scale, plan.low_shape)).numpy())
+        if label is None:
+            counts[f"{row},{col}"] = _write_labels(plan, tile, upsample_stage1(read, plan.low_shape, plan.scale, tile).numpy())
             continue
-        counts[f"{row},{col}"] = _write_labels(plan, tile, upsample_stage1(read, plan.low_shape, plan.scale, tile).numpy())
+        if label != 0:  # background is the mask's fill value: nothing to write
+            open_array(plan.out, "mask/0")[tile.y0 : tile.y1, tile.x0 : tile.x1] = label
+        counts[f"{row},{col}"] = [0] * max(2, plan.num_classes)
+        counts[f"{row},{col}"][label] = tile.shape[0] * tile.shape[1]
     return {"tiles": [list(t) for t in tiles], "counts": counts, "timings": {"compose": time.perf_counter() - t0}}
 
 

@@ -22,7 +22,8 @@
    refined and an unrefined tile (:func:`~wsiseg.tiling.blend_weights`).
 
 The building blocks (:class:`ModelRunner`, :func:`predict_tiles`,
-:func:`window_context`, :func:`upsample_stage1`, :func:`compose_tile`) are
+:func:`window_context`, :func:`upsample_stage1`, :func:`union_reader`,
+:func:`compose_tile`) are
 shared with the out-of-core Dask graph of :mod:`wsiseg.segment`;
 :func:`segment_image` and :func:`segment_full_resolution` run the flow on one
 in-memory image.
@@ -431,6 +432,38 @@ def upsample_stage1(read: ReadMap, low_shape: tuple[int, int], scale: tuple[floa
     return sample_map(read, low_shape, (tile.y0, tile.x0), tile.shape, 1.0, scale)
 
 
+def union_reader(read: ReadMap, boxes: list[Box]) -> ReadMap:
+    """``read`` for boxes inside the union of ``boxes``, served from one read of that union.
+
+    The union is read on the first call (not at all when nothing is asked
+    for), so a stored map's chunks are decoded once for a batch of tiles
+    rather than once per tile. A box outside the union is an error.
+    """
+    union = Box(min(b.y0 for b in boxes), max(b.y1 for b in boxes), min(b.x0 for b in boxes), max(b.x1 for b in boxes))
+    values: list[torch.Tensor] = []
+
+    def read_inside(box: Box) -> torch.Tensor:
+        if not (union.y0 <= box.y0 <= box.y1 <= union.y1 and union.x0 <= box.x0 <= box.x1 <= union.x1):
+            raise ValueError(f"box {box} lies outside the union read {union}")
+        if not values:
+            values.append(read(union))
+        return values[0][(slice(None), *box.relative_to(union).slices())]
+
+    return read_inside
+
+
+def stage1_crop(tile: Box, scale: tuple[float, float], low_shape: tuple[int, int]) -> Box:
+    """The low-resolution box :func:`upsample_stage1` reads for ``tile``."""
+    return sample_plan((tile.y0, tile.x0), tile.shape, 1.0, scale, low_shape)[0]
+
+
+def _context_samples(
+    scale: tuple[float, float], stride1: int, window: Box, feature_shape: tuple[int, int], stride2: int
+) -> tuple[tuple[int, int], tuple[int, int], float, tuple[float, float]]:
+    """``(start, count, step, map scale)`` of :func:`sample_plan` for a window's context."""
+    return (window.y0, window.x0), feature_shape, float(stride2), (scale[0] * stride1, scale[1] * stride1)
+
+
 def window_context(
     read: ReadMap,
     context_shape: tuple[int, int],
@@ -458,32 +491,42 @@ def window_context(
     torch.Tensor
         ``(C, fh2, fw2)`` float32: sampled at the centres of Model 2's feature pixels.
     """
-    feature_scale = (scale[0] * stride1, scale[1] * stride1)
-    return sample_map(read, context_shape, (window.y0, window.x0), feature_shape, float(stride2), feature_scale)
+    return sample_map(read, context_shape, *_context_samples(scale, stride1, window, feature_shape, stride2))
 
 
 def context_reader(
     read: ReadMap, context_shape: tuple[int, int], scale: tuple[float, float], stride1: int, stride2: int
 ) -> ContextFor:
-    """A :data:`ContextFor` over a stored projected context map (see :func:`window_context`)."""
+    """A :data:`ContextFor` over a stored projected context map (see :func:`window_context`).
+
+    Each batch reads the map once, over the union of its windows' crops.
+    """
 
     def context_for(windows: list[Box], feature_shape: tuple[int, int]) -> torch.Tensor:
+        crops = [
+            sample_plan(*_context_samples(scale, stride1, window, feature_shape, stride2), context_shape)[0]
+            for window in windows
+        ]
+        batch_read = union_reader(read, crops)
         return torch.stack([
-            window_context(read, context_shape, scale, stride1, window, feature_shape, stride2) for window in windows
+            window_context(batch_read, context_shape, scale, stride1, window, feature_shape, stride2)
+            for window in windows
         ])
 
     return context_for
 
 
 def compose_tile(
-    stage1_probs: torch.Tensor, stage2_probs: torch.Tensor | None, weights: np.ndarray
+    stage1_probs: Callable[[], torch.Tensor], stage2_probs: torch.Tensor | None, weights: np.ndarray
 ) -> np.ndarray:
     """``weights * stage2 + (1 - weights) * stage1`` for one tile.
 
     Parameters
     ----------
-    stage1_probs : torch.Tensor
-        ``(C, th, tw)`` upsampled Model 1 probabilities.
+    stage1_probs : callable
+        ``stage1_probs() -> (C, th, tw)`` upsampled Model 1 probabilities;
+        not called where Model 2's weight is 1 everywhere (a refined tile with
+        no unrefined neighbour), whose result is Model 2's alone.
     stage2_probs : torch.Tensor or None
         ``(C, th, tw)`` Model 2 probabilities; None for an unrefined tile.
     weights : np.ndarray
@@ -494,11 +537,13 @@ def compose_tile(
     np.ndarray
         ``(C, th, tw)`` float32.
     """
-    p1 = stage1_probs.numpy()
     if stage2_probs is None:
-        return p1.astype(np.float32, copy=False)
+        return stage1_probs().numpy().astype(np.float32, copy=False)
+    p2 = stage2_probs.numpy()
+    if weights.min() >= 1.0:
+        return p2.astype(np.float32, copy=False)
     w = weights[None]
-    return (w * stage2_probs.numpy() + (1.0 - w) * p1).astype(np.float32)
+    return (w * p2 + (1.0 - w) * stage1_probs().numpy()).astype(np.float32)
 
 
 def run_stage1(
@@ -656,7 +701,7 @@ def segment_image(
         t = time.perf_counter()
         tile = grid.tile(row, col)
         weights = blend_weights(refined, row, col, tile, config.blend)
-        stage1 = upsample_stage1(lambda b: probs1_t[(slice(None), *b.slices())], low.shape[:2], scale, tile)
+        stage1 = lambda: upsample_stage1(lambda b: probs1_t[(slice(None), *b.slices())], low.shape[:2], scale, tile)
         out[(slice(None), *tile.slices())] = compose_tile(stage1, stage2, weights)
         compose_seconds += time.perf_counter() - t
 
