@@ -63,7 +63,7 @@ def plan(size: int, tissue: np.ndarray, target: float, seed: int) -> tuple[list[
     -------
     placements, coverage : the copies and the tissue fraction they give.
     """
-    from wsiseg.two_stage import downsample_mean
+    from wsiseg.tiling import downsample_mean
 
     rng = np.random.default_rng(seed)
     scale = 64
@@ -96,7 +96,7 @@ class SlideComposer:
 
     def __init__(self, size: int, placements: list[Placement], image: np.ndarray, tissue: np.ndarray,
                  background: np.ndarray, seed: int) -> None:
-        from wsiseg.two_stage import downsample_mean
+        from wsiseg.tiling import downsample_mean
 
         self.size = size
         self.placements = placements

@@ -67,10 +67,10 @@ def write_pyramid(
     """A generic tiled pyramidal TIFF that both OpenSlide and tifffile open.
 
     Level 0 first, reduced levels as separate tiled pages with subfiletype 1:
-    block means of level 0 (as :func:`~wsiseg.two_stage.downsample_mean`
+    block means of level 0 (as :func:`~wsiseg.tiling.downsample_mean`
     computes them), or with ``chained`` of the previous level.
     """
-    from wsiseg.two_stage import downsample_mean
+    from wsiseg.tiling import downsample_mean
 
     extra = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"} if mpp else {}
     previous, previous_factor = image, 1
@@ -120,7 +120,7 @@ def pyramid_slide(tmp_path_factory, slide_image):
 def test_bundle(tmp_path_factory, slide_image):
     """A two-stage pair plus a baseline (U-Net / MobileNetV3, random but centred)."""
     from wsiseg.bundle import save_bundle
-    from wsiseg.two_stage import downsample_mean
+    from wsiseg.tiling import downsample_mean
 
     models = {
         "model1": centred_model("unet", "mobilenet_v3_large", downsample_mean(slide_image, 4), 1),

@@ -128,3 +128,88 @@ def test_models_without_spec_and_unknown_roles_cannot_be_saved(tmp_path) -> None
     with pytest.raises(BundleError, match="unknown bundle role"):
         save_bundle(tmp_path / "x.safetensors", {"teacher": build_model("fcn", 1, backbone="resnet18")})
     assert not list(tmp_path.iterdir())  # nothing that looks like a bundle was left
+
+
+# --------------------------------------------------------------------------- hostile headers
+
+
+def _write_raw(path, header: dict | bytes, data: bytes = b"", length: int | None = None):
+    """A file laid out like safetensors: 8-byte little-endian length, header, data."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+    return path
+
+
+def _f32(offsets: list[int], shape: list[int] | None = None, dtype: str = "F32") -> dict:
+    return {"dtype": dtype, "shape": shape or [(offsets[1] - offsets[0]) // 4], "data_offsets": offsets}
+
+
+HOSTILE_HEADERS = {
+    "header larger than file": (b"{}", bytes(16), 1000, "header length 1000 exceeds the 18 bytes"),
+    "not json": (b"{not json", b"", None, "header is not JSON"),
+    "not an object": (b"[1, 2]", b"", None, "header is not a JSON object"),
+    "metadata not strings": ({"__metadata__": {"format": 1}}, b"", None, "non-string values"),
+    "size mismatch": (
+        {"w": _f32([0, 16], shape=[2**40, 2**40])}, bytes(16), None, r"declares F32 .* but data_offsets span 16",
+    ),
+    "overlapping": ({"a": _f32([0, 16]), "b": _f32([8, 24])}, bytes(24), None, "'b' overlaps"),
+    "gap": ({"a": _f32([0, 8]), "b": _f32([16, 24])}, bytes(24), None, "gap before tensor 'b'"),
+    "beyond the file": ({"a": _f32([0, 1 << 40])}, bytes(16), None, "beyond the 16 data bytes"),
+    "trailing data": ({"a": _f32([0, 8])}, bytes(16), None, "cover 8 bytes but the file holds 16"),
+    "unknown dtype": ({"a": _f32([0, 8], dtype="F128")}, bytes(8), None, "unknown dtype 'F128'"),
+    "negative shape": ({"a": _f32([0, 8], shape=[-2])}, bytes(8), None, "shape that is not a list"),
+    "bad offsets": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0]}}, bytes(8), None, "not \\[begin, end\\]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_HEADERS))
+def test_hostile_headers_are_refused(tmp_path, case) -> None:
+    from wsiseg.bundle import inspect_bundle
+
+    header, data, length, message = HOSTILE_HEADERS[case]
+    path = _write_raw(tmp_path / "hostile.safetensors", header, data, length)
+    for read in (load_bundle, inspect_bundle):
+        with pytest.raises(BundleError, match=message) as info:
+            read(path)
+        assert "truncated or not a safetensors file" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_huge_header_length_is_refused_in_bounded_memory(tmp_path) -> None:
+    import resource
+    import tracemalloc
+
+    path = _write_raw(tmp_path / "huge.safetensors", b"{}", bytes(64), length=2**62)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    tracemalloc.start()
+    try:
+        with pytest.raises(BundleError, match=f"header length {2**62} exceeds the .*-byte limit"):
+            load_bundle(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 50 * 1024
+
+
+def test_huge_metadata_is_refused(tmp_path, monkeypatch) -> None:
+    from wsiseg import bundle as bundle_module
+
+    monkeypatch.setattr(bundle_module, "MAX_HEADER_BYTES", 4096)
+    path = _write_raw(tmp_path / "meta.safetensors", {"__metadata__": {"config": "x" * 5000}})
+    with pytest.raises(BundleError, match="exceeds the 4096-byte limit"):
+        load_bundle(path)
+
+
+def test_float_weights_stored_as_int64_are_refused(tmp_path, pair) -> None:
+    """A valid safetensors file with a consistent checksum, but one float tensor saved as int64."""
+    from wsiseg import bundle as bundle_module
+
+    path = save_bundle(tmp_path / "pair.safetensors", {"model1": pair[0]})
+    metadata = _header(path)[1]["__metadata__"]
+    tensors = {f"model1.{k}": v.contiguous() for k, v in pair[0].state_dict().items()}
+    name = next(k for k, v in tensors.items() if v.dtype == torch.float32)
+    tensors[name] = tensors[name].to(torch.int64)
+    metadata["checksum"] = bundle_module._checksum(metadata["models"], metadata["config"], tensors)
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(BundleError, match=f"{name} is torch.int64 where the model expects torch.float32"):
+        load_bundle(path)

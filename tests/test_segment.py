@@ -10,18 +10,20 @@ import torch
 import zarr
 
 from wsiseg.bundle import load_bundle
+from wsiseg.config import RunOptions, TwoStageConfig
 from wsiseg.errors import InputError
-from wsiseg.segment import SegmentOptions, segment_slide
+from wsiseg.run import segment_full_resolution, segment_image, segment_slide
 from wsiseg.tiling import TileGrid
-from wsiseg.two_stage import TwoStageConfig, segment_full_resolution, segment_image
 from wsiseg.uncertainty import TileSelection
 
 SELECTION = TileSelection.budget(0.5)
 GEOMETRY = {"tile_size": 256, "halo": 32, "stage1_block": 64, "stage1_halo": 32}
+CONFIG = TwoStageConfig(ratio=4, selection=SELECTION, **GEOMETRY)
 
 
-def _options(bundle, **extra) -> SegmentOptions:
-    return SegmentOptions(model=str(bundle), selection=SELECTION, **{**GEOMETRY, **extra})
+def _run(slide, out, client, bundle, config: TwoStageConfig = CONFIG, progress=None, **options):
+    """``segment_slide`` with the test geometry; ``options`` are RunOptions fields."""
+    return segment_slide(slide, out, client, config, RunOptions(model=str(bundle), **options), progress)
 
 
 def _read(out, name: str) -> np.ndarray:
@@ -31,16 +33,15 @@ def _read(out, name: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, pyramid_slide, test_bundle, local_client):
     out = tmp_path_factory.mktemp("runs") / "reference.zarr"
-    report = segment_slide(pyramid_slide, out, _options(test_bundle), local_client)
+    report = _run(pyramid_slide, out, local_client, test_bundle)
     return out, report
 
 
 def test_dask_result_equals_in_memory_engine(reference_run, slide_image, test_bundle) -> None:
     out, report = reference_run
     bundle = load_bundle(test_bundle)
-    config = TwoStageConfig(ratio=4, selection=SELECTION, batch_size=4, **GEOMETRY)
     torch.set_num_threads(1)  # the workers' setting, so that float reductions match
-    expected = segment_image(slide_image, bundle.model1, bundle.model2, config, device="cpu")
+    expected = segment_image(slide_image, bundle.model1, bundle.model2, CONFIG, device="cpu", batch_size=4)
 
     assert report["stage1"] == {"level": 2, "coarsen": 1, "scale": [4.0, 4.0], "shape": [192, 250]}
     assert report["tiles"] == {"total": 12, "refined": 6, "refined_fraction": 0.5, "resumed": 0}
@@ -97,7 +98,7 @@ def test_each_level0_tile_is_decoded_at_most_once_and_only_for_selected_windows(
     monkeypatch.setattr(TiffReader, "_decode", counting)
     clear_readers()
     out = tmp_path / "count.zarr"
-    report = segment_slide(pyramid_slide, out, _options(test_bundle), local_client)
+    report = _run(pyramid_slide, out, local_client, test_bundle)
     level0 = [index for width, index in decoded if width == 1000]
     # Opening the slide checks its corner tiles once in the driver; the run itself:
     from wsiseg.slide import open_slide
@@ -131,7 +132,7 @@ def test_interrupted_run_resumes_without_redoing_tiles(tmp_path, pyramid_slide, 
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        segment_slide(pyramid_slide, out, _options(test_bundle), local_client, progress=interrupt)
+        _run(pyramid_slide, out, local_client, test_bundle, progress=interrupt)
     assert not (out / "report.json").exists()  # nothing looks complete
     assert "multiscales" not in zarr.open_group(str(out / "mask"), mode="r").attrs
     lines = (out / ".wsiseg" / "progress.jsonl").read_text().splitlines()
@@ -139,8 +140,8 @@ def test_interrupted_run_resumes_without_redoing_tiles(tmp_path, pyramid_slide, 
     assert len(before) >= 5
 
     with pytest.raises(InputError, match="already exists"):
-        segment_slide(pyramid_slide, out, _options(test_bundle), local_client)
-    report = segment_slide(pyramid_slide, out, _options(test_bundle, resume=True), local_client)
+        _run(pyramid_slide, out, local_client, test_bundle)
+    report = _run(pyramid_slide, out, local_client, test_bundle, resume=True)
     after_lines = (out / ".wsiseg" / "progress.jsonl").read_text().splitlines()[len(lines):]
     redone = {tuple(t) for line in after_lines for t in json.loads(line).get("tiles", [])}
     assert not (redone & before), "finished tiles were recomputed"
@@ -151,14 +152,14 @@ def test_interrupted_run_resumes_without_redoing_tiles(tmp_path, pyramid_slide, 
     np.testing.assert_array_equal(_read(out, "mask/1"), _read(reference, "mask/1"))
 
     with pytest.raises(InputError, match="other settings"):
-        segment_slide(pyramid_slide, out, _options(test_bundle, resume=True, halo=64), local_client)
+        _run(pyramid_slide, out, local_client, test_bundle, CONFIG.with_overrides(halo=64), resume=True)
 
 
 def test_full_resolution_mode_equals_in_memory_baseline(tmp_path, pyramid_slide, slide_image, test_bundle, local_client) -> None:
     out = tmp_path / "baseline.zarr"
-    report = segment_slide(pyramid_slide, out, _options(test_bundle, full_resolution=True), local_client)
+    report = _run(pyramid_slide, out, local_client, test_bundle, full_resolution=True)
     torch.set_num_threads(1)
-    expected = segment_full_resolution(slide_image, load_bundle(test_bundle).model, 256, 32, 4, device="cpu")
+    expected = segment_full_resolution(slide_image, load_bundle(test_bundle).model, CONFIG, "cpu", batch_size=4)
     np.testing.assert_array_equal(_read(out, "mask/0"), expected.mask)
     assert report["mode"] == "full-resolution" and report["tiles"]["refined"] == 12
     assert not (out / "probability").exists()
@@ -169,9 +170,9 @@ def test_existing_outputs_are_protected(tmp_path, pyramid_slide, test_bundle, lo
     foreign.mkdir()
     (foreign / "thesis.docx").write_text("precious")
     with pytest.raises(InputError, match="already exists"):
-        segment_slide(pyramid_slide, foreign, _options(test_bundle), local_client)
+        _run(pyramid_slide, foreign, local_client, test_bundle)
     with pytest.raises(InputError, match="not a wsiseg output"):
-        segment_slide(pyramid_slide, foreign, _options(test_bundle, overwrite=True), local_client)
+        _run(pyramid_slide, foreign, local_client, test_bundle, overwrite=True)
     assert (foreign / "thesis.docx").read_text() == "precious"
 
 
@@ -181,7 +182,7 @@ def test_bundle_without_the_needed_models_is_refused(tmp_path, pyramid_slide, lo
 
     single = save_bundle(tmp_path / "single.safetensors", {"model": build_model("fcn", 1, backbone="mobilenet_v3_large")})
     with pytest.raises(InputError, match="no Model 1 / Model 2 pair"):
-        segment_slide(pyramid_slide, tmp_path / "o.zarr", _options(single), local_client)
+        _run(pyramid_slide, tmp_path / "o.zarr", local_client, single)
     assert not (tmp_path / "o.zarr").exists()
 
 
@@ -228,7 +229,7 @@ def test_geojson_polygons_rasterise_back_onto_the_mask(tmp_path, local_client) -
 
 def test_slide_is_rescaled_to_the_models_pixel_size(tmp_path, pyramid_slide, slide_image, test_bundle, local_client) -> None:
     from wsiseg.bundle import save_bundle
-    from wsiseg.two_stage import downsample_mean
+    from wsiseg.tiling import downsample_mean
 
     from conftest import write_pyramid
 
@@ -236,16 +237,14 @@ def test_slide_is_rescaled_to_the_models_pixel_size(tmp_path, pyramid_slide, sli
     loaded = load_bundle(test_bundle)
     coarse = save_bundle(tmp_path / "coarse.safetensors", loaded.models, {**loaded.config, "mpp": 1.0})
     out = tmp_path / "rescaled.zarr"
-    options = SegmentOptions(model=str(coarse), selection=SELECTION, ratio=2, tile_size=128, halo=32,
-                             stage1_block=64, stage1_halo=32)
-    report = segment_slide(chained, out, replace_options(options, geojson=True), local_client)
+    config = TwoStageConfig(ratio=2, tile_size=128, halo=32, stage1_block=64, stage1_halo=32, selection=SELECTION)
+    report = _run(chained, out, local_client, coarse, config, geojson=True)
     working = report["working_resolution"]
-    assert (working["level"], working["coarsen"], working["size"]) == (1, 1, [500, 384])
+    assert (working["level"], working["coarsen"], working["size_yx"]) == (1, 1, [384, 500])
     assert working["scale_mismatch"] == 1.0
     assert report["stage1"]["level"] == 2 and report["stage1"]["scale"] == [2.0, 2.0]
     torch.set_num_threads(1)
     half = downsample_mean(slide_image, 2)  # the pixels of level 1
-    config = TwoStageConfig(ratio=2, tile_size=128, halo=32, stage1_block=64, stage1_halo=32, selection=SELECTION)
     expected = segment_image(half, loaded.model1, loaded.model2, config, device="cpu")
     np.testing.assert_array_equal(_read(out, "mask/0"), expected.mask)
 
@@ -265,14 +264,8 @@ def test_slide_is_rescaled_to_the_models_pixel_size(tmp_path, pyramid_slide, sli
     assert x0 >= 0 and y0 >= 0 and x1 <= 1000 and y1 <= 768 and x1 > 900 and y1 > 700
 
     fine = save_bundle(tmp_path / "fine.safetensors", loaded.models, {**loaded.config, "mpp": 0.25})
-    report = segment_slide(pyramid_slide, tmp_path / "fine.zarr", replace_options(options, model=str(fine)), local_client)
+    report = _run(pyramid_slide, tmp_path / "fine.zarr", local_client, fine, config)
     assert report["working_resolution"]["level"] == 0 and "not upsampled" in report["working_resolution"]["decision"]
-
-
-def replace_options(options: SegmentOptions, **changes) -> SegmentOptions:
-    from dataclasses import replace
-
-    return replace(options, **changes)
 
 
 def test_models_are_loaded_once_per_process_and_threads_fit_the_cores(tmp_path, pyramid_slide, test_bundle, local_client, monkeypatch) -> None:
@@ -286,7 +279,7 @@ def test_models_are_loaded_once_per_process_and_threads_fit_the_cores(tmp_path, 
     loads = []
     original = bundle_module.load_bundle
     monkeypatch.setattr(bundle_module, "load_bundle", lambda path: loads.append(str(path)) or original(path))
-    report = segment_slide(pyramid_slide, tmp_path / "once.zarr", _options(fresh), local_client)
+    report = _run(pyramid_slide, tmp_path / "once.zarr", local_client, fresh)
     assert report["tiles"]["total"] == 12  # 12 tiles + 12 stage-1 blocks + reads: dozens of tasks
     # One load, in this process's worker cache, which also answered the driver's
     # planning question (describe_bundle): not one per task, none in the driver.
@@ -300,12 +293,13 @@ def test_models_are_loaded_once_per_process_and_threads_fit_the_cores(tmp_path, 
 def test_uniform_unrefined_tiles_are_written_as_the_in_memory_engine_composes_them(
     tmp_path, pyramid_slide, slide_image, local_client
 ) -> None:
-    """Unrefined tiles whose Model 1 crop is one label everywhere skip upsampling (task_compose):
-    foreground ones are written as a constant, background ones not at all. The mask must not change."""
+    """Unrefined tiles whose Model 1 crop is one label everywhere skip upsampling (compose_tiles):
+    foreground ones are written as a constant, background ones not at all. The mask must equal the
+    one composed by upsampling every tile (what keeping the probabilities forces)."""
     from conftest import centred_model
 
     from wsiseg.bundle import save_bundle
-    from wsiseg.two_stage import downsample_mean
+    from wsiseg.tiling import downsample_mean
 
     model1 = centred_model("unet", "mobilenet_v3_large", downsample_mean(slide_image, 4), 1)
     with torch.no_grad():
@@ -314,11 +308,10 @@ def test_uniform_unrefined_tiles_are_written_as_the_in_memory_engine_composes_th
     bundle = save_bundle(tmp_path / "biased.safetensors", {"model1": model1, "model2": model2}, {"ratio": 4})
     selection = TileSelection.top_n(2)
     out = tmp_path / "biased.zarr"
-    report = segment_slide(pyramid_slide, out, SegmentOptions(model=str(bundle), selection=selection, **GEOMETRY),
-                           local_client)
+    config = TwoStageConfig(ratio=4, selection=selection, **GEOMETRY)
+    report = _run(pyramid_slide, out, local_client, bundle, config)
     torch.set_num_threads(1)
-    expected = segment_image(slide_image, model1, model2, TwoStageConfig(ratio=4, selection=selection, **GEOMETRY),
-                             device="cpu")
+    expected = segment_image(slide_image, model1, model2, config, device="cpu", probabilities=True)
     mask = _read(out, "mask/0")
     np.testing.assert_array_equal(mask, expected.mask)
     grid = TileGrid(*mask.shape, GEOMETRY["tile_size"])

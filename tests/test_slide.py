@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import numpy as np
 import pytest
 import tifffile
@@ -11,7 +14,7 @@ from PIL import Image
 from conftest import structured_image, write_pyramid
 from wsiseg.errors import InputError
 from wsiseg.slide import Box, clear_readers, describe, open_slide, to_rgb8
-from wsiseg.two_stage import downsample_mean
+from wsiseg.tiling import downsample_mean
 
 
 @pytest.mark.parametrize("backend", ["tifffile", "openslide"])
@@ -176,7 +179,7 @@ def test_bad_files_give_one_clear_error(tmp_path, kind) -> None:
 
 def test_truncated_files_and_folders_are_refused(tmp_path, pyramid_slide) -> None:
     raw = pyramid_slide.read_bytes()
-    for keep in (0.3, 0.9):
+    for keep in (0.3, 0.6):  # both inside level 0 (a cut in a reduced level falls back, below)
         cut = tmp_path / f"cut{keep}.tif"
         cut.write_bytes(raw[: int(len(raw) * keep)])
         with pytest.raises(InputError, match="truncated"):
@@ -195,3 +198,49 @@ def test_writing_pyramid_fixture_helper_is_exact(tmp_path) -> None:
     path = write_pyramid(tmp_path / "x.tif", image, tile=32, factors=(1, 3))
     slide = open_slide(path)
     np.testing.assert_array_equal(slide.read_region(1, Box(0, 34, 0, 40)), downsample_mean(image, 3))
+
+
+def _truncated_copy(source, target, where: str) -> int:
+    """Copy ``source`` cut inside its last level's tile data (``"data"``) or at the
+    start of its last page's IFD (``"ifd"``); returns the number of bytes kept."""
+    with tifffile.TiffFile(source) as tiff:
+        last = tiff.pages[-1]
+        assert last.offset < min(last.dataoffsets)  # tifffile writes each IFD before its tiles
+        cut = int(last.dataoffsets[-1]) + 1 if where == "data" else int(last.offset)
+    target.write_bytes(source.read_bytes()[:cut])
+    return cut
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [("data", r"^level 2 of .*cut\.tif is truncated .*; using levels 0-1 only$"),
+     ("ifd", r"^.*cut\.tif is truncated after level 1 \(.*\); using levels 0-1 only$")],
+)
+def test_truncated_reduced_level_is_dropped_with_one_warning(
+    tmp_path, pyramid_slide, slide_image, caplog, where, message
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="tifffile")
+    cut = tmp_path / "cut.tif"
+    _truncated_copy(pyramid_slide, cut, where)
+    slide = open_slide(cut)
+    assert [lvl.shape for lvl in slide.levels] == [(768, 1000), (384, 500)]
+    assert len(slide.warnings) == 1 and "\n" not in slide.warnings[0]
+    assert re.match(message, slide.warnings[0]), slide.warnings[0]
+    assert f"warning:   {slide.warnings[0]}" in describe(slide)
+    whole = Box(0, 768, 0, 1000)
+    np.testing.assert_array_equal(slide.read_region(0, whole), open_slide(pyramid_slide).read_region(0, whole))
+    np.testing.assert_array_equal(slide.read_region(0, whole), slide_image)
+    np.testing.assert_array_equal(slide.read_region(1, Box(0, 384, 0, 500)), downsample_mean(slide_image, 2))
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")]  # tifffile's own lines stay quiet
+    assert open_slide(pyramid_slide).warnings == ()
+
+
+def test_truncated_level_0_is_still_refused(tmp_path, pyramid_slide, caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="tifffile")
+    with tifffile.TiffFile(pyramid_slide) as tiff:
+        level0 = tiff.pages[0]
+        cut = int(level0.dataoffsets[-1]) + 1  # the last tile of level 0 is cut short
+    (tmp_path / "cut0.tif").write_bytes(pyramid_slide.read_bytes()[:cut])
+    with pytest.raises(InputError, match=r"cut0\.tif is truncated: its pixel data ends at byte \d+ but the file has"):
+        open_slide(tmp_path / "cut0.tif")
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")]

@@ -1,4 +1,4 @@
-"""The in-memory two-stage engine: selection extremes, seamless tiling, composition."""
+"""The two-stage flow on images in memory: selection extremes, seamless tiling, composition."""
 
 from __future__ import annotations
 
@@ -11,25 +11,34 @@ from conftest import TinyFCN, random_image
 from wsiseg.errors import InputError
 from wsiseg.models import build_model
 from wsiseg.models.base import logits_to_probabilities
-from wsiseg.tiling import Box, TileGrid, blend_weights
-from wsiseg.tiling import linear_resample
-from wsiseg.two_stage import (
-    ModelRunner,
-    TwoStageConfig,
-    context_reader,
-    downsample_mean,
-    run_stage1,
-    sample_plan,
-    segment_full_resolution,
-    segment_image,
-    upsample_stage1,
-)
-from wsiseg.uncertainty import TileSelection, entropy, tile_scores
+from wsiseg.config import TwoStageConfig
+from wsiseg.inference import ModelRunner, compose_tile, context_reader, union_reader, upsample_stage1
+from wsiseg.run.driver import run_flow
+from wsiseg.run.executors import InlineExecutor
+from wsiseg.run.memory import ImageSource, LoadedModels, MemoryStore, segment_full_resolution, segment_image
+from wsiseg.run.plan import ModelFacts, make_plan
+from wsiseg.tiling import Box, TileGrid, blend_weights, downsample_mean, linear_resample, sample_plan
+from wsiseg.two_stage import CONTEXT
+from wsiseg.uncertainty import TileSelection, entropy, probabilities_to_labels, tile_scores, uniform_label
 
 
 def _pair(num_classes: int = 1, stride: int = 1, seed: int = 0) -> tuple[TinyFCN, TinyFCN]:
     torch.manual_seed(seed)
     return TinyFCN(num_classes, stride=stride), TinyFCN(num_classes, stride=stride)
+
+
+def run_stage1(model1, model2, low: np.ndarray, block: int, halo: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 1 alone (nothing refined) on a low-resolution image: probabilities and stored context."""
+    runners = {"model1": ModelRunner(model1, "cpu", channels_last=False),
+               "model2": ModelRunner(model2, "cpu", channels_last=False)}
+    store = MemoryStore()
+    config = TwoStageConfig(ratio=1, stage1_block=block, stage1_halo=halo, selection=TileSelection.threshold(2.0))
+    facts = ModelFacts({r: m.feature_stride for r, m in (("model1", model1), ("model2", model2))}, model1.num_classes)
+    plan = make_plan(ImageSource(low), store, LoadedModels(runners), facts, config)
+    store.allocate(plan)
+    result = run_flow(plan, config.selection, InlineExecutor())
+    assert not result.refined.any()
+    return store.array("probability/0"), store.array(CONTEXT)
 
 
 def _whole(model, image: np.ndarray, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,7 +61,7 @@ def test_threshold_above_one_refines_nothing_and_equals_upsampled_model1(rng) ->
     image = random_image(rng, 150, 203)
     model1, model2 = _pair(num_classes=3)
     config = TwoStageConfig(ratio=4, tile_size=64, halo=8, selection=TileSelection.threshold(1.01))
-    result = segment_image(image, model1, model2, config, device="cpu")
+    result = segment_image(image, model1, model2, config, device="cpu", probabilities=True)
     assert not result.refined.any()
     assert result.counts["tiles_refined"] == 0 and result.counts["tiles_total"] == 3 * 4
 
@@ -74,10 +83,8 @@ def test_threshold_zero_refines_all_and_tiled_model2_equals_whole_image(rng, sha
     # Receptive radius: 3 convs (+ the strided conv and the final interpolation
     # at stride 2) = 3 px at stride 1, 9 px at stride 2; the halo must cover it.
     halo = 8 * stride
-    config = TwoStageConfig(
-        ratio=4, tile_size=32, halo=halo, blend=8, batch_size=3, selection=TileSelection.threshold(0.0)
-    )
-    result = segment_image(image, model1, model2, config, device="cpu")
+    config = TwoStageConfig(ratio=4, tile_size=32, halo=halo, blend=8, selection=TileSelection.threshold(0.0))
+    result = segment_image(image, model1, model2, config, device="cpu", batch_size=3, probabilities=True)
     assert result.refined.all()
     assert result.counts["tiles_refined"] == TileGrid(*shape, 32).num_tiles
 
@@ -100,9 +107,8 @@ def test_threshold_zero_refines_all_and_tiled_model2_equals_whole_image(rng, sha
 def test_stage1_in_blocks_equals_whole_low_resolution_image(rng) -> None:
     low = random_image(rng, 90, 133)
     model1, model2 = _pair(num_classes=2, stride=2)
-    runner = ModelRunner(model1, "cpu", channels_last=False)
-    probs_blocks, context_blocks = run_stage1(runner, low, block=32, halo=16, project=model2.project_context)
-    probs_whole, context_whole = run_stage1(runner, low, block=1024, halo=0, project=model2.project_context)
+    probs_blocks, context_blocks = run_stage1(model1, model2, low, block=32, halo=16)
+    probs_whole, context_whole = run_stage1(model1, model2, low, block=1024, halo=0)
     np.testing.assert_allclose(probs_blocks, probs_whole, atol=2e-5)
     np.testing.assert_allclose(probs_whole, _whole(model1, low).numpy(), atol=2e-5)
     # The stitched projected features equal Model 2's classifier weights on Model 1's whole-image features.
@@ -118,8 +124,7 @@ def test_window_context_equals_resampled_whole_image_features_projected(rng) -> 
     image = random_image(rng, 200, 168)
     low = downsample_mean(image, 4)
     model1, model2 = _pair(num_classes=3, stride=2)
-    runner = ModelRunner(model1, "cpu", channels_last=False)
-    _, stored = run_stage1(runner, low, block=16, halo=16, project=model2.project_context)
+    _, stored = run_stage1(model1, model2, low, block=16, halo=16)
     stored_t = torch.from_numpy(stored)
     context_for = context_reader(lambda b: stored_t[(slice(None), *b.slices())], stored.shape[1:], (4.0, 4.0), 2, 2)
     with torch.no_grad():
@@ -172,7 +177,7 @@ def test_mixed_selection_blends_model2_into_model1(rng) -> None:
     image = random_image(rng, 96, 128)
     model1, model2 = _pair(num_classes=1)
     config = TwoStageConfig(ratio=4, tile_size=32, halo=8, blend=6, selection=TileSelection.top_n(4))
-    result = segment_image(image, model1, model2, config, device="cpu")
+    result = segment_image(image, model1, model2, config, device="cpu", probabilities=True)
     refined = result.refined
     assert refined.sum() == 4
     scores = tile_scores(result.uncertainty, TileGrid(96, 128, 32).edges(0), TileGrid(96, 128, 32).edges(1), (4.0, 4.0))
@@ -181,9 +186,9 @@ def test_mixed_selection_blends_model2_into_model1(rng) -> None:
 
     # Composition: w * p2 + (1 - w) * p1, tile by tile.
     all_model1 = segment_image(image, model1, model2, TwoStageConfig(
-        ratio=4, tile_size=32, halo=8, selection=TileSelection.threshold(2.0)), device="cpu")
+        ratio=4, tile_size=32, halo=8, selection=TileSelection.threshold(2.0)), device="cpu", probabilities=True)
     all_model2 = segment_image(image, model1, model2, TwoStageConfig(
-        ratio=4, tile_size=32, halo=8, selection=TileSelection.threshold(0.0)), device="cpu")
+        ratio=4, tile_size=32, halo=8, selection=TileSelection.threshold(0.0)), device="cpu", probabilities=True)
     grid = TileGrid(96, 128, 32)
     for row, col in grid.tiles():
         tile = grid.tile(row, col)
@@ -196,7 +201,8 @@ def test_mixed_selection_blends_model2_into_model1(rng) -> None:
 def test_full_resolution_mode_equals_whole_image_model(rng) -> None:
     image = random_image(rng, 77, 121)
     _, model = _pair(num_classes=2)
-    result = segment_full_resolution(image, model, tile_size=32, halo=8, batch_size=5, device="cpu")
+    result = segment_full_resolution(image, model, TwoStageConfig(tile_size=32, halo=8), "cpu", batch_size=5,
+                                     probabilities=True)
     assert result.refined.all() and result.stage1_probabilities is None
     expected = _whole(model, image)
     np.testing.assert_allclose(result.probabilities, expected.numpy(), atol=2e-5)
@@ -210,14 +216,15 @@ def test_real_architecture_runs_and_reports_counts_and_timings(rng) -> None:
     image = random_image(rng, 200, 260)
     config = TwoStageConfig(ratio=2, tile_size=64, halo=16, selection=TileSelection.budget(0.25))
     stages = []
-    result = segment_image(image, model1, model2, config, device="cpu", progress=lambda s, d, t: stages.append((s, d, t)))
+    result = segment_image(image, model1, model2, config, device="cpu", progress=lambda s, d, t: stages.append((s, d, t)),
+                           probabilities=True)
     assert result.mask.shape == (200, 260) and result.mask.dtype == np.uint8
     assert result.probabilities.shape == (2, 200, 260)
     np.testing.assert_allclose(result.probabilities.sum(0), 1.0, atol=1e-5)
     assert result.counts["tiles_total"] == 4 * 5
     assert result.counts["tiles_refined"] == 5  # round(0.25 * 20)
     assert set(result.timings) == {"stage1", "select", "stage2", "compose", "total"}
-    assert ("stage2", 5, 5) in stages and stages[0][0] == "stage1"
+    assert ("stage2", 20, 20) in stages and stages[0][0] == "stage1"  # tiles written, refined or not
 
 
 def test_bad_inputs_are_clear_errors(rng) -> None:
@@ -225,7 +232,7 @@ def test_bad_inputs_are_clear_errors(rng) -> None:
     with pytest.raises(InputError, match="uint8 RGB"):
         segment_image(np.zeros((10, 10), np.uint8), model1, model2)
     _, strided = _pair(stride=2)
-    with pytest.raises(InputError, match="multiple of Model 2's feature stride"):
+    with pytest.raises(InputError, match="multiple of the model's feature stride"):
         segment_image(random_image(rng, 40, 40), model1, strided, TwoStageConfig(tile_size=33), device="cpu")
     with pytest.raises(InputError, match="3 classes but Model 2 has 1"):
         segment_image(random_image(rng, 40, 40), TinyFCN(3), TinyFCN(1))
@@ -238,8 +245,8 @@ def test_without_a_halo_tiles_leave_seams(rng) -> None:
     image = random_image(rng, 96, 96)
     model1, model2 = _pair(num_classes=1)
     everything = TileSelection.threshold(0.0)
-    with_halo = segment_image(image, model1, model2, TwoStageConfig(ratio=4, tile_size=32, halo=8, selection=everything), device="cpu")
-    no_halo = segment_image(image, model1, model2, TwoStageConfig(ratio=4, tile_size=32, halo=0, selection=everything), device="cpu")
+    with_halo = segment_image(image, model1, model2, TwoStageConfig(ratio=4, tile_size=32, halo=8, selection=everything), device="cpu", probabilities=True)
+    no_halo = segment_image(image, model1, model2, TwoStageConfig(ratio=4, tile_size=32, halo=0, selection=everything), device="cpu", probabilities=True)
     seam = np.abs(with_halo.probabilities - no_halo.probabilities)[0]
     assert seam[:, 31:33].max() > 1e-3  # at the tile border
     np.testing.assert_allclose(seam[8:24, 8:24], 0, atol=1e-6)  # tile interiors agree
@@ -247,8 +254,6 @@ def test_without_a_halo_tiles_leave_seams(rng) -> None:
 
 @pytest.mark.parametrize("classes", [1, 3])
 def test_uniform_label_holds_for_every_upsampled_pixel(rng, classes) -> None:
-    from wsiseg.models.base import probabilities_to_labels, uniform_label
-
     answered = {None: 0, "label": 0}
     for trial in range(300):
         spread = rng.uniform(0.0, 0.6)  # from nearly constant maps to mixed ones
@@ -273,8 +278,6 @@ def test_uniform_label_holds_for_every_upsampled_pixel(rng, classes) -> None:
 
 
 def test_union_reader_reads_the_union_once_and_serves_each_box(rng) -> None:
-    from wsiseg.two_stage import union_reader
-
     values = torch.from_numpy(rng.random((2, 40, 50)).astype(np.float32))
     reads = []
 
@@ -293,8 +296,6 @@ def test_union_reader_reads_the_union_once_and_serves_each_box(rng) -> None:
 
 
 def test_compose_tile_skips_model1_where_model2_weighs_one(rng) -> None:
-    from wsiseg.two_stage import compose_tile
-
     p1, p2 = (torch.from_numpy(rng.random((2, 8, 9)).astype(np.float32)) for _ in range(2))
     calls = []
 

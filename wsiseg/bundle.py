@@ -40,6 +40,18 @@ BUNDLE_FORMAT = "wsiseg-bundle"
 BUNDLE_VERSION = 1
 ROLES = ("model1", "model2", "model")
 
+#: Largest safetensors header (JSON) a bundle may have. Real bundles need well
+#: under 1 MB; the cap keeps a hostile length field from costing memory.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+#: Bits per element of every safetensors dtype.
+DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
+
 
 @dataclass
 class Bundle:
@@ -176,6 +188,7 @@ def _read_header(path: Path) -> dict[str, str]:
         raise BundleError(f"model bundle {str(path)!r} does not exist; give the path of a .safetensors bundle")
     if not path.is_file():
         raise BundleError(f"model bundle {str(path)!r} is not a file")
+    _check_raw_header(path)
     try:
         with safe_open(str(path), framework="numpy") as handle:
             metadata = handle.metadata() or {}
@@ -185,6 +198,112 @@ def _read_header(path: Path) -> dict[str, str]:
         ) from exc
     _check_format(path, metadata)
     return metadata
+
+
+def _check_raw_header(path: Path) -> None:
+    """Validate a safetensors header by hand before safetensors parses it.
+
+    Reads at most :data:`MAX_HEADER_BYTES`, never allocates the sizes the file
+    declares, and raises :class:`BundleError` naming the first problem.
+    """
+    try:
+        problem = _raw_header_problem(path)
+    except OSError as exc:
+        problem = f"unreadable: {exc}"
+    if problem:
+        raise BundleError(
+            f"model bundle {str(path)!r} is truncated or not a safetensors file ({problem}); "
+            "copy or train it again"
+        )
+
+
+def _raw_header_problem(path: Path) -> str | None:
+    """The first problem of the file's safetensors header, or None."""
+    file_size = path.stat().st_size
+    with path.open("rb") as stream:
+        prefix = stream.read(8)
+        if len(prefix) < 8:
+            return f"{file_size} bytes, shorter than the 8-byte header length"
+        length = int.from_bytes(prefix, "little")
+        if length > MAX_HEADER_BYTES:
+            return f"header length {length} exceeds the {MAX_HEADER_BYTES}-byte limit"
+        if length > file_size - 8:
+            return f"header length {length} exceeds the {file_size - 8} bytes after it"
+        raw = stream.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return "header is not JSON"
+    if not isinstance(header, dict):
+        return "header is not a JSON object"
+    return _metadata_problem(header.pop("__metadata__", {})) or _entries_problem(
+        header, file_size - 8 - length
+    )
+
+
+def _metadata_problem(metadata: object) -> str | None:
+    """The problem of a header's ``__metadata__`` (a str -> str object), or None."""
+    if not isinstance(metadata, dict):
+        return "__metadata__ is not a JSON object"
+    if not all(isinstance(value, str) for value in metadata.values()):
+        return "__metadata__ has non-string values"
+    return None
+
+
+def _entries_problem(header: dict[str, Any], data_size: int) -> str | None:
+    """The problem of a header's tensor entries, or None.
+
+    Each entry must have a known dtype, a shape of non-negative ints and
+    ``data_offsets`` whose span equals the declared size; sorted by offset the
+    spans must tile the ``data_size`` bytes after the header exactly.
+    """
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        problem = _entry_problem(name, entry)
+        if problem:
+            return problem
+        begin, end = entry["data_offsets"]
+        spans.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin < position:
+            return f"tensor {name!r} overlaps the previous tensor (offset {begin} < {position})"
+        if begin > position:
+            return f"gap before tensor {name!r} (offset {begin}, expected {position})"
+        if end > data_size:
+            return f"tensor {name!r} ends at {end}, beyond the {data_size} data bytes in the file"
+        position = end
+    if position != data_size:
+        return f"tensors cover {position} bytes but the file holds {data_size} data bytes"
+    return None
+
+
+def _entry_problem(name: str, entry: object) -> str | None:
+    """The problem of one tensor entry of a header, or None."""
+    if not isinstance(entry, dict):
+        return f"tensor {name!r} is not described by a JSON object"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        return f"tensor {name!r} has unknown dtype {str(dtype)[:32]!r}"
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        return f"tensor {name!r} has a shape that is not a list of non-negative integers"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)):
+        return f"tensor {name!r} has data_offsets that are not [begin, end]"
+    bits = DTYPE_BITS[dtype]
+    for n in shape:
+        bits *= n
+    declared = bits // 8 if bits % 8 == 0 else -1
+    if offsets[1] - offsets[0] != declared:
+        return (
+            f"tensor {name!r} declares {dtype} {shape[:8]} ({declared} bytes) "
+            f"but data_offsets span {offsets[1] - offsets[0]} bytes"
+        )
+    return None
+
+
+def _is_count(value: object) -> bool:
+    """True for a non-negative JSON integer (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _check_format(path: Path, metadata: dict[str, str]) -> None:
@@ -264,9 +383,24 @@ def _rebuild(path: Path, role: str, spec: Mapping[str, Any], tensors: Mapping[st
             f"{spec['backbone']} description ({len(missing)} missing, {len(unexpected)} unexpected, "
             f"{len(wrong)} mis-shaped tensors, e.g. {example})"
         )
+    _check_dtypes(path, role, expected, state)
     model.load_state_dict(state, strict=True)
     model.spec = dict(spec)
     return model.eval()
+
+
+def _check_dtypes(
+    path: Path, role: str, expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
+) -> None:
+    """Refuse weights whose dtype differs from the rebuilt model's (``load_state_dict`` would cast)."""
+    wrong = sorted(k for k in expected if expected[k].dtype != state[k].dtype)
+    if wrong:
+        name = wrong[0]
+        raise BundleError(
+            f"model bundle {str(path)!r}: {len(wrong)} {role} tensors have the wrong dtype, e.g. "
+            f"{role}.{name} is {state[name].dtype} where the model expects {expected[name].dtype}; "
+            "copy or train it again"
+        )
 
 
 def resolve_model(ref: str | os.PathLike[str] | None) -> Path:

@@ -114,7 +114,7 @@ class ProgressBars:
 @click.option("--ratio", type=int, default=None, help="Model 1's downsampling factor (default: the bundle's, or 4).")
 @click.option("--uncertainty", type=click.Choice(["entropy", "margin"]), default=None,
               help="Uncertainty measure (default: the bundle's, or entropy).")
-@click.option("--blend", type=int, default=16, show_default=True, help="Blend ramp (pixels) between refined and unrefined tiles.")
+@click.option("--blend", type=int, default=None, help="Blend ramp (pixels) between refined and unrefined tiles (default 16).")
 @click.option("--batch-size", type=int, default=None,
               help="Tiles per Model 2 forward pass (default: 1 on the CPU, as fast as larger batches there "
                    "with less memory; 4 on a GPU).")
@@ -132,6 +132,8 @@ def segment(slides: tuple[Path, ...], **opts: Any) -> None:
     open), Model 1's probability and uncertainty maps, the refined-tile map,
     report.json and overlay.png.
     """
+    from wsiseg.config import RunOptions
+    from wsiseg.run.slides import segment_slides
     from wsiseg.uncertainty import TileSelection
 
     chosen = [k for k in ("threshold", "top", "budget") if opts[k] is not None]
@@ -139,8 +141,6 @@ def segment(slides: tuple[Path, ...], **opts: Any) -> None:
         raise WsisegError("give only one of --threshold, --top and --budget")
     if opts["scheduler"] and opts["workers"]:
         raise WsisegError("give either --scheduler or --workers, not both")
-    if opts["overwrite"] and opts["resume"]:
-        raise WsisegError("give either --overwrite or --resume, not both")
     selection = None  # the bundle's default threshold
     if opts["top"] is not None:
         selection = TileSelection.top_n(opts["top"])
@@ -149,55 +149,27 @@ def segment(slides: tuple[Path, ...], **opts: Any) -> None:
     elif opts["threshold"] is not None:
         selection = TileSelection.threshold(opts["threshold"])
     _quiet_libraries()
+    overrides = {"selection": selection, **{k: opts[k] for k in ("tile_size", "halo", "ratio", "uncertainty", "blend")}}
+    options = RunOptions(**{k: opts[k] for k in (
+        "model", "full_resolution", "device", "batch_size", "backend", "overwrite", "resume", "geojson")})
+    bars = ProgressBars(enabled=not opts["quiet"])
 
-    from wsiseg.cluster import start_client
-    from wsiseg.segment import SegmentOptions, default_output, segment_slide
-    from wsiseg.slide import open_slide
+    def announce(slide: Path, out: Path) -> None:
+        bars.close()
+        if not opts["quiet"]:
+            click.echo(f"{slide} -> {out}", err=True)
 
-    from wsiseg.bundle import inspect_bundle, resolve_model
-
-    # Fail on bad input before starting any cluster.
-    for slide in slides:
-        open_slide(slide, opts["backend"])
-    inspect_bundle(resolve_model(opts["model"]))
-    outputs = _output_paths(slides, opts["out"], default_output)
-    for out in outputs:
-        if out.exists() and not (opts["overwrite"] or opts["resume"]):
-            raise WsisegError(f"{out} already exists; use --overwrite to replace it or --resume to continue it")
-    options = SegmentOptions(
-        model=opts["model"], selection=selection, full_resolution=opts["full_resolution"],
-        tile_size=opts["tile_size"], halo=opts["halo"], ratio=opts["ratio"], uncertainty=opts["uncertainty"],
-        blend=opts["blend"], batch_size=opts["batch_size"], device=opts["device"], backend=opts["backend"],
-        overwrite=opts["overwrite"], resume=opts["resume"], geojson=opts["geojson"],
-    )
-    client = start_client(opts["scheduler"], opts["workers"])
     try:
-        for slide, out in zip(slides, outputs):
-            if not opts["quiet"]:
-                click.echo(f"{slide} -> {out}", err=True)
-            bars = ProgressBars(enabled=not opts["quiet"])
-            try:
-                report = segment_slide(slide, out, options, client, progress=bars)
-            finally:
-                bars.close()
+        for _, out, report in segment_slides(list(slides), opts["out"], overrides, options, opts["scheduler"],
+                                             opts["workers"], bars, announce):
+            bars.close()
             tiles = report["tiles"]
             click.echo(
                 f"{out}: {tiles['refined']} of {tiles['total']} tiles refined "
                 f"({100 * tiles['refined_fraction']:.1f} %), {report['timings']['total']:.1f} s"
             )
     finally:
-        client.close()
-
-
-def _output_paths(slides: tuple[Path, ...], out: Path | None, default_output: Any) -> list[Path]:
-    if len(slides) == 1:
-        return [out if out is not None else default_output(slides[0])]
-    if out is not None and out.suffix == ".zarr":
-        raise WsisegError("with several slides, --out is a folder for the outputs, not one .zarr")
-    paths = [default_output(s, out) for s in slides]
-    if len(set(paths)) != len(paths):
-        raise WsisegError("two slides share a file name; segment them separately with --out")
-    return paths
+        bars.close()
 
 
 @main.command()

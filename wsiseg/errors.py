@@ -27,3 +27,11 @@ class BundleError(WsisegError):
 
 class InputError(WsisegError, ValueError):
     """An input image or parameter that cannot be processed."""
+
+
+class OutputBusyError(WsisegError):
+    """An output folder that another run is writing (its lock file is held)."""
+
+
+class DiskFullError(WsisegError):
+    """The device holding the output has no space (or quota) left."""

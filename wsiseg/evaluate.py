@@ -1,10 +1,10 @@
 """Dice, IoU, refined fraction and time per image: baseline vs two-stage.
 
 The paper's comparison (Table 3 rows, Table 4(3) threshold sweep), measured
-with the same inference code ``wsiseg segment`` runs: the full-resolution
-baseline through :func:`~wsiseg.two_stage.segment_full_resolution`, the
-two-stage pipeline through :func:`~wsiseg.two_stage.segment_image` at each
-threshold. Dice and IoU are the mean over images of the foreground score
+with the same tile tasks and driver ``wsiseg segment`` runs: the
+full-resolution baseline through :func:`~wsiseg.run.segment_full_resolution`,
+the two-stage pipeline through :func:`~wsiseg.run.segment_image` at each
+threshold, with the bundle's own settings (:class:`~wsiseg.config.BundleSettings`). Dice and IoU are the mean over images of the foreground score
 (the mean over classes 1..K-1 for multi-class), plus the pooled score over
 all pixels of the split.
 """
@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from wsiseg.bundle import Bundle
+from wsiseg.config import BundleSettings
 from wsiseg.metrics import confusion, dice_iou
 from wsiseg.models.base import SegmentationModel
 from wsiseg.train.datasets import Sample, SegmentationData
-from wsiseg.two_stage import TwoStageConfig, segment_full_resolution, segment_image
+from wsiseg.run.memory import segment_full_resolution, segment_image
 from wsiseg.uncertainty import TileSelection
 
 PAPER_THRESHOLDS = (1.0, 0.75, 0.5, 0.25, 0.0)
@@ -55,19 +56,6 @@ def prepare(image: np.ndarray, mask: np.ndarray, image_size: int | None) -> tupl
     x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
     y = F.interpolate(torch.tensor(mask)[None, None].float(), size=(image_size, image_size), mode="nearest")
     return x[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy(), y[0, 0].byte().numpy()
-
-
-def two_stage_config(bundle_config: dict[str, Any], **overrides: Any) -> TwoStageConfig:
-    """The engine settings a bundle was trained for (ratio, tile, halo, context, ...)."""
-    fields = {
-        "ratio": int(bundle_config.get("ratio", 4)),
-        "tile_size": int(bundle_config.get("tile_size", 512)),
-        "halo": int(bundle_config.get("halo", 32)),
-        "uncertainty": str(bundle_config.get("uncertainty", "entropy")),
-        "context": bool(bundle_config.get("context", True)),
-    }
-    fields.update(overrides)
-    return TwoStageConfig(**fields)
 
 
 def evaluate(
@@ -98,9 +86,8 @@ def evaluate(
     list of MethodScores
         Baseline first (when there is one), then two-stage by threshold.
     """
-    config = bundle.config
-    image_size = config.get("image_size") or None
-    base = two_stage_config(config)
+    settings = BundleSettings.from_config(bundle.config)
+    base = settings.flow
     baseline = baseline if baseline is not None else bundle.models.get("model")
     num_labels = max(2, data.num_classes)
     methods: list[tuple[str, float | None]] = ([("baseline", None)] if baseline is not None else [])
@@ -109,11 +96,11 @@ def evaluate(
     per_image: dict[int, list[tuple[float, float, float, float]]] = {i: [] for i in range(len(methods))}
     pooled = {i: np.zeros((num_labels, num_labels), np.int64) for i in range(len(methods))}
     for done, sample in enumerate(samples, 1):
-        image, truth = prepare(*data.load(sample), image_size)
+        image, truth = prepare(*data.load(sample), settings.image_size)
         for index, (method, threshold) in enumerate(methods):
             start = time.perf_counter()
             if method == "baseline":
-                result = segment_full_resolution(image, baseline, base.tile_size, base.halo, base.batch_size, device)
+                result = segment_full_resolution(image, baseline, base, device)
             else:
                 cfg = replace(base, selection=TileSelection.threshold(threshold))
                 result = segment_image(image, bundle.model1, bundle.model2, cfg, device)

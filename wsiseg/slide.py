@@ -29,17 +29,20 @@ one intensity range estimated from a small level (or from sampled regions).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from wsiseg.cache import BoundedCache, register
 from wsiseg.errors import InputError
 from wsiseg.tiling import Box
 
@@ -91,6 +94,9 @@ class Slide:
         Linear mapping of non-8-bit data to 0..255.
     properties : dict
         A few format properties for ``wsiseg info``.
+    warnings : tuple[str, ...]
+        One line per fallback taken when opening, e.g. reduced levels dropped
+        because the file is truncated; empty for a sound file.
     """
 
     path: str
@@ -100,6 +106,7 @@ class Slide:
     mpp: tuple[float, float] | None = None
     intensity_range: tuple[float, float] | None = None
     properties: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -115,7 +122,11 @@ class Slide:
         if not (0 <= box.y0 < box.y1 <= height and 0 <= box.x0 < box.x1 <= width):
             raise InputError(f"region {tuple(box)} is outside level {level} of size {height} x {width}")
         try:
-            raw = get_reader(self).read(level, box)
+            reader = _lease_reader(self)
+            try:
+                raw = reader.read(level, box)
+            finally:
+                reader.unlease()
         except InputError:
             raise
         except Exception as exc:  # noqa: BLE001 - a decoder failing mid-file means bad data
@@ -214,11 +225,50 @@ def to_rgb8(raw: np.ndarray, intensity_range: tuple[float, float] | None = None)
 
 
 class Reader:
-    """Reads raw regions of one file; one instance per process and file."""
+    """Reads raw regions of one file; one instance per process and file version.
+
+    A reader leaving the cache is *retired*: it closes at once, or when the
+    last read in flight (a *lease*) ends, so no thread reads a closed handle.
+    """
+
+    _leases: int = 0
+    _retired: bool = False
 
     def read(self, level: int, box: Box) -> np.ndarray:
         """``(h, w[, c])`` raw pixels of ``box`` at ``level``."""
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the file handles (nothing to release by default)."""
+
+    def lease(self) -> bool:
+        """Start a read; False when the reader is retired (get a new one)."""
+        with _LEASE_LOCK:
+            if self._retired:
+                return False
+            self._leases += 1
+            return True
+
+    def unlease(self) -> None:
+        """End a read started by :meth:`lease`."""
+        with _LEASE_LOCK:
+            self._leases -= 1
+            last = self._retired and self._leases == 0
+        if last:
+            self.close()
+
+    def retire(self) -> None:
+        """Close now, or after the reads in flight end; later leases are refused."""
+        with _LEASE_LOCK:
+            if self._retired:
+                return
+            self._retired = True
+            idle = self._leases == 0
+        if idle:
+            self.close()
+
+
+_LEASE_LOCK = threading.Lock()
 
 
 class TiffReader(Reader):
@@ -227,9 +277,10 @@ class TiffReader(Reader):
     def __init__(self, path: str, series_index: int = 0) -> None:
         import tifffile
 
-        self._tiff = tifffile.TiffFile(path)
-        self._series = self._tiff.series[series_index]
-        self._levels = list(self._series.levels)
+        with _tifffile_quiet():  # a truncated file was reported once, by open_slide
+            self._tiff = tifffile.TiffFile(path)
+            self._series = self._tiff.series[series_index]
+            self._levels = list(self._series.levels)
         self._fd = os.open(path, os.O_RDONLY)
         self._zarr: dict[int, Any] = {}
         self._lock = threading.Lock()
@@ -319,6 +370,9 @@ class ZarrReader(Reader):
         self._axes = "".join(a["name"] if isinstance(a, dict) else a for a in multiscale["axes"]).lower()
         self._arrays = [group[d["path"]] for d in multiscale["datasets"]]
 
+    def close(self) -> None:
+        self._arrays = []
+
     def read(self, level: int, box: Box) -> np.ndarray:
         return _take_yx(self._arrays[level], self._axes, box)
 
@@ -328,6 +382,9 @@ class ImageReader(Reader):
 
     def __init__(self, path: str) -> None:
         self._array = _load_plain_image(path)
+
+    def close(self) -> None:
+        self._array = np.zeros((0, 0, 3), np.uint8)  # free the decoded image
 
     def read(self, level: int, box: Box) -> np.ndarray:
         return self._array[box.y0 : box.y1, box.x0 : box.x1]
@@ -355,8 +412,12 @@ def _take_yx(array: Any, axes: str, box: Box) -> np.ndarray:
     return data
 
 
-_READERS: dict[tuple[str, str, float], Reader] = {}
-_READERS_LOCK = threading.Lock()
+#: Open readers of this process, keyed by (backend, path, mtime_ns, size, inode):
+#: a rewritten file gets a new reader and its old one is closed.
+READERS_MAXSIZE = 8
+_READERS: BoundedCache[tuple[str, str, int, int, int], Reader] = register(
+    "readers", BoundedCache(READERS_MAXSIZE, on_evict=Reader.retire), path_of=lambda key: key[1]
+)
 _FACTORIES: dict[str, Callable[[str], Reader]] = {
     "tifffile": TiffReader,
     "openslide": OpenSlideReader,
@@ -366,30 +427,36 @@ _FACTORIES: dict[str, Callable[[str], Reader]] = {
 
 
 def get_reader(slide: Slide) -> Reader:
-    """This process's reader for ``slide`` (opened on first use, then cached)."""
+    """This process's reader for ``slide`` (opened on first use, then cached).
+
+    The reader may be retired by another thread at any time; read through
+    :meth:`Slide.read_region`, which leases it.
+    """
     try:
-        mtime = os.stat(slide.path).st_mtime
+        stat = os.stat(slide.path)
     except OSError as exc:
         raise InputError(f"cannot read {slide.path!r}: {exc.strerror}") from exc
-    key = (slide.backend, slide.path, mtime)
-    reader = _READERS.get(key)
-    if reader is None:
-        with _READERS_LOCK:
-            reader = _READERS.get(key)
-            if reader is None:
-                reader = _FACTORIES[slide.backend](slide.path)
-                _READERS[key] = reader
-    return reader
+    key = (slide.backend, slide.path, stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+    def create() -> Reader:
+        # Another version of the file is stale: close its reader now.
+        _READERS.discard(lambda k: k[:2] == key[:2] and k != key)
+        return _FACTORIES[slide.backend](slide.path)
+
+    return _READERS.get_or_create(key, create)
+
+
+def _lease_reader(slide: Slide) -> Reader:
+    """A reader of ``slide`` leased for one read (end it with ``unlease``)."""
+    while True:
+        reader = get_reader(slide)
+        if reader.lease():
+            return reader  # else it was retired since the lookup: it has left the cache
 
 
 def clear_readers() -> None:
     """Close and forget this process's cached readers."""
-    with _READERS_LOCK:
-        for reader in _READERS.values():
-            close = getattr(reader, "close", None)
-            if close:
-                close()
-        _READERS.clear()
+    _READERS.clear()
 
 
 # --------------------------------------------------------------------------- opening
@@ -495,17 +562,17 @@ def _openslide_vendor(path: Path) -> str | None:
 def _open_tiff(path: Path) -> Slide:
     import tifffile
 
-    with tifffile.TiffFile(path) as tiff:
+    with _tifffile_quiet(), tifffile.TiffFile(path) as tiff:
         if not tiff.series or not len(tiff.pages):
             raise InputError(f"{path} cannot be read: it is truncated or corrupt (no image data found)")
-        _check_tile_offsets(tiff, path)
+        usable, warning = _check_tile_offsets(tiff, path)
         series = tiff.series[0]
         axes = series.axes.lower()
         if "y" not in axes or "x" not in axes:
             raise InputError(f"{path}: image axes {series.axes!r} have no Y and X")
         levels = []
         base_h = base_w = None
-        for lvl in series.levels:
+        for lvl in series.levels[:usable]:
             shape = dict(zip(lvl.axes.lower(), lvl.shape))
             h, w = int(shape["y"]), int(shape["x"])
             if base_h is None:
@@ -517,24 +584,112 @@ def _open_tiff(path: Path) -> Slide:
         fmt = "ome-tiff" if tiff.is_ome else ("aperio" if tiff.is_svs else "tiff")
         properties = {"series": series.name or "0", "axes": series.axes, "dtype": str(dtype)}
         mpp = _tiff_mpp(tiff, path)
-    slide = Slide(str(path.resolve()), "tifffile", fmt, tuple(levels), mpp, None, properties)
+    warnings = (warning,) if warning else ()
+    slide = Slide(str(path.resolve()), "tifffile", fmt, tuple(levels), mpp, None, properties, warnings)
     return _with_intensity_range(slide, dtype)
 
 
-def _check_tile_offsets(tiff: Any, path: Path) -> None:
-    """Refuse a TIFF whose pixel data runs past the end of the file (a truncated copy)."""
+class _ThreadQuietFilter(logging.Filter):
+    """Drops the records of threads inside :func:`_tifffile_quiet` (other threads log as usual)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.local, "depth", 0)
+
+
+_TIFFFILE_QUIET = _ThreadQuietFilter()
+
+
+@contextmanager
+def _tifffile_quiet() -> Iterator[None]:
+    """Silence tifffile's logger in this thread: what it reports about a damaged
+    file (e.g. "invalid page offset") reaches the user as :attr:`Slide.warnings`
+    or an :class:`InputError` instead."""
+    logger = logging.getLogger("tifffile")
+    if _TIFFFILE_QUIET not in logger.filters:
+        logger.addFilter(_TIFFFILE_QUIET)
+    local = _TIFFFILE_QUIET.local
+    local.depth = getattr(local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        local.depth -= 1
+
+
+def _check_tile_offsets(tiff: Any, path: Path) -> tuple[int, str | None]:
+    """How many levels of a TIFF's first series have all their pixel data in the file.
+
+    A truncated copy loses its last bytes, and so its last levels. Level 0
+    with a tile that cannot be located (past the end of the file, or at
+    offset 0) is refused. A reduced level with one is dropped together with
+    every level after it (so the kept levels keep the file's level numbers),
+    and so are the pages lost when the chain of pages (IFDs) itself is cut.
+
+    Returns
+    -------
+    (usable, warning)
+        The number of leading levels to use, and a one-line warning naming
+        what was dropped (None when nothing was).
+
+    Raises
+    ------
+    InputError
+        When level 0 itself is truncated.
+    """
     size = path.stat().st_size
-    for level in tiff.series[0].levels:
-        for page in level.pages:
-            if page is None:
-                continue
-            offsets = np.asarray(page.dataoffsets, np.int64)
-            counts = np.asarray(page.databytecounts, np.int64)
-            if len(offsets) and int((offsets + counts).max()) > size:
-                raise InputError(
-                    f"{path} is truncated: its pixel data ends at byte {int((offsets + counts).max())} "
-                    f"but the file has {size} bytes; copy it again"
-                )
+    levels = tiff.series[0].levels
+    for index, level in enumerate(levels):
+        problem = _level_data_problem(level, size)
+        if problem is None:
+            continue
+        if index == 0:
+            raise InputError(f"{path} is truncated: {problem}; copy it again")
+        return index, f"level {index} of {path} is truncated ({problem}); {_using_levels(index)}"
+    if _page_chain_is_cut(tiff):
+        last = len(levels) - 1
+        return len(levels), (
+            f"{path} is truncated after level {last} (the pages that follow are missing); {_using_levels(len(levels))}"
+        )
+    return len(levels), None
+
+
+def _level_data_problem(level: Any, size: int) -> str | None:
+    """Why some tile (or strip) of a tifffile level cannot be located in ``size`` bytes, or None."""
+    for page in level.pages:
+        if page is None:
+            continue
+        offsets = np.asarray(page.dataoffsets, np.int64)
+        counts = np.asarray(page.databytecounts, np.int64)
+        if len(offsets) == 0 or len(offsets) != len(counts):
+            return "a page lists no pixel data"
+        present = counts > 0  # a count of 0 is a tile the writer left out (read as background)
+        if (offsets[present] <= 0).any():
+            return "a tile has no offset"
+        end = int((offsets + counts).max())
+        if end > size:
+            return f"its pixel data ends at byte {end} but the file has {size} bytes"
+    return None
+
+
+def _page_chain_is_cut(tiff: Any) -> bool:
+    """True when the last page tifffile found points to a next page it could not read."""
+    position = tiff.pages.next_page_offset
+    if position is None:  # pages listed up front (SubIFDs): no chain to follow
+        return False
+    handle = tiff.filehandle
+    handle.seek(position)
+    raw = handle.read(tiff.tiff.offsetsize)
+    if len(raw) < tiff.tiff.offsetsize:
+        return True
+    return int.from_bytes(raw, "little" if tiff.byteorder == "<" else "big") != 0
+
+
+def _using_levels(count: int) -> str:
+    """``"using level 0 only"`` / ``"using levels 0-{count - 1} only"``."""
+    return "using level 0 only" if count == 1 else f"using levels 0-{count - 1} only"
 
 
 def _tiff_mpp(tiff: Any, path: Path) -> tuple[float, float] | None:
@@ -679,7 +834,8 @@ def _open_image(path: Path) -> Slide:
 
 
 def _with_range(slide: Slide, intensity_range: tuple[float, float]) -> Slide:
-    return Slide(slide.path, slide.backend, slide.format, slide.levels, slide.mpp, intensity_range, slide.properties)
+    """``slide`` with ``intensity_range`` set (every other field, warnings included, kept)."""
+    return replace(slide, intensity_range=intensity_range)
 
 
 def _with_intensity_range(slide: Slide, dtype: np.dtype) -> Slide:
@@ -735,4 +891,5 @@ def describe(slide: Slide) -> list[str]:
         lines.append(f"intensity: {slide.intensity_range[0]:.6g} .. {slide.intensity_range[1]:.6g} mapped to 0..255")
     for key, value in slide.properties.items():
         lines.append(f"{key}: {value}")
+    lines.extend(f"warning:   {warning}" for warning in slide.warnings)
     return lines

@@ -230,3 +230,80 @@ def pixel_centres(start: int, count: int, step: float, scale: float) -> np.ndarr
     """
     centres = start + (np.arange(count, dtype=np.float64) + 0.5) * step
     return centres / scale - 0.5
+
+
+def downsample_mean(image: np.ndarray, ratio: int) -> np.ndarray:
+    """Block-mean downsampling by an integer factor.
+
+    Parameters
+    ----------
+    image : np.ndarray
+        ``(H, W, 3)`` uint8.
+    ratio : int
+
+    Returns
+    -------
+    np.ndarray
+        ``(ceil(H / ratio), ceil(W / ratio), 3)`` uint8; output pixel ``(i, j)``
+        is the rounded mean of input ``[i*r, (i+1)*r) x [j*r, (j+1)*r)``
+        (partial blocks at the far edges average the pixels they have).
+        Whole blocks are summed in uint32 without copying the input.
+    """
+    if ratio == 1:
+        return image
+    height, width, channels = image.shape
+    out_h, out_w = -(-height // ratio), -(-width // ratio)
+    full_h, full_w = height // ratio, width // ratio
+    out = np.empty((out_h, out_w, channels), np.uint8)
+    if full_h and full_w:
+        core = image[: full_h * ratio, : full_w * ratio].reshape(full_h, ratio, full_w, ratio, channels)
+        out[:full_h, :full_w] = _rounded_mean(core.sum(axis=(1, 3), dtype=np.uint32), ratio * ratio)
+    # Partial blocks along the bottom and right edges.
+    for i in range(out_h):
+        for j in range(out_w) if i >= full_h else range(full_w, out_w):
+            block = image[i * ratio : (i + 1) * ratio, j * ratio : (j + 1) * ratio].reshape(-1, channels)
+            out[i, j] = _rounded_mean(block.sum(axis=0, dtype=np.uint32), block.shape[0])
+    return out
+
+
+def _rounded_mean(sums: np.ndarray, count: int) -> np.ndarray:
+    """``sums / count`` rounded half to even (as ``np.rint``), in integer arithmetic."""
+    quotient, remainder = np.divmod(sums, count)
+    up = (2 * remainder > count) | ((2 * remainder == count) & (quotient % 2 == 1))
+    return (quotient + up).astype(np.uint8)
+
+
+def sample_plan(
+    start: tuple[int, int],
+    count: tuple[int, int],
+    step: float,
+    scale: tuple[float, float],
+    map_shape: tuple[int, int],
+) -> tuple[Box, np.ndarray, np.ndarray]:
+    """Where bilinear samples of a low-resolution map fall, and the crop holding every tap.
+
+    The samples are taken at the centres of ``count`` pixels of side ``step``
+    (full-resolution pixels) starting at ``start``; the map's pixels are
+    ``scale`` full-resolution pixels wide.
+
+    Returns
+    -------
+    crop : Box
+        The map pixels the samples read.
+    rows, cols : np.ndarray
+        ``(count[0],)`` and ``(count[1],)`` float64 positions relative to ``crop``.
+    """
+    rows = np.clip(pixel_centres(start[0], count[0], step, scale[0]), 0, map_shape[0] - 1)
+    cols = np.clip(pixel_centres(start[1], count[1], step, scale[1]), 0, map_shape[1] - 1)
+    crop = Box(
+        int(np.floor(rows.min())), min(int(np.floor(rows.max())) + 2, map_shape[0]),
+        int(np.floor(cols.min())), min(int(np.floor(cols.max())) + 2, map_shape[1]),
+    )
+    return crop, rows - crop.y0, cols - crop.x0
+
+
+
+def stage1_crop(tile: Box, scale: tuple[float, float], low_shape: tuple[int, int]) -> Box:
+    """The low-resolution box :func:`upsample_stage1` reads for ``tile``."""
+    return sample_plan((tile.y0, tile.x0), tile.shape, 1.0, scale, low_shape)[0]
+

@@ -34,6 +34,8 @@ __all__ = [
     "SAMPLING_STRATEGIES",
     "TileSelection",
     "entropy",
+    "probabilities_to_labels",
+    "uniform_label",
     "margin",
     "sample_tiles",
     "scores_from_integrals",
@@ -318,3 +320,46 @@ def sample_tiles(
             weights = weights + (1e-12 if weights.sum() > 0 else 1.0)
         return rng.choice(flat.size, size=count, replace=False, p=weights / weights.sum()).astype(np.int64)
     raise InputError(f"unknown sampling {strategy!r}; choose one of {', '.join(SAMPLING_STRATEGIES)}")
+
+
+def uniform_label(probs: np.ndarray, margin: float = 1e-6) -> int | None:
+    """The label that every convex combination of these probability vectors gets, if one does.
+
+    Bilinear upsampling only forms convex combinations of the low-resolution
+    values, so when this returns a label the upsampled tile is that label
+    everywhere and need not be computed.
+
+    Parameters
+    ----------
+    probs : np.ndarray
+        ``(C, h, w)`` probabilities (``C == 1``: P(foreground)).
+
+    Returns
+    -------
+    int or None
+        ``C == 1``: 0 when every value is below 0.5, 1 when every value is at
+        least 0.5 (each by ``margin``, against round-off); ``C >= 2``: the class
+        whose smallest probability exceeds every other class's largest one.
+        None otherwise.
+    """
+    if probs.shape[0] == 1:
+        if float(probs.max()) < 0.5 - margin:
+            return 0
+        if float(probs.min()) >= 0.5 + margin:
+            return 1
+        return None
+    flat = probs.reshape(probs.shape[0], -1)
+    lows, highs = flat.min(axis=1), flat.max(axis=1)
+    best = int(np.argmax(lows))
+    others = np.delete(highs, best)
+    return best if float(lows[best]) > float(others.max()) + margin else None
+
+
+def probabilities_to_labels(probs: np.ndarray) -> np.ndarray:
+    """``(C, H, W)`` probabilities to an ``(H, W)`` uint8 label image.
+
+    ``C == 1``: label 1 where P(foreground) >= 0.5; otherwise the arg-max class.
+    """
+    if probs.shape[0] == 1:
+        return (probs[0] >= 0.5).astype(np.uint8)
+    return np.argmax(probs, axis=0).astype(np.uint8)

@@ -1,0 +1,206 @@
+"""Settings of the two-stage flow, typed, with every default stated once.
+
+Three objects, one job each:
+
+- :class:`TwoStageConfig`: how the flow runs (ratio, tiles, halo, selection,
+  uncertainty, blending, stage-1 blocks, context). The same object drives an
+  in-memory image, an evaluation and a whole slide.
+- :class:`BundleSettings`: what a bundle records about its models (the flow
+  they were trained for, their pixel size, class names), read from the
+  bundle's JSON config with type checks; absent keys take
+  :class:`TwoStageConfig`'s defaults.
+- :class:`RunOptions`: what one slide run adds (device, reader, output
+  handling, extra outputs, scheduling): nothing about the flow itself.
+
+No torch here: the driver reads settings without loading any model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from wsiseg.errors import BundleError, InputError
+from wsiseg.uncertainty import UNCERTAINTY_MEASURES, TileSelection
+
+#: Tile side used when none is given. On a tiled slide the tile is the multiple
+#: of the file's own tile nearest to this (see :func:`wsiseg.run.plan.auto_tile_size`).
+AUTO_TILE_SIZE = 512
+
+
+@dataclass(frozen=True)
+class TwoStageConfig:
+    """Parameters of the two-stage flow.
+
+    Attributes
+    ----------
+    ratio : int
+        Downsampling factor of Model 1's input (the paper's R).
+    tile_size : int or None
+        Full-resolution tile side, a multiple of Model 2's feature stride.
+        None: :data:`AUTO_TILE_SIZE`, aligned to a slide's own tiles.
+    halo : int
+        Pixels read around each tile for Model 2 (rounded up to a multiple of
+        the feature stride).
+    selection : TileSelection
+        Which tiles Model 2 refines.
+    uncertainty : {"entropy", "margin"}
+        Per-pixel uncertainty measure.
+    blend : int
+        Width in pixels of the linear ramp between refined and unrefined tiles.
+    stage1_block, stage1_halo : int
+        Side and halo of Model 1's low-resolution blocks (low-resolution pixels).
+    context : bool
+        Give Model 2 Model 1's features (False for a Model 2 trained without
+        them, the paper's "context off" ablation).
+    """
+
+    ratio: int = 4
+    tile_size: int | None = None
+    halo: int = 32
+    selection: TileSelection = field(default_factory=lambda: TileSelection.threshold(0.25))
+    uncertainty: str = "entropy"
+    blend: int = 16
+    stage1_block: int = 512
+    stage1_halo: int = 32
+    context: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("ratio", "tile_size", "stage1_block"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise InputError(f"{name} must be a whole number >= 1, got {value!r}")
+        for name in ("halo", "blend", "stage1_halo"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InputError(f"{name} must be a whole number >= 0, got {value!r}")
+        if self.uncertainty not in UNCERTAINTY_MEASURES:
+            raise InputError(f"unknown uncertainty {self.uncertainty!r}; use {' or '.join(UNCERTAINTY_MEASURES)}")
+        if not isinstance(self.selection, TileSelection):
+            raise InputError(f"selection must be a TileSelection, got {self.selection!r}")
+
+    def with_overrides(self, **given: Any) -> TwoStageConfig:
+        """A copy with the given fields replaced; None values are ignored (not given)."""
+        return replace(self, **{k: v for k, v in given.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class BundleSettings:
+    """A bundle's recorded settings, typed.
+
+    Attributes
+    ----------
+    flow : TwoStageConfig
+        The flow the models were trained and scored with; ``tile_size`` is
+        the tile of the training images (None when not recorded).
+    mpp : float or None
+        Micrometres per pixel of the training images.
+    classes : tuple of str or None
+        Class names, background first.
+    image_size : int or None
+        Training images were resized to this square (evaluation does the same).
+    """
+
+    flow: TwoStageConfig = field(default_factory=TwoStageConfig)
+    mpp: float | None = None
+    classes: tuple[str, ...] | None = None
+    image_size: int | None = None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], source: str = "bundle") -> BundleSettings:
+        """Read the keys wsiseg uses from a bundle's JSON config; other keys are records.
+
+        Raises
+        ------
+        BundleError
+            When a key has the wrong type or an impossible value.
+        """
+        defaults = TwoStageConfig()
+        try:
+            flow = TwoStageConfig(
+                ratio=_typed(config, "ratio", int, defaults.ratio),
+                tile_size=_typed(config, "tile_size", int, defaults.tile_size),
+                halo=_typed(config, "halo", int, defaults.halo),
+                selection=TileSelection.threshold(_typed(config, "threshold", float, defaults.selection.value)),
+                uncertainty=_typed(config, "uncertainty", str, defaults.uncertainty),
+                context=_typed(config, "context", bool, defaults.context),
+            )
+            classes = config.get("classes")
+            if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+                raise InputError(f"classes must be a list of names, got {classes!r}")
+            mpp = _typed(config, "mpp", float, None)
+            if mpp is not None and not mpp > 0:
+                raise InputError(f"mpp must be positive, got {mpp!r}")
+            return cls(flow, mpp, tuple(classes) if classes else None, _typed(config, "image_size", int, None) or None)
+        except InputError as exc:
+            raise BundleError(f"{source}: its config is invalid ({exc})") from exc
+
+    def for_slides(self) -> TwoStageConfig:
+        """The flow on slides: the bundle's, with the tile chosen per slide
+        (the training images' tile is sized for those small images)."""
+        return replace(self.flow, tile_size=None)
+
+
+def _typed(config: Mapping[str, Any], key: str, kind: type, default: Any) -> Any:
+    value = config.get(key)
+    if value is None:
+        return default
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InputError(f"{key} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a run adds to the flow: model, device, reading, output handling.
+
+    Attributes
+    ----------
+    model : str or None
+        Bundle path; None (or ``"wsiseg:default"``) for the shipped model.
+    full_resolution : bool
+        Run the bundle's single model on every tile instead (the baseline).
+    device : {"auto", "cpu", "cuda"}
+        Where models run.
+    batch_size : int or None
+        Windows per Model 2 forward pass; None: 1 on the CPU (as fast per
+        window there, with less memory), 4 on a GPU.
+    backend : str
+        Slide reader (see :func:`wsiseg.slide.open_slide`).
+    rescale : bool
+        Work at the bundle's pixel size when both pixel sizes are known.
+    overwrite, resume : bool
+        Replace an existing wsiseg output, or continue an interrupted one.
+    geojson : bool
+        Also write ``mask.geojson`` (polygons QuPath imports).
+    tiles_per_task : int
+        Selected tiles per Model 2 task (a task runs them in batches).
+    max_in_flight : int or None
+        Tasks submitted ahead of completion (default 4 per worker thread).
+    """
+
+    model: str | None = None
+    full_resolution: bool = False
+    device: str = "auto"
+    batch_size: int | None = None
+    backend: str = "auto"
+    rescale: bool = True
+    overwrite: bool = False
+    resume: bool = False
+    geojson: bool = False
+    tiles_per_task: int = 4
+    max_in_flight: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.overwrite and self.resume:
+            raise InputError("give either --overwrite or --resume, not both")
+        for name in ("batch_size", "tiles_per_task", "max_in_flight"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError(f"{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+__all__ = ["AUTO_TILE_SIZE", "BundleSettings", "RunOptions", "TwoStageConfig"]

@@ -1,0 +1,267 @@
+"""The two-stage flow, orchestrated once: stage 1, score, select, stage 2.
+
+:func:`run_flow` submits the tile tasks of :mod:`wsiseg.two_stage` to an
+executor (inline or Dask, :mod:`wsiseg.run.executors`) in row-major order,
+accumulates stage 1's uncertainty integrals into tile scores, selects the
+tiles to refine, then schedules reads, refinements and compositions so that
+each file tile is decoded at most once. Every finished piece is appended to
+a run record, so an interrupted run resumes without redoing finished work.
+
+This module never imports torch: the process that plans a slide stays small.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from wsiseg.run.plan import Plan
+from wsiseg.tiling import Box, neighbourhood
+from wsiseg.two_stage import REFINED, TILE_SCORES, compose_tiles, read_pieces, refine_tiles, stage1_block
+from wsiseg.uncertainty import TileSelection, scores_from_integrals
+
+#: ``progress(stage, done, total)``: stage ``"stage1"`` (blocks), ``"stage2"`` (tiles) or ``"finish"``.
+ProgressCallback = Callable[[str, int, int], None]
+
+
+class Record(Protocol):
+    """Where finished work is noted (see :class:`wsiseg.output.RunRecord`)."""
+
+    def append(self, entry: dict[str, Any]) -> None: ...
+
+
+class NoRecord:
+    """For runs that cannot be resumed (images in memory)."""
+
+    def append(self, entry: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class FlowResult:
+    """What the flow decided and measured.
+
+    Attributes
+    ----------
+    refined : np.ndarray
+        ``(rows, cols)`` bool, the tiles Model 2 (or the baseline) ran on.
+    scores : np.ndarray or None
+        ``(rows, cols)`` float64 mean uncertainty per tile (None at full resolution).
+    counts : dict
+        ``"row,col"`` -> label histogram of that tile.
+    resumed_tiles : int
+        Tiles finished by an earlier, interrupted run.
+    timings : dict
+        Wall seconds of ``stage1``, ``select``, ``stage2``.
+    task_seconds : dict
+        Seconds inside tasks, summed over threads, per stage and part.
+    gflop : dict
+        Model work per stage (not counting resumed work).
+    """
+
+    refined: np.ndarray
+    scores: np.ndarray | None
+    counts: dict[str, list[int]]
+    resumed_tiles: int
+    timings: dict[str, float] = field(default_factory=dict)
+    task_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+    gflop: dict[str, float] = field(default_factory=dict)
+
+
+def run_flow(
+    plan: Plan,
+    selection: TileSelection,
+    executor: Any,
+    record: Record | None = None,
+    done: list[dict[str, Any]] | None = None,
+    tiles_per_task: int = 4,
+    progress: ProgressCallback | None = None,
+) -> FlowResult:
+    """Run stage 1, selection and stage 2 of ``plan``.
+
+    Parameters
+    ----------
+    plan : Plan
+    selection : TileSelection
+    executor : InlineExecutor or DaskExecutor
+    record : Record, optional
+        Receives one entry per finished task.
+    done : list of dict, optional
+        Entries recorded by an interrupted run with the same plan: their work is skipped.
+    tiles_per_task : int
+        Selected tiles per refine task.
+    progress : callable, optional
+    """
+    record = record or NoRecord()
+    done = done or []
+    task_seconds: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    gflop: dict[str, list[float]] = defaultdict(list)  # per task, summed with fsum: independent of arrival order
+    timings: dict[str, float] = {}
+
+    def note(stage: str, result: dict[str, Any]) -> None:
+        for key, value in result.get("timings", {}).items():
+            task_seconds[stage][key] += value
+        for key, value in result.get("gflop", {}).items():
+            gflop[key].append(value)
+
+    try:
+        mark = time.perf_counter()
+        scores = None if plan.full_resolution else _stage1(plan, executor, record, done, note, progress)
+        timings["stage1"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        refined = np.ones(plan.grid.shape, bool) if scores is None else selection.select(scores)
+        if scores is not None:
+            plan.store.array(TILE_SCORES)[...] = scores
+        plan.store.array(REFINED)[...] = refined.astype(np.uint8)
+        timings["select"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        counts: dict[str, list[int]] = {}
+        for entry in done:
+            counts.update(entry.get("counts", {}))
+        finished = {tuple(t) for entry in done for t in entry.get("tiles", [])}
+        written = len(finished)
+        jobs = stage2_jobs(plan, refined, finished, tiles_per_task, executor)
+        for _, result in executor.run(jobs):
+            record.append({"tiles": result["tiles"], "counts": result["counts"]})
+            counts.update(result["counts"])
+            note("stage2", result)
+            written += len(result["tiles"])
+            if progress:
+                progress("stage2", written, plan.grid.num_tiles)
+        timings["stage2"] = time.perf_counter() - mark
+    except BaseException:
+        executor.cancel()
+        raise
+    return FlowResult(
+        refined=refined, scores=scores, counts=counts, resumed_tiles=len(finished), timings=timings,
+        task_seconds={stage: dict(parts) for stage, parts in task_seconds.items()},
+        gflop={key: math.fsum(values) for key, values in gflop.items()},
+    )
+
+
+def _stage1(
+    plan: Plan,
+    executor: Any,
+    record: Record,
+    done: list[dict[str, Any]],
+    note: Callable[[str, dict[str, Any]], None],
+    progress: ProgressCallback | None,
+) -> np.ndarray:
+    """Stage-1 tasks for every block not done yet; the tile scores from their integrals."""
+    blocks = list(plan.block_grid.tiles())
+    finished = {tuple(e["stage1"]): e for e in done if "stage1" in e}
+    todo = [b for b in blocks if b not in finished]
+    results = list(finished.values())
+    count = len(blocks) - len(todo)
+    for block, result in executor.run((stage1_block, (plan, r, c), (r, c)) for r, c in todo):
+        entry = {"stage1": list(block), **{k: result[k] for k in ("r0", "c0", "sums", "areas")}}
+        record.append(entry)
+        results.append(entry)
+        note("stage1", result)
+        count += 1
+        if progress:
+            progress("stage1", count, len(blocks))
+    sums, areas = np.zeros(plan.grid.shape), np.zeros(plan.grid.shape)
+    for entry in results:
+        s, a = np.asarray(entry["sums"]), np.asarray(entry["areas"])
+        if s.size:
+            r0, c0 = entry["r0"], entry["c0"]
+            sums[r0 : r0 + s.shape[0], c0 : c0 + s.shape[1]] += s
+            areas[r0 : r0 + a.shape[0], c0 : c0 + a.shape[1]] += a
+    return scores_from_integrals(sums, areas)
+
+
+def stage2_jobs(
+    plan: Plan, refined: np.ndarray, done: set[tuple[int, int]], tiles_per_task: int, executor: Any
+) -> Iterator[tuple[Callable[..., Any], tuple[Any, ...], Any]]:
+    """Refine and compose jobs in row-major order, with their read jobs prefetched.
+
+    Selected tiles are batched by window shape (one forward pass per batch),
+    unrefined ones in runs. Each chunk of the tile grid that a selected
+    window overlaps is read by one job, covering the union of what the
+    windows need from it, so every file tile is decoded at most once (when
+    tiles align with file tiles); a read is dropped once its last user is
+    submitted.
+    """
+    grid = plan.grid
+    rows, cols = grid.shape
+    batches: list[tuple[str, list[tuple[int, int]]]] = []
+    pending: dict[Any, list[tuple[int, int]]] = defaultdict(list)
+    compose_size = max(4 * tiles_per_task, 16)
+    for row, col in grid.tiles():
+        if (row, col) in done:
+            continue
+        key: Any = grid.window(row, col, plan.halo).shape if refined[row, col] else "compose"
+        pending[key].append((row, col))
+        if len(pending[key]) == (compose_size if key == "compose" else tiles_per_task):
+            batches.append(("compose" if key == "compose" else "refine", pending.pop(key)))
+    for key, tiles in pending.items():
+        batches.append(("compose" if key == "compose" else "refine", tiles))
+    batches.sort(key=lambda b: b[1][0])
+    cell = _read_cell(plan)
+    needs: dict[tuple[int, int], set[Box]] = defaultdict(set)
+    chunk_users: dict[tuple[int, int], int] = defaultdict(int)
+    batch_chunks: list[list[tuple[int, int]]] = []
+    for kind, tiles in batches:
+        chunks: set[tuple[int, int]] = set()
+        if kind == "refine":
+            for row, col in tiles:
+                window = grid.window(row, col, plan.halo)
+                for r in range(max(0, row - 1), min(rows, row + 2)):
+                    for c in range(max(0, col - 1), min(cols, col + 2)):
+                        part = _intersect(grid.tile(r, c), window)
+                        if part is None:
+                            continue
+                        needs[(r, c)].update(_cells(part, grid.tile(r, c), cell))
+                        chunks.add((r, c))
+        for chunk in chunks:
+            chunk_users[chunk] += 1
+        batch_chunks.append(sorted(chunks))
+    reads: dict[tuple[int, int], Any] = {}
+    for (kind, tiles), chunks in zip(batches, batch_chunks):
+        if kind == "compose":
+            yield compose_tiles, (plan, tiles), tiles
+            continue
+        pieces = []
+        for chunk in chunks:
+            if chunk not in reads:
+                reads[chunk] = executor.prefetch(read_pieces, plan, sorted(needs[chunk]))
+            pieces.append(reads[chunk])
+        neighbourhoods = [neighbourhood(refined, r, c) for r, c in tiles]
+        yield refine_tiles, (plan, tiles, neighbourhoods, pieces), tiles
+        for chunk in chunks:
+            chunk_users[chunk] -= 1
+            if chunk_users[chunk] == 0:
+                del reads[chunk]  # a Dask scheduler keeps it until its users finish
+
+
+def _intersect(a: Box, b: Box) -> Box | None:
+    box = Box(max(a.y0, b.y0), min(a.y1, b.y1), max(a.x0, b.x0), min(a.x1, b.x1))
+    return box if box.y0 < box.y1 and box.x0 < box.x1 else None
+
+
+def _read_cell(plan: Plan) -> int | None:
+    """The file's tile side when our tiles are made of whole file tiles, else None."""
+    tile = plan.source.levels[plan.work_level].tile_shape
+    if plan.work_coarsen == 1 and tile and tile[0] == tile[1] and plan.tile_size % tile[0] == 0:
+        return int(tile[0])
+    return None
+
+
+def _cells(part: Box, chunk: Box, cell: int | None) -> list[Box]:
+    """File-tile cells (clipped to ``chunk``) that ``part`` overlaps; ``[part]`` without cells."""
+    if cell is None:
+        return [part]
+    return [
+        _intersect(Box(cy * cell, (cy + 1) * cell, cx * cell, (cx + 1) * cell), chunk)
+        for cy in range(part.y0 // cell, -(-part.y1 // cell))
+        for cx in range(part.x0 // cell, -(-part.x1 // cell))
+    ]

@@ -1,0 +1,222 @@
+"""The two-stage flow on one image in memory, run inline.
+
+:func:`segment_image` and :func:`segment_full_resolution` plan the image
+like a one-level slide, keep the maps in numpy arrays and run the same tile
+tasks and driver as a whole-slide run (:mod:`wsiseg.run.driver`), with an
+executor that calls each task at once in this thread. Evaluation uses them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from wsiseg.config import TwoStageConfig
+from wsiseg.errors import InputError
+from wsiseg.run.driver import ProgressCallback, run_flow
+from wsiseg.run.executors import InlineExecutor
+from wsiseg.run.plan import ModelFacts, Plan, make_plan
+from wsiseg.slide import Level
+from wsiseg.tiling import Box
+from wsiseg.two_stage import COMPOSED, LOWRES, MASK, PROBABILITY, UNCERTAINTY
+
+
+@dataclass
+class SegmentationResult:
+    """What an in-memory run produces.
+
+    Attributes
+    ----------
+    mask : np.ndarray
+        ``(H, W)`` uint8 labels.
+    probabilities : np.ndarray or None
+        ``(C, H, W)`` float32 composed probabilities (``C == 1``: P(foreground)),
+        when asked for.
+    stage1_probabilities : np.ndarray or None
+        ``(C, h, w)`` float32 Model 1 probabilities at low resolution.
+    uncertainty : np.ndarray or None
+        ``(h, w)`` float32 per-pixel uncertainty of Model 1.
+    tile_scores : np.ndarray or None
+        ``(rows, cols)`` float mean uncertainty per tile.
+    refined : np.ndarray
+        ``(rows, cols)`` bool, the tiles Model 2 (or the baseline) ran on.
+    tile_size : int
+        Side of the tiles of ``refined``.
+    counts : dict
+        ``tiles_total``, ``tiles_refined``, ``refined_fraction``, ``pixels``,
+        ``stage2_input_pixels`` (halo included).
+    timings : dict
+        Seconds: ``stage1``, ``select``, ``stage2`` (compose included), ``compose``, ``total``.
+    """
+
+    mask: np.ndarray
+    probabilities: np.ndarray | None
+    stage1_probabilities: np.ndarray | None
+    uncertainty: np.ndarray | None
+    tile_scores: np.ndarray | None
+    refined: np.ndarray
+    tile_size: int
+    counts: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class ImageSource:
+    """An ``(H, W, 3)`` uint8 image as a one-level pyramid (coarser views are block means)."""
+
+    def __init__(self, image: np.ndarray) -> None:
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise InputError(
+                f"expected an (H, W, 3) uint8 RGB image, got shape {image.shape} and dtype {image.dtype}"
+            )
+        self.image = image
+        self.levels = (Level(image.shape[:2], (1.0, 1.0), None),)
+        self.mpp = None
+
+    def read_region(self, level: int, box: Box) -> np.ndarray:
+        return self.image[box.slices()]
+
+    def best_level_for(self, downsample: float) -> tuple[int, int]:
+        return 0, max(1, round(downsample))
+
+
+class MemoryStore:
+    """Named numpy arrays, allocated from a plan's array specs (the thumbnail scratch left out)."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def allocate(self, plan: Plan, probabilities: bool = False) -> None:
+        for spec in plan.arrays():
+            if spec.name != LOWRES:
+                self.arrays[spec.name] = np.zeros(spec.shape, spec.dtype)
+        if probabilities:
+            self.arrays[COMPOSED] = np.zeros((plan.num_classes, *plan.work_shape), np.float32)
+
+    def array(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    def has(self, name: str) -> bool:
+        return name in self.arrays
+
+
+@dataclass(frozen=True)
+class LoadedModels:
+    """Runners of models already in memory, by role."""
+
+    runners: dict[str, Any]
+
+    def runner(self, role: str) -> Any:
+        return self.runners[role]
+
+
+def segment_image(
+    image: np.ndarray,
+    model1: Any,
+    model2: Any,
+    config: TwoStageConfig = TwoStageConfig(),
+    device: str = "auto",
+    batch_size: int | None = None,
+    progress: ProgressCallback | None = None,
+    probabilities: bool = False,
+) -> SegmentationResult:
+    """Two-stage segmentation of one in-memory image.
+
+    Parameters
+    ----------
+    image : np.ndarray
+        ``(H, W, 3)`` uint8 RGB.
+    model1, model2 : SegmentationModel
+        Same class count and feature channels.
+    config : TwoStageConfig
+        ``tile_size`` None: 512.
+    device : str
+        ``"auto"``: CUDA when available, else CPU.
+    batch_size : int, optional
+        Windows per Model 2 forward pass (default 1 on the CPU, 4 on a GPU).
+    progress : callable, optional
+        ``progress(stage, done, total)``.
+    probabilities : bool
+        Also keep the composed probabilities (``C x H x W`` float32).
+    """
+    if model1.num_classes != model2.num_classes:
+        raise InputError(f"Model 1 has {model1.num_classes} classes but Model 2 has {model2.num_classes}")
+    if model1.feature_channels != model2.feature_channels:
+        raise InputError(
+            f"Model 1 has {model1.feature_channels} feature channels but Model 2 has "
+            f"{model2.feature_channels}; the context path needs them equal"
+        )
+    return _run({"model1": model1, "model2": model2}, image, config, False, device, batch_size, progress, probabilities)
+
+
+def segment_full_resolution(
+    image: np.ndarray,
+    model: Any,
+    config: TwoStageConfig = TwoStageConfig(),
+    device: str = "auto",
+    batch_size: int | None = None,
+    progress: ProgressCallback | None = None,
+    probabilities: bool = False,
+) -> SegmentationResult:
+    """The baseline: one model on every full-resolution tile, with the same tasks.
+
+    Only ``tile_size`` and ``halo`` of ``config`` apply. The result has no
+    stage-1 outputs and every tile marked refined.
+    """
+    return _run({"model": model}, image, config, True, device, batch_size, progress, probabilities)
+
+
+def _run(
+    models: dict[str, Any],
+    image: np.ndarray,
+    config: TwoStageConfig,
+    full_resolution: bool,
+    device: str,
+    batch_size: int | None,
+    progress: ProgressCallback | None,
+    probabilities: bool,
+) -> SegmentationResult:
+    from wsiseg.inference import ModelRunner
+    from wsiseg.runtime import synchronize
+
+    start = time.perf_counter()
+    source = ImageSource(image)
+    runners = {role: ModelRunner(model, device, count_work=False) for role, model in models.items()}
+    facts = ModelFacts({role: r.stride for role, r in runners.items()}, next(iter(models.values())).num_classes)
+    store = MemoryStore()
+    plan = make_plan(source, store, LoadedModels(runners), facts, config, full_resolution, batch_size)
+    store.allocate(plan, probabilities)
+    flow = run_flow(plan, config.selection, InlineExecutor(), progress=progress)
+    for runner in runners.values():
+        synchronize(runner.device)
+    timings = dict(flow.timings)
+    timings["compose"] = flow.task_seconds.get("stage2", {}).get("compose", 0.0)
+    timings["total"] = time.perf_counter() - start
+    stage1 = not full_resolution
+    return SegmentationResult(
+        mask=store.array(MASK),
+        probabilities=store.array(COMPOSED) if probabilities else None,
+        stage1_probabilities=store.array(PROBABILITY) if stage1 else None,
+        uncertainty=store.array(UNCERTAINTY) if stage1 else None,
+        tile_scores=flow.scores,
+        refined=flow.refined,
+        tile_size=plan.tile_size,
+        counts=_counts(plan, flow.refined),
+        timings=timings,
+    )
+
+
+def _counts(plan: Plan, refined: np.ndarray) -> dict[str, float]:
+    grid = plan.grid
+    input_pixels = sum(
+        int(np.prod(grid.window(int(r), int(c), plan.halo).shape)) for r, c in np.argwhere(refined)
+    )
+    return {
+        "tiles_total": grid.num_tiles,
+        "tiles_refined": int(refined.sum()),
+        "refined_fraction": float(refined.sum()) / grid.num_tiles,
+        "pixels": grid.height * grid.width,
+        "stage2_input_pixels": input_pixels,
+    }

@@ -1,0 +1,270 @@
+"""A run's plan: pure geometry and settings, decided before any task runs.
+
+:func:`make_plan` turns an image description, the flow's settings and the
+models' facts (feature strides, class count) into a :class:`Plan`: the
+working resolution, the tile grid, Model 1's level and scale, the shapes of
+the stored maps. It reads no pixels and needs no torch and no cluster, so
+every decision is testable on its own. A plan is small and picklable when
+its source, store and model source are (a slide, an OME-Zarr output and a
+bundle path): it travels to Dask workers with every task.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from wsiseg.config import AUTO_TILE_SIZE, TwoStageConfig
+from wsiseg.errors import InputError
+from wsiseg.output import ArraySpec
+from wsiseg.slide import Level
+from wsiseg.tiling import Box, TileGrid, round_up
+from wsiseg.two_stage import CONTEXT, LOWRES, MASK, PROBABILITY, REFINED, TILE_SCORES, UNCERTAINTY
+
+
+class Source(Protocol):
+    """Pixels of an image pyramid (a :class:`~wsiseg.slide.Slide` or an image in memory)."""
+
+    levels: tuple[Level, ...]
+    mpp: tuple[float, float] | None
+
+    def read_region(self, level: int, box: Box) -> np.ndarray: ...
+
+    def best_level_for(self, downsample: float) -> tuple[int, int]: ...
+
+
+class Store(Protocol):
+    """Named arrays a run reads and writes (an OME-Zarr output or arrays in memory)."""
+
+    def array(self, name: str) -> Any: ...
+
+    def has(self, name: str) -> bool: ...
+
+
+class ModelSource(Protocol):
+    """Runners by bundle role (``model1``, ``model2``, ``model``)."""
+
+    def runner(self, role: str) -> Any: ...
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What planning needs to know of the models, without loading them.
+
+    Attributes
+    ----------
+    strides : dict
+        Role -> feature stride.
+    num_classes : int
+        Output channels (1: binary).
+    """
+
+    strides: dict[str, int]
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a tile task needs.
+
+    Attributes
+    ----------
+    source, store, models
+        Where pixels, maps and models come from.
+    stage2_role : str
+        ``model2``, or ``model`` for the full-resolution baseline.
+    full_resolution : bool
+        No stage 1: the baseline model on every tile.
+    work_level, work_coarsen : int
+        The working resolution: this level, block-averaged by this factor.
+    tile_size, halo, blend : int
+        Full-resolution tile side, Model 2's halo, blend ramp (working pixels).
+    level, coarsen : int
+        Model 1's input: this level, block-averaged by this factor.
+    low_shape : (h, w)
+        Size of Model 1's input and maps.
+    scale : (sy, sx)
+        Working pixels per low-resolution pixel.
+    block, stage1_halo, stride1 : int
+        Stage-1 block side and halo (low-resolution pixels); Model 1's feature stride.
+    context_shape : (fh, fw)
+        Size of the stored projected context (Model 1's feature grid).
+    uncertainty : str
+    context : bool
+        Model 2 gets Model 1's context.
+    num_classes : int
+    batch_size : int or None
+        Windows per Model 2 forward pass (None: the runner's default).
+    """
+
+    source: Any
+    store: Any
+    models: Any
+    stage2_role: str
+    full_resolution: bool
+    work_level: int
+    work_coarsen: int
+    tile_size: int
+    halo: int
+    blend: int
+    level: int
+    coarsen: int
+    low_shape: tuple[int, int]
+    scale: tuple[float, float]
+    block: int
+    stage1_halo: int
+    stride1: int
+    context_shape: tuple[int, int]
+    uncertainty: str
+    context: bool
+    num_classes: int
+    batch_size: int | None
+
+    @property
+    def work_shape(self) -> tuple[int, int]:
+        """Size of the working resolution."""
+        h, w = self.source.levels[self.work_level].shape
+        return -(-h // self.work_coarsen), -(-w // self.work_coarsen)
+
+    @property
+    def work_downsample(self) -> tuple[float, float]:
+        """Level-0 pixels per working pixel."""
+        (h0, w0), (h, w) = self.source.levels[0].shape, self.work_shape
+        return h0 / h, w0 / w
+
+    @property
+    def grid(self) -> TileGrid:
+        """The full-resolution tile grid (the mask's chunk grid)."""
+        return TileGrid(*self.work_shape, self.tile_size)
+
+    @property
+    def block_grid(self) -> TileGrid:
+        """Model 1's blocks over the low-resolution view."""
+        return TileGrid(*self.low_shape, self.block)
+
+    def geometry(self) -> dict[str, Any]:
+        """The settings that fix the output (for resuming): every field but the handles."""
+        return {
+            name: getattr(self, name) for name in self.__dataclass_fields__
+            if name not in ("source", "store", "models")
+        }
+
+    def arrays(self) -> list[ArraySpec]:
+        """The arrays this run writes: name, shape, chunks (tiles and blocks), dtype."""
+        t = self.tile_size
+        specs = [ArraySpec(MASK, self.work_shape, (t, t), "uint8"),
+                 ArraySpec(REFINED, self.grid.shape, self.grid.shape, "uint8")]
+        if self.full_resolution:
+            return specs
+        b, (h, w), c = self.block, self.low_shape, self.num_classes
+        specs += [
+            ArraySpec(PROBABILITY, (c, h, w), (c, b, b), "float32"),
+            ArraySpec(UNCERTAINTY, (h, w), (b, b), "float32"),
+            ArraySpec(TILE_SCORES, self.grid.shape, self.grid.shape, "float32"),
+            ArraySpec(LOWRES, (h, w, 3), (b, b, 3), "uint8"),
+        ]
+        if self.context:
+            fb = self.block // self.stride1
+            specs.append(ArraySpec(CONTEXT, (c, *self.context_shape), (c, fb, fb), "float32"))
+        return specs
+
+
+def make_plan(
+    source: Any,
+    store: Any,
+    models: Any,
+    facts: ModelFacts,
+    config: TwoStageConfig,
+    full_resolution: bool = False,
+    batch_size: int | None = None,
+    working: tuple[int, int] = (0, 1),
+) -> Plan:
+    """Decide the run's geometry.
+
+    Parameters
+    ----------
+    source : Source
+        The image; only its level sizes and tile shapes are used.
+    facts : ModelFacts
+    config : TwoStageConfig
+    full_resolution : bool
+        Plan the baseline (role ``model``) on every tile.
+    working : (level, coarsen)
+        The working resolution (see :func:`working_scale`).
+
+    Raises
+    ------
+    InputError
+        A tile size that is not a multiple of Model 2's stride, a halo larger
+        than a tile.
+    """
+    stage2_role = "model" if full_resolution else "model2"
+    stride2 = facts.strides[stage2_role]
+    work_level, work_coarsen = working
+    file_tile = source.levels[work_level].tile_shape if work_coarsen == 1 else None
+    tile = config.tile_size or auto_tile_size(file_tile, stride2)
+    if tile % stride2:
+        raise InputError(f"tile size {tile} must be a multiple of the model's feature stride {stride2}")
+    halo = round_up(config.halo, stride2)
+    if halo > tile:
+        raise InputError(f"halo {halo} must not exceed the tile size {tile}")
+    work_h, work_w = (-(-n // work_coarsen) for n in source.levels[work_level].shape)
+    if full_resolution:
+        level, coarsen, low_shape, scale, block, stride1 = 0, 1, (1, 1), (1.0, 1.0), 1, 1
+    else:
+        work_ds = float(np.mean(source.levels[work_level].downsample)) * work_coarsen
+        level, coarsen = source.best_level_for(config.ratio * work_ds)
+        lh, lw = source.levels[level].shape
+        low_shape = (-(-lh // coarsen), -(-lw // coarsen))
+        scale = (work_h / lh * coarsen, work_w / lw * coarsen)
+        stride1 = facts.strides["model1"]
+        block = round_up(config.stage1_block, stride1)
+    return Plan(
+        source=source, store=store, models=models, stage2_role=stage2_role, full_resolution=full_resolution,
+        work_level=work_level, work_coarsen=work_coarsen, tile_size=tile, halo=halo, blend=config.blend,
+        level=level, coarsen=coarsen, low_shape=low_shape, scale=scale, block=block,
+        stage1_halo=config.stage1_halo, stride1=stride1,
+        context_shape=(-(-low_shape[0] // stride1), -(-low_shape[1] // stride1)),
+        uncertainty=config.uncertainty, context=config.context and not full_resolution,
+        num_classes=facts.num_classes, batch_size=batch_size,
+    )
+
+
+def auto_tile_size(file_tile: tuple[int, int] | None, stride: int, target: int = AUTO_TILE_SIZE) -> int:
+    """A tile side near ``target``: a multiple of the model stride and, when such
+    a multiple exists under ``2 * target``, of the file's own tile side too (so
+    that no file tile straddles two of ours and none is decoded twice)."""
+    if file_tile and file_tile[0] == file_tile[1]:
+        unit = math.lcm(stride, int(file_tile[0]))
+        if unit <= 2 * target:
+            return max(1, round(target / unit)) * unit
+    return round_up(target, stride)
+
+
+def working_scale(source: Any, model_mpp: float | None, rescale: bool) -> tuple[tuple[int, int], dict[str, Any]]:
+    """Level and whole coarsening factor at which the image matches the model's pixel size.
+
+    Returns
+    -------
+    (level, coarsen), note
+        ``note`` says what was decided and why (for the report).
+    """
+    mpp = source.mpp
+    note: dict[str, Any] = {"model_mpp": model_mpp, "slide_mpp": list(mpp) if mpp else None}
+    if not rescale or not model_mpp or not mpp:
+        note["decision"] = "native pixels" if rescale else "native pixels (rescaling off)"
+        return (0, 1), note
+    factor = float(model_mpp) / float(np.mean(mpp))
+    if factor < 1.5:
+        note["decision"] = "native pixels" + (
+            "" if factor > 1 / 1.5 else " (the slide's pixels are coarser than the model's; not upsampled)"
+        )
+        note["scale_mismatch"] = round(factor, 3)
+        return (0, 1), note
+    level, coarsen = source.best_level_for(float(round(factor)))
+    done = float(np.mean(source.levels[level].downsample)) * coarsen
+    note.update(decision=f"downsampled by {done:.3g} to the model's pixel size", scale_mismatch=round(factor / done, 3))
+    return (level, coarsen), note

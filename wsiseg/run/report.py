@@ -1,0 +1,103 @@
+"""The run report (``report.json``): what ran, on what, how long, with which versions.
+
+Sizes are given as ``[height, width]`` (``y, x``), like every array of the output.
+"""
+
+from __future__ import annotations
+
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import numpy as np
+
+from wsiseg import __version__
+from wsiseg.config import RunOptions, TwoStageConfig
+from wsiseg.run.driver import FlowResult
+from wsiseg.run.plan import Plan
+
+VERSIONED_PACKAGES = (
+    "torch", "torchvision", "dask", "distributed", "zarr", "tifffile", "openslide-python", "openslide-bin", "numpy",
+)
+
+
+def build_report(
+    plan: Plan,
+    config: TwoStageConfig,
+    options: RunOptions,
+    flow: FlowResult,
+    model_info: dict[str, Any],
+    scale_note: dict[str, Any],
+    classes: list[str],
+    outputs: dict[str, Any],
+    scheduler: dict[str, Any],
+) -> dict[str, Any]:
+    """The report of a finished slide run (timings are added by the caller)."""
+    slide = plan.source
+    label_totals = np.zeros(max(2, plan.num_classes), np.int64)
+    for histogram in flow.counts.values():
+        label_totals[: len(histogram)] += np.asarray(histogram, np.int64)
+    wy, wx = plan.work_downsample
+    return {
+        "status": "complete",
+        "wsiseg_version": __version__,
+        "input": {
+            "path": slide.path,
+            "format": slide.format,
+            "backend": slide.backend,
+            "size_yx": list(slide.shape),
+            "levels_yx": [list(level.shape) for level in slide.levels],
+            "mpp_yx": list(slide.mpp) if slide.mpp else None,
+            "warnings": list(getattr(slide, "warnings", ())),
+        },
+        "model": model_info,
+        "mode": "full-resolution" if plan.full_resolution else "two-stage",
+        "working_resolution": {
+            "level": plan.work_level,
+            "coarsen": plan.work_coarsen,
+            "size_yx": list(plan.work_shape),
+            "downsample_yx": [wy, wx],
+            **scale_note,
+        },
+        "settings": {
+            "selection": config.selection.describe(),
+            "uncertainty": plan.uncertainty,
+            "tile_size": plan.tile_size,
+            "halo": plan.halo,
+            "blend": plan.blend,
+            "context": plan.context,
+            "batch_size": options.batch_size or "auto (1 on the CPU, 4 on a GPU)",
+            "tiles_per_task": options.tiles_per_task,
+            "device": options.device,
+        },
+        "stage1": None if plan.full_resolution else {
+            "level": plan.level,
+            "coarsen": plan.coarsen,
+            "scale": list(plan.scale),
+            "shape": list(plan.low_shape),
+        },
+        "tiles": {
+            "total": int(flow.refined.size),
+            "refined": int(flow.refined.sum()),
+            "refined_fraction": float(flow.refined.mean()),
+            "resumed": flow.resumed_tiles,
+        },
+        "label_pixels": {str(c): int(n) for c, n in zip(classes, label_totals)},
+        "scheduler": scheduler,
+        "versions": versions(),
+        "outputs": outputs,
+        # Seconds inside tasks, summed over worker threads, per stage and part (read, model, ...).
+        "task_seconds": flow.task_seconds,
+        "model_gflop": flow.gflop,  # work done in this session (not counting resumed tiles)
+    }
+
+
+def versions() -> dict[str, str]:
+    """Python's and the main packages' versions."""
+    found = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "absent"
+    return found

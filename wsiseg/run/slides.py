@@ -1,0 +1,337 @@
+"""Whole slides on a Dask cluster, into OME-Zarr outputs.
+
+:func:`segment_slide` opens the slide, reads the bundle's settings from its
+header, has every worker load the bundle (and report its models' strides),
+plans the run (:mod:`wsiseg.run.plan`), takes the output's lock, creates or
+reopens the output, runs the flow (:mod:`wsiseg.run.driver`) with a
+:class:`~wsiseg.run.executors.DaskExecutor`, then finishes the output: mask
+pyramid, NGFF metadata, overlay, optional GeoJSON, and the report, written
+last so that an interrupted output never looks complete. The workers' readers
+and arrays of the slide and output are released at the end, whatever happened.
+
+The process that calls it (the driver) never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsiseg.bundle import DEFAULT_MODEL, inspect_bundle, resolve_model
+from wsiseg.config import BundleSettings, RunOptions, TwoStageConfig
+from wsiseg.errors import InputError
+from wsiseg.output import (
+    OutputLock,
+    build_pyramid,
+    disk_full_error,
+    open_array,
+    prepare_output,
+    remove_scratch,
+    write_multiscales,
+    write_overlay,
+    write_report,
+)
+from wsiseg.run.driver import ProgressCallback, run_flow
+from wsiseg.run.executors import DaskExecutor, total_threads
+from wsiseg.run.plan import ModelFacts, Plan, make_plan, working_scale
+from wsiseg.run.report import build_report
+from wsiseg.run.worker import BundleModels, describe_bundle, release_run
+from wsiseg.slide import Slide, open_slide
+from wsiseg.two_stage import LOWRES
+
+
+class ZarrStore:
+    """The maps of an OME-Zarr output, opened once per process (see :func:`wsiseg.output.open_array`)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def array(self, name: str) -> Any:
+        return open_array(self.out, name)
+
+    def has(self, name: str) -> bool:
+        return os.path.isdir(os.path.join(self.out, name))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return ZarrStore, (self.out,)
+
+
+def model_reference(model: str | os.PathLike[str] | None) -> str:
+    """A bundle path (resolved) or :data:`~wsiseg.bundle.DEFAULT_MODEL`."""
+    if model is None or str(model) == DEFAULT_MODEL:
+        return DEFAULT_MODEL
+    return str(resolve_model(model))
+
+
+def bundle_settings(model: str | os.PathLike[str] | None) -> BundleSettings:
+    """A bundle's settings, read from its header only (no torch, no weights)."""
+    ref = model_reference(model)
+    return BundleSettings.from_config(inspect_bundle(resolve_model(ref))["config"], f"model bundle {ref!r}")
+
+
+def segment_slide(
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    client: Any,
+    config: TwoStageConfig | None = None,
+    options: RunOptions = RunOptions(),
+    progress: ProgressCallback | None = None,
+) -> dict[str, Any]:
+    """Segment one slide on a Dask cluster into an OME-Zarr output folder.
+
+    Parameters
+    ----------
+    path : path
+        The slide (any format :func:`~wsiseg.slide.open_slide` reads).
+    out : path
+        Output folder (``OUT.zarr``); never an input, never a folder wsiseg did not write.
+    client : distributed.Client
+        From :func:`wsiseg.cluster.start_client`. The slide, the bundle and
+        ``out`` must be reachable at the same paths from every worker.
+    config : TwoStageConfig, optional
+        The flow; default: the bundle's (:meth:`BundleSettings.for_slides`).
+    options : RunOptions
+    progress : callable, optional
+        ``progress(stage, done, total)`` with stages ``"stage1"``,
+        ``"stage2"`` (tiles written) and ``"finish"``.
+
+    Returns
+    -------
+    dict
+        The run report, also written to ``OUT.zarr/report.json``.
+    """
+    started = time.perf_counter()
+    out = Path(out).absolute()
+    slide = open_slide(path, options.backend)
+    model_ref = model_reference(options.model)
+    settings = bundle_settings(model_ref)
+    config = config or settings.for_slides()
+    facts, model_info = _load_models_on_workers(client, model_ref, options.full_resolution)
+    working, scale_note = working_scale(slide, settings.mpp, options.rescale)
+    from wsiseg.cluster import torch_threads_per_host
+
+    models = BundleModels(model_ref, options.device, torch_threads_per_host(client))
+    plan = make_plan(slide, ZarrStore(str(out)), models, facts, config, options.full_resolution,
+                     options.batch_size, working)
+    signature = _signature(slide, plan, model_info["checksum"], config)
+    with OutputLock(out):
+        record, resumed = prepare_output(out, signature, plan.arrays(), options.overwrite, options.resume,
+                                         inputs=[Path(slide.path)])
+        if resumed and (out / "report.json").is_file():
+            return json.loads((out / "report.json").read_text())  # nothing left to do
+        executor = DaskExecutor(client, options.max_in_flight or max(8, 4 * total_threads(client)))
+        try:
+            flow = run_flow(plan, config.selection, executor, record, record.entries() if resumed else [],
+                            options.tiles_per_task, progress)
+            mark = time.perf_counter()
+            classes = list(settings.classes or _default_classes(plan.num_classes))
+            outputs = _finish(plan, out, flow.refined, classes, options.geojson, executor, client, progress)
+            report = build_report(plan, config, options, flow, model_info, scale_note, classes, outputs,
+                                  _describe(client))
+            report["timings"] = {**flow.timings, "finish": time.perf_counter() - mark,
+                                 "total": time.perf_counter() - started}
+            write_report(out, report)
+        except OSError as exc:
+            error = disk_full_error(exc, out)
+            if error is None:
+                raise
+            raise error from exc
+        finally:
+            _release(client, slide.path, str(out))
+    return report
+
+
+def _load_models_on_workers(client: Any, model_ref: str, full_resolution: bool) -> tuple[ModelFacts, dict[str, Any]]:
+    """Every worker loads (and checksums) the bundle now, in parallel; the first describes it."""
+    workers = list(client.scheduler_info(n_workers=-1)["workers"])
+    described = client.gather([
+        client.submit(describe_bundle, model_ref, workers=[worker], allow_other_workers=True, pure=False)
+        for worker in workers
+    ])[0]
+    roles = described["roles"]
+    if full_resolution and "model" not in roles:
+        raise InputError(
+            "--full-resolution needs a bundle with a single full-resolution model (role 'model'); "
+            f"this one holds {', '.join(sorted(roles))}"
+        )
+    if not full_resolution and not {"model1", "model2"} <= set(roles):
+        raise InputError("this bundle holds no Model 1 / Model 2 pair; use --full-resolution with it")
+    stage2 = roles["model" if full_resolution else "model2"]
+    facts = ModelFacts({role: facts["feature_stride"] for role, facts in roles.items()}, stage2["num_classes"])
+    info = {"bundle": model_ref, "checksum": described["checksum"],
+            "roles": {role: facts["spec"] for role, facts in roles.items()}}
+    return facts, info
+
+
+def _default_classes(num_classes: int) -> list[str]:
+    return ["background", "foreground"] if num_classes == 1 else [f"class {i}" for i in range(num_classes)]
+
+
+def _signature(slide: Slide, plan: Plan, checksum: str, config: TwoStageConfig) -> dict[str, Any]:
+    """What must match for ``--resume`` to continue an output."""
+    stat = os.stat(slide.path)
+    return {
+        "slide": slide.path,
+        "slide_bytes": stat.st_size,
+        "slide_mtime": stat.st_mtime,
+        "model_checksum": checksum,
+        "selection": config.selection.describe(),
+        **plan.geometry(),
+    }
+
+
+def _finish(
+    plan: Plan,
+    out: Path,
+    refined: np.ndarray,
+    classes: list[str],
+    geojson: bool,
+    executor: DaskExecutor,
+    client: Any,
+    progress: ProgressCallback | None,
+) -> dict[str, Any]:
+    """Mask pyramid, NGFF metadata, overlay and GeoJSON; returns the report's ``outputs``."""
+    slide = plan.source
+    levels = build_pyramid(out, "mask", plan.tile_size, executor.run_all)
+    if progress:
+        progress("finish", 1, 3)
+    wy, wx = plan.work_downsample
+    write_multiscales(out, "mask", ["y", "x"], levels, (wy, wx), slide.mpp, labels=dict(enumerate(classes)))
+    tile_step = (plan.tile_size * wy, plan.tile_size * wx)
+    write_multiscales(out, "refined", ["y", "x"], 1, tile_step, slide.mpp)
+    if not plan.full_resolution:
+        low_step = (plan.scale[0] * wy, plan.scale[1] * wx)
+        write_multiscales(out, "probability", ["c", "y", "x"], 1, low_step, slide.mpp)
+        write_multiscales(out, "uncertainty", ["y", "x"], 1, low_step, slide.mpp)
+        write_multiscales(out, "tile_scores", ["y", "x"], 1, tile_step, slide.mpp)
+    outputs: dict[str, Any] = {"mask": "mask", "levels": levels, "refined": "refined", "overlay": "overlay.png"}
+    if geojson:
+        from wsiseg.geojson import write_geojson
+
+        outputs["geojson"] = write_geojson(out, plan.tile_size, classes, client, pixel_size=(wy, wx)).name
+    if not plan.full_resolution:
+        outputs.update(probability="probability", uncertainty="uncertainty", tile_scores="tile_scores")
+    background = _thumbnail(plan, out)
+    write_overlay(out, background, _mask_thumbnail(out, levels, max(background.shape[:2])),
+                  None if plan.full_resolution else refined)
+    if progress:
+        progress("finish", 2, 3)
+    remove_scratch(out)
+    if progress:
+        progress("finish", 3, 3)
+    return outputs
+
+
+def _release(client: Any, *paths: str) -> None:
+    """Close every process's readers and arrays of this run (workers and this driver)."""
+    release_run(*paths)
+    try:
+        client.run(release_run, *paths)
+    except Exception:  # noqa: BLE001 - a worker lost at shutdown holds nothing any more
+        pass
+
+
+def _describe(client: Any) -> dict[str, Any]:
+    from wsiseg.cluster import describe_client
+
+    return describe_client(client)
+
+
+def _thumbnail(plan: Plan, out: Path, max_side: int = 1024) -> np.ndarray:
+    """A small RGB view of the slide: from the low-resolution scratch, or the smallest level."""
+    import dask.array as da
+
+    if not plan.full_resolution:
+        source = da.from_zarr(open_array(out, LOWRES))
+    else:
+        source = plan.source.to_dask(len(plan.source.levels) - 1, 1024)
+    factor = max(1, math.ceil(max(source.shape[:2]) / max_side))
+    if factor > 1:
+        h, w = (source.shape[0] // factor) * factor, (source.shape[1] // factor) * factor
+        if h and w:
+            source = da.coarsen(np.mean, source[:h, :w], {0: factor, 1: factor}, trim_excess=True)
+    return np.asarray(source.compute(scheduler="threads")).astype(np.uint8)
+
+
+def _mask_thumbnail(out: Path, levels: int, size: int) -> np.ndarray:
+    """The smallest mask level at least twice ``size`` (or 2048) on its longer side."""
+    import zarr
+
+    group = zarr.open_group(str(out / "mask"), mode="r")
+    for level in range(levels):
+        if max(group[str(level)].shape) <= max(2 * size, 2048) or level == levels - 1:
+            return np.asarray(group[str(level)][...])
+    raise AssertionError("unreachable")
+
+
+def default_output(slide: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None) -> Path:
+    """``<out_dir or cwd>/<slide stem>.zarr``."""
+    stem = Path(slide).name
+    for suffix in (".ome.tiff", ".ome.tif", ".zarr"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    else:
+        stem = Path(stem).stem
+    return Path(out_dir or ".") / f"{stem}.zarr"
+
+
+def segment_slides(
+    slides: list[Path],
+    out: Path | None,
+    overrides: dict[str, Any],
+    options: RunOptions,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    progress: ProgressCallback | None = None,
+    on_start: Any = None,
+) -> Any:
+    """Segment several slides on one cluster; yield ``(slide, output, report)`` as each finishes.
+
+    Every input, the bundle and the outputs are checked before any cluster
+    starts, so a bad argument costs nothing.
+
+    Parameters
+    ----------
+    out : Path or None
+        One slide: its output (default ``./<name>.zarr``); several: a folder for them.
+    overrides : dict
+        :class:`TwoStageConfig` fields to change from the bundle's (None values ignored).
+    on_start : callable, optional
+        ``on_start(slide, output)`` before each slide.
+    """
+    from wsiseg.cluster import start_client
+
+    for slide in slides:
+        open_slide(slide, options.backend)
+    config = bundle_settings(options.model).for_slides().with_overrides(**overrides)
+    outputs = output_paths(slides, out)
+    for output in outputs:
+        if output.exists() and not (options.overwrite or options.resume):
+            raise InputError(f"{output} already exists; use --overwrite to replace it or --resume to continue it")
+    client = start_client(scheduler, workers)
+    try:
+        for slide, output in zip(slides, outputs):
+            if on_start:
+                on_start(slide, output)
+            yield slide, output, segment_slide(slide, output, client, config, options, progress)
+    finally:
+        client.close()
+
+
+def output_paths(slides: list[Path], out: Path | None) -> list[Path]:
+    """Each slide's output: ``out`` for one slide, ``out/<name>.zarr`` for several; never shared."""
+    if len(slides) == 1:
+        return [out if out is not None else default_output(slides[0])]
+    if out is not None and out.suffix == ".zarr":
+        raise InputError("with several slides, --out is a folder for the outputs, not one .zarr")
+    paths = [default_output(s, out) for s in slides]
+    if len(set(paths)) != len(paths):
+        raise InputError("two slides share a file name; segment them separately with --out")
+    return paths

@@ -1,0 +1,145 @@
+"""Per-process state of the processes that run tile tasks, owned in one place.
+
+A Dask worker lives for many slides. What it keeps between tasks is held in
+bounded caches (:mod:`wsiseg.cache`) that close what they drop: slide
+readers (:mod:`wsiseg.slide`), output arrays (:mod:`wsiseg.output`), and
+here the loaded bundles and their model runners. A changed bundle file is a
+new key (its size and modification time are part of it), so it is loaded
+afresh and the stale copy leaves the cache.
+
+- :class:`BundleModels` is the model source of a slide run: small and
+  picklable (a path, a device, torch threads per host), it loads the bundle
+  in each process on first use.
+- :func:`release_run` drops a finished run's readers and arrays; the driver
+  calls it on every worker at the end of each slide.
+- :class:`WsisegWorkerPlugin` empties every cache when a worker closes.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from wsiseg import cache
+
+#: Bundles and runners kept per process: a cohort uses one model, a comparison two.
+BUNDLES = cache.register("bundles", cache.BoundedCache(maxsize=2, on_evict=lambda _: None), lambda key: key[0])
+RUNNERS = cache.register("runners", cache.BoundedCache(maxsize=6, on_evict=lambda _: None), lambda key: key[0][0])
+
+_THREADS = threading.local()
+_PROCESS_THREADS: list[int] = []
+
+
+def _bundle_key(model_ref: str) -> tuple[str, int, int]:
+    from wsiseg.bundle import resolve_model
+
+    path = resolve_model(model_ref)
+    stat = path.stat()
+    return str(path), stat.st_mtime_ns, stat.st_size
+
+
+def load_cached_bundle(model_ref: str) -> Any:
+    """This process's copy of a bundle, loaded (and checksummed) once per file version."""
+    from wsiseg.bundle import load_bundle
+
+    key = _bundle_key(model_ref)
+    return BUNDLES.get_or_create(key, lambda: load_bundle(key[0]))
+
+
+@dataclass(frozen=True)
+class BundleModels:
+    """Runners of a bundle's models, loaded once per process.
+
+    Attributes
+    ----------
+    model_ref : str
+        Bundle path or ``"wsiseg:default"``.
+    device : str
+    torch_threads : dict
+        Host -> torch threads per task thread (see
+        :func:`wsiseg.cluster.torch_threads_per_host`); empty: leave torch's setting.
+    """
+
+    model_ref: str
+    device: str = "auto"
+    torch_threads: dict[str, int] = field(default_factory=dict, hash=False, compare=False)
+
+    def runner(self, role: str) -> Any:
+        """A :class:`~wsiseg.inference.ModelRunner` of ``role``, with this thread's torch threads set."""
+        from wsiseg.inference import ModelRunner
+
+        self._set_threads()
+        key = (_bundle_key(self.model_ref), role, self.device)
+        return RUNNERS.get_or_create(key, lambda: ModelRunner(load_cached_bundle(self.model_ref).models[role], self.device))
+
+    def _set_threads(self) -> None:
+        """Torch's thread count belongs to the calling thread: apply it in every task thread."""
+        if not self.torch_threads or getattr(_THREADS, "set", False):
+            return
+        import torch
+
+        if not _PROCESS_THREADS:
+            try:
+                from distributed import get_worker
+
+                from wsiseg.cluster import worker_host
+
+                _PROCESS_THREADS.append(self.torch_threads.get(worker_host(get_worker().address), 1))
+            except (ImportError, ValueError):
+                _PROCESS_THREADS.append(max(1, os.cpu_count() or 1))
+        torch.set_num_threads(_PROCESS_THREADS[0])
+        _THREADS.set = True
+
+
+def describe_bundle(model_ref: str) -> dict[str, Any]:
+    """What the driver needs to plan a run, computed where torch lives (a worker).
+
+    Returns
+    -------
+    dict
+        ``checksum`` and, per role, ``spec``, ``num_classes``,
+        ``feature_channels`` and ``feature_stride``.
+    """
+    bundle = load_cached_bundle(model_ref)
+    return {
+        "checksum": bundle.checksum,
+        "roles": {
+            role: {
+                "spec": dict(model.spec),
+                "num_classes": int(model.num_classes),
+                "feature_channels": int(model.feature_channels),
+                "feature_stride": int(model.feature_stride),
+            }
+            for role, model in bundle.models.items()
+        },
+    }
+
+
+def release_run(*paths: str) -> int:
+    """Close and forget this process's readers and arrays of these paths (a slide, an output)."""
+    return sum(cache.release(path) for path in paths)
+
+
+def open_descriptors() -> int:
+    """Open file descriptors of this process (Linux), for resource checks."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1
+
+
+try:
+    from distributed.diagnostics.plugin import WorkerPlugin
+except ImportError:  # pragma: no cover - distributed is a dependency
+    WorkerPlugin = object  # type: ignore[misc,assignment]
+
+
+class WsisegWorkerPlugin(WorkerPlugin):  # type: ignore[misc]
+    """Owns a worker's wsiseg state: every cache is emptied (handles closed) at teardown."""
+
+    name = "wsiseg"
+
+    def teardown(self, worker: Any) -> None:
+        cache.release_all()
