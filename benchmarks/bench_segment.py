@@ -161,9 +161,9 @@ def _total_gflop(report: dict[str, Any]) -> float:
 def bundle_threshold(model: str | None) -> float:
     """The threshold ``wsiseg segment`` uses when given none: the bundle's."""
     from wsiseg.bundle import inspect_bundle, resolve_model
-    from wsiseg.segment import default_selection
+    from wsiseg.config import BundleSettings
 
-    return default_selection(inspect_bundle(resolve_model(model))["config"]).value
+    return BundleSettings.from_config(inspect_bundle(resolve_model(model))["config"]).flow.selection.value
 
 
 def _brief(report: dict[str, Any]) -> dict[str, Any]:
@@ -247,7 +247,7 @@ def study_memory(slides: list[Path], workers: int, model: str | None, scratch: P
     for slide in slides:
         out = scratch / f"{slide.stem}.zarr"
         report = run_segment(slide, out, [], workers, model)
-        rows.append({"slide": slide.name, "size": report["input"]["size"], "seconds": report["timings"]["total"],
+        rows.append({"slide": slide.name, "size_yx": report["input"]["size_yx"], "seconds": report["timings"]["total"],
                      "refined": report["tiles"]["refined_fraction"],
                      "peak_tree_rss_mb": report["bench"]["peak_tree_rss_mb"],
                      "peak_tree_pss_mb": report["bench"]["peak_tree_pss_mb"]})
@@ -388,7 +388,7 @@ def print_markdown(study: str, result: dict[str, Any], command: str) -> None:
     elif study == "memory":
         print("| slide | size | refined | wall s | peak RSS of the process tree MB | peak PSS MB |\n|---|---|---|---|---|---|")
         for row in result["rows"]:
-            print(f"| {row['slide']} | {row['size'][0]} x {row['size'][1]} | {100 * row['refined']:.1f} % | "
+            print(f"| {row['slide']} | {row['size_yx'][1]} x {row['size_yx'][0]} | {100 * row['refined']:.1f} % | "
                   f"{row['seconds']:.1f} | {row['peak_tree_rss_mb']:.0f} | {row['peak_tree_pss_mb']:.0f} |")
     elif study == "scaling":
         print("| workers | cores | wall s (process) | stages s |\n|---|---|---|---|")

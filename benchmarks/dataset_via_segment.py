@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     from wsiseg.bundle import load_bundle, resolve_model
     from wsiseg.cluster import start_client
     from wsiseg.metrics import confusion, dice_iou
-    from wsiseg.segment import SegmentOptions, segment_slide
+    from wsiseg.config import RunOptions
+    from wsiseg.run import bundle_settings, segment_slide
     from wsiseg.train.datasets import open_dataset
 
     logging.getLogger("distributed").setLevel(logging.ERROR)
@@ -42,12 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     seed = int(load_bundle(resolve_model(args.model)).config.get("training", {}).get("split_seed", 0))
     samples = data.split(args.split, seed)
     samples = samples[: args.limit] if args.limit else samples
+    config = bundle_settings(args.model).for_slides().with_overrides(tile_size=args.tile_size)
     client = start_client(workers=2, processes=False)
     scores, refined = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for sample in samples:
             out = Path(tmp) / f"{sample.id}.zarr"
-            report = segment_slide(sample.image, out, SegmentOptions(model=args.model, tile_size=args.tile_size), client)
+            report = segment_slide(sample.image, out, client, config, RunOptions(model=args.model))
             mask = np.asarray(zarr.open_array(str(out / "mask/0"), mode="r")[...])
             truth = data.load(sample)[1]
             scores.append(dice_iou(confusion(mask, truth, max(2, data.num_classes)))[0])

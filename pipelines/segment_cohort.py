@@ -49,12 +49,14 @@ def is_done(out: Path) -> bool:
         return False
 
 
-def run_cohort(slides: list[Path], out_dir: Path, options: Any, client: Any, parallel: int = 2) -> list[dict[str, Any]]:
+def run_cohort(
+    slides: list[Path], out_dir: Path, config: Any, options: Any, client: Any, parallel: int = 2
+) -> list[dict[str, Any]]:
     """Segment ``slides`` into ``out_dir``; returns one manifest row per slide (input order)."""
     from dataclasses import replace
 
     from wsiseg.errors import WsisegError
-    from wsiseg.segment import default_output, segment_slide
+    from wsiseg.run import default_output, segment_slide
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[int, dict[str, Any]] = {}
@@ -70,7 +72,7 @@ def run_cohort(slides: list[Path], out_dir: Path, options: Any, client: Any, par
             return row
         started = time.perf_counter()
         try:
-            report = segment_slide(slide, out, replace(options, resume=out.exists(), overwrite=False), client)
+            report = segment_slide(slide, out, client, config, replace(options, resume=out.exists(), overwrite=False))
         except WsisegError as exc:
             row.update(status="failed", error=str(exc), seconds=round(time.perf_counter() - started, 2))
             return row
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from wsiseg.cluster import start_client
     from wsiseg.errors import WsisegError
-    from wsiseg.segment import SegmentOptions
+    from wsiseg.config import RunOptions
+    from wsiseg.run import bundle_settings
     from wsiseg.uncertainty import TileSelection
 
     slides = find_slides(args.inputs, args.list)
@@ -126,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
     try:
-        rows = run_cohort(slides, args.out, SegmentOptions(model=args.model, selection=selection), client, args.parallel)
+        config = bundle_settings(args.model).for_slides().with_overrides(selection=selection)
+        rows = run_cohort(slides, args.out, config, RunOptions(model=args.model), client, args.parallel)
     finally:
         client.close()
     failed = sum(row["status"] == "failed" for row in rows)

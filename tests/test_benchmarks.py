@@ -71,9 +71,9 @@ def test_speed_study_runs_on_a_tiny_slide(tmp_path, test_bundle) -> None:
     assert set(stages) == {"stage1", "stage2"} and stages["stage2"]["parts_s"]["model forward"] > 0
     assert 0 < data["breakdown"]["model_share_of_wall"] < 1
     from wsiseg.bundle import inspect_bundle
-    from wsiseg.segment import default_selection
+    from wsiseg.config import BundleSettings
 
-    assert data["default_threshold"] == default_selection(inspect_bundle(test_bundle)["config"]).value
+    assert data["default_threshold"] == BundleSettings.from_config(inspect_bundle(test_bundle)["config"]).flow.selection.value
 
 
 def test_memory_and_scaling_studies_run_on_a_tiny_slide(tmp_path, test_bundle) -> None:

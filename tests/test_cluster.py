@@ -14,10 +14,11 @@ import pytest
 import zarr
 
 from wsiseg.cluster import WORKER_MALLOC_ENVIRON, start_client
-from wsiseg.segment import SegmentOptions, segment_slide
+from wsiseg.config import RunOptions, TwoStageConfig
+from wsiseg.run import segment_slide
 from wsiseg.uncertainty import TileSelection
 
-OPTIONS = {"selection": TileSelection.budget(0.5), "tile_size": 256, "halo": 32, "stage1_block": 64, "stage1_halo": 32}
+CONFIG = TwoStageConfig(selection=TileSelection.budget(0.5), tile_size=256, halo=32, stage1_block=64, stage1_halo=32)
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -64,7 +65,7 @@ def real_cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_mask(tmp_path_factory, pyramid_slide, test_bundle, local_client):
     out = tmp_path_factory.mktemp("local") / "local.zarr"
-    segment_slide(pyramid_slide, out, SegmentOptions(model=str(test_bundle), **OPTIONS), local_client)
+    segment_slide(pyramid_slide, out, local_client, CONFIG, RunOptions(model=str(test_bundle)))
     return np.asarray(zarr.open_array(str(out / "mask/0"), mode="r")[...])
 
 
@@ -83,7 +84,7 @@ def test_worker_malloc_settings_from_example_config(real_cluster) -> None:
 def test_real_cluster_equals_local_run(tmp_path, pyramid_slide, test_bundle, real_cluster, local_mask) -> None:
     client, _ = real_cluster
     out = tmp_path / "cluster.zarr"
-    report = segment_slide(pyramid_slide, out, SegmentOptions(model=str(test_bundle), **OPTIONS), client)
+    report = segment_slide(pyramid_slide, out, client, CONFIG, RunOptions(model=str(test_bundle)))
     assert report["scheduler"]["workers"] == 2 and report["scheduler"]["address"].startswith("tcp://127.0.0.1")
     np.testing.assert_array_equal(np.asarray(zarr.open_array(str(out / "mask/0"), mode="r")[...]), local_mask)
 
@@ -134,10 +135,11 @@ def test_the_driver_never_imports_torch(tmp_path, pyramid_slide, test_bundle, re
     script = (
         "import sys\n"
         "from distributed import Client\n"
-        "from wsiseg.segment import SegmentOptions, segment_slide\n"
+        "from wsiseg.config import RunOptions, TwoStageConfig\n"
+        "from wsiseg.run import segment_slide\n"
         f"client = Client({client.scheduler.address!r})\n"
         f"report = segment_slide({str(pyramid_slide)!r}, {str(tmp_path / 'driver.zarr')!r}, "
-        f"SegmentOptions(model={str(test_bundle)!r}, tile_size=256), client)\n"
+        f"client, TwoStageConfig(tile_size=256), RunOptions(model={str(test_bundle)!r}))\n"
         "print(report['status'], 'torch' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
@@ -158,7 +160,7 @@ def test_killing_a_worker_mid_run_still_gives_the_same_output(
             killed.append(done)
 
     out = tmp_path / "killed.zarr"
-    report = segment_slide(pyramid_slide, out, SegmentOptions(model=str(test_bundle), **OPTIONS), client, progress=kill_once)
+    report = segment_slide(pyramid_slide, out, client, CONFIG, RunOptions(model=str(test_bundle)), progress=kill_once)
     assert killed and killed[0] < report["tiles"]["total"]
     assert victim.wait(timeout=30) != 0
     assert len(client.scheduler_info(n_workers=-1)["workers"]) == 1

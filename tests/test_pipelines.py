@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from conftest import structured_image, write_pyramid
-from wsiseg.segment import SegmentOptions
+from wsiseg.config import RunOptions, TwoStageConfig
 from wsiseg.uncertainty import TileSelection
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,9 +33,10 @@ def test_cohort_segments_skips_done_and_reports_failures(tmp_path, test_bundle, 
     slides = cohort.find_slides([slides_dir])
     assert [p.name for p in slides] == ["broken.tif", "s0.tif", "s1.tif"]
 
-    options = SegmentOptions(model=str(test_bundle), selection=TileSelection.budget(0.5), tile_size=128)
+    config = TwoStageConfig(selection=TileSelection.budget(0.5), tile_size=128)
+    options = RunOptions(model=str(test_bundle))
     out = tmp_path / "out"
-    rows = cohort.run_cohort(slides, out, options, local_client, parallel=2)
+    rows = cohort.run_cohort(slides, out, config, options, local_client, parallel=2)
     assert [r["status"] for r in rows] == ["failed", "done", "done"]
     assert "broken.tif" in rows[0]["error"] and "Traceback" not in rows[0]["error"]
     assert rows[1]["tiles_total"] == 3 * 4 and rows[1]["tiles_refined"] == 6
@@ -44,7 +45,7 @@ def test_cohort_segments_skips_done_and_reports_failures(tmp_path, test_bundle, 
     assert [m["status"] for m in manifest] == ["failed", "done", "done"]
     assert manifest[2]["output"].endswith("s1.zarr")
 
-    again = cohort.run_cohort(slides, out, options, local_client, parallel=2)
+    again = cohort.run_cohort(slides, out, config, options, local_client, parallel=2)
     assert [r["status"] for r in again] == ["failed", "skipped", "skipped"]
     assert again[1]["tiles_refined"] == 6
 

@@ -328,8 +328,10 @@ def test_no_finetune_and_no_context_change_exactly_what_they_say(tmp_path) -> No
     bundle = load_bundle(train(no_context, tmp_path / "noctx.safetensors"))
     assert bundle.config["context"] is False
 
-    from wsiseg.evaluate import two_stage_config
-    from wsiseg.two_stage import segment_image
+    from dataclasses import replace
+
+    from wsiseg.config import BundleSettings
+    from wsiseg.run import segment_image
     from wsiseg.uncertainty import TileSelection
 
     def contexts_seen(pair) -> list:
@@ -339,7 +341,7 @@ def test_no_finetune_and_no_context_change_exactly_what_they_say(tmp_path) -> No
         pair.model2.forward = lambda x, context=None, class_context=None: (
             seen.append((context, class_context)), original(x, context, class_context))[1]
         image = np.full((32, 32, 3), 128, np.uint8)
-        config = two_stage_config(pair.config, selection=TileSelection.threshold(0))
+        config = replace(BundleSettings.from_config(pair.config).flow, selection=TileSelection.threshold(0))
         segment_image(image, pair.model1, pair.model2, config, device="cpu")
         return seen
 

@@ -207,6 +207,7 @@ def stage2_jobs(
         batches.append(("compose" if key == "compose" else "refine", tiles))
     batches.sort(key=lambda b: b[1][0])
     cell = _read_cell(plan)
+    reach = -(-plan.halo // plan.tile_size)  # rings of neighbouring tiles a window overlaps
     needs: dict[tuple[int, int], set[Box]] = defaultdict(set)
     chunk_users: dict[tuple[int, int], int] = defaultdict(int)
     batch_chunks: list[list[tuple[int, int]]] = []
@@ -215,8 +216,8 @@ def stage2_jobs(
         if kind == "refine":
             for row, col in tiles:
                 window = grid.window(row, col, plan.halo)
-                for r in range(max(0, row - 1), min(rows, row + 2)):
-                    for c in range(max(0, col - 1), min(cols, col + 2)):
+                for r in range(max(0, row - reach), min(rows, row + reach + 1)):
+                    for c in range(max(0, col - reach), min(cols, col + reach + 1)):
                         part = _intersect(grid.tile(r, c), window)
                         if part is None:
                             continue

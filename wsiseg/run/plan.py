@@ -198,8 +198,7 @@ def make_plan(
     Raises
     ------
     InputError
-        A tile size that is not a multiple of Model 2's stride, a halo larger
-        than a tile.
+        A tile size that is not a multiple of Model 2's stride.
     """
     stage2_role = "model" if full_resolution else "model2"
     stride2 = facts.strides[stage2_role]
@@ -209,8 +208,6 @@ def make_plan(
     if tile % stride2:
         raise InputError(f"tile size {tile} must be a multiple of the model's feature stride {stride2}")
     halo = round_up(config.halo, stride2)
-    if halo > tile:
-        raise InputError(f"halo {halo} must not exceed the tile size {tile}")
     work_h, work_w = (-(-n // work_coarsen) for n in source.levels[work_level].shape)
     if full_resolution:
         level, coarsen, low_shape, scale, block, stride1 = 0, 1, (1, 1), (1.0, 1.0), 1, 1
