@@ -36,6 +36,28 @@ class TinyFCN(SegmentationModel):
         return self.body(x)
 
 
+#: Fixtures whose tests start a Dask cluster: marked ``cluster`` and ``slow``.
+CLUSTER_FIXTURES = {"local_client", "real_cluster", "reference_run", "local_mask"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Cluster tests are slow; subprocess and training tests are marked slow too."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & CLUSTER_FIXTURES:
+            item.add_marker(pytest.mark.cluster)
+        if names & CLUSTER_FIXTURES or item.get_closest_marker("subprocess") or item.get_closest_marker("training"):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Tests may set torch's thread count (to match a worker's); the next test gets it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

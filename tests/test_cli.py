@@ -31,6 +31,7 @@ def test_models_lists_registry() -> None:
     assert "mobilenet_v3_large" in result.output and "resnet_lite" in result.output
 
 
+@pytest.mark.subprocess
 def test_console_script_help_does_not_import_torch() -> None:
     code = "import sys; from wsiseg.cli import main; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -46,6 +47,7 @@ def test_info_prints_levels_and_pixel_size(pyramid_slide) -> None:
     assert "1: 500 x 384, downsample 2, tiles 128 x 128" in result.output
 
 
+@pytest.mark.subprocess
 def test_segment_end_to_end_through_the_console_script(tmp_path, pyramid_slide, test_bundle) -> None:
     out = tmp_path / "run.zarr"
     command = [sys.executable, "-m", "wsiseg.cli", "segment", str(pyramid_slide), "--model", str(test_bundle),

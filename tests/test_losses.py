@@ -177,6 +177,7 @@ def test_ifbfnet_trains_one_step_with_ohem_and_aux_loss() -> None:
     assert total().item() < before.item()
 
 
+@pytest.mark.training
 def test_training_with_ifbfnet_lad_and_aux(tmp_path) -> None:
     from test_train import make_folder
 

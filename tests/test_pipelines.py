@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import csv
 import importlib.util
 from pathlib import Path
@@ -57,6 +59,7 @@ def _load(name: str):
     return module
 
 
+@pytest.mark.training
 def test_paper_tables_grid_runs_and_writes_both_tables(tmp_path) -> None:
     from test_train import make_folder
 

@@ -199,6 +199,7 @@ def test_augmentation_transforms_image_and_mask_together() -> None:
     assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio)) and 0.5 <= float(ratio.flatten()[0]) <= 1.5
 
 
+@pytest.mark.training
 def test_ifbfnet_trains_as_a_two_stage_pair(tmp_path) -> None:
     from wsiseg.bundle import load_bundle
 
@@ -309,6 +310,7 @@ def _tiny_config(root, **extra) -> TrainConfig:
     return TrainConfig(**settings)
 
 
+@pytest.mark.training
 def test_no_finetune_and_no_context_change_exactly_what_they_say(tmp_path) -> None:
     from wsiseg.bundle import load_bundle
 
@@ -351,6 +353,7 @@ def test_no_finetune_and_no_context_change_exactly_what_they_say(tmp_path) -> No
     assert seen and all(c is None and k is not None and k.shape[1] == 1 for c, k in seen)  # on: projected context
 
 
+@pytest.mark.training
 def test_interrupted_training_resumes_from_its_checkpoint(tmp_path) -> None:
     from wsiseg.bundle import load_bundle
 
@@ -382,6 +385,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path) -> None:
 
 
 
+@pytest.mark.training
 def test_checkpoint_from_other_settings_is_refused(tmp_path) -> None:
     make_folder(tmp_path / "d", n=4)
     out = tmp_path / "x.safetensors"
@@ -405,6 +409,7 @@ def test_dice_and_iou_by_hand() -> None:
     assert dice(np.zeros((3, 3)), np.zeros((3, 3))) == 1.0  # nothing to find, nothing found
 
 
+@pytest.mark.training
 def test_evaluate_reproduces_a_hand_computed_dice(tmp_path) -> None:
     from wsiseg.bundle import Bundle
     from wsiseg.evaluate import evaluate, write_results

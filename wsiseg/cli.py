@@ -14,8 +14,11 @@ from typing import Any
 import click
 
 from wsiseg import __version__
+from wsiseg.config import TwoStageConfig
 from wsiseg.errors import WsisegError
 
+#: The flow's defaults, shown in help texts (stated once, in wsiseg.config).
+FLOW_DEFAULTS = TwoStageConfig()
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -97,7 +100,7 @@ class ProgressBars:
               help="Model bundle (.safetensors). Default: the model shipped with wsiseg.")
 @click.option("--threshold", "-t", type=float, default=None,
               help="Refine tiles whose mean uncertainty is >= this (0 refines all, > 1 none). "
-                   "Default: the bundle's (0.25 when it has none).")
+                   f"Default: the bundle's ({FLOW_DEFAULTS.selection.value:g} when it has none).")
 @click.option("--top", type=int, default=None, metavar="N", help="Refine the N most uncertain tiles.")
 @click.option("--budget", type=float, default=None, metavar="F", help="Refine this fraction of tiles, most uncertain first.")
 @click.option("--full-resolution", is_flag=True,
@@ -110,11 +113,14 @@ class ProgressBars:
                    "paths on every worker.")
 @click.option("--workers", type=int, default=None, help="Local worker processes (default: one per core; 4 sharing the GPU when one is visible).")
 @click.option("--tile-size", type=int, default=None, help="Tile side in pixels (default: ~512, aligned to the file's tiles).")
-@click.option("--halo", type=int, default=None, help="Context pixels read around each tile (default: the bundle's, or 32).")
-@click.option("--ratio", type=int, default=None, help="Model 1's downsampling factor (default: the bundle's, or 4).")
+@click.option("--halo", type=int, default=None,
+              help=f"Context pixels read around each tile (default: the bundle's, or {FLOW_DEFAULTS.halo}).")
+@click.option("--ratio", type=int, default=None,
+              help=f"Model 1's downsampling factor (default: the bundle's, or {FLOW_DEFAULTS.ratio}).")
 @click.option("--uncertainty", type=click.Choice(["entropy", "margin"]), default=None,
               help="Uncertainty measure (default: the bundle's, or entropy).")
-@click.option("--blend", type=int, default=None, help="Blend ramp (pixels) between refined and unrefined tiles (default 16).")
+@click.option("--blend", type=int, default=None,
+              help=f"Blend ramp (pixels) between refined and unrefined tiles (default {FLOW_DEFAULTS.blend}).")
 @click.option("--batch-size", type=int, default=None,
               help="Tiles per Model 2 forward pass (default: 1 on the CPU, as fast as larger batches there "
                    "with less memory; 4 on a GPU).")
@@ -154,10 +160,12 @@ def segment(slides: tuple[Path, ...], **opts: Any) -> None:
         "model", "full_resolution", "device", "batch_size", "backend", "overwrite", "resume", "geojson")})
     bars = ProgressBars(enabled=not opts["quiet"])
 
-    def announce(slide: Path, out: Path) -> None:
+    def announce(slide: Path, out: Path, warnings: tuple[str, ...] = ()) -> None:
         bars.close()
         if not opts["quiet"]:
             click.echo(f"{slide} -> {out}", err=True)
+        for warning in warnings:  # printed even with --quiet: the run uses less of the slide than it holds
+            click.echo(f"Warning: {warning}", err=True)
 
     try:
         for _, out, report in segment_slides(list(slides), opts["out"], overrides, options, opts["scheduler"],
@@ -200,7 +208,7 @@ TRAIN_LABELS = {"stage1": "Model 1 ", "stage2": "Model 2 ", "baseline": "baselin
 @click.option("--backbone", default="resnet_lite", show_default=True, help="Backbone (see 'wsiseg models').")
 @click.option("--backbone-weights", type=click.Path(path_type=Path), default=None,
               help="Local file of pretrained backbone weights (never downloaded).")
-@click.option("--ratio", default=4, show_default=True, help="Model 1's downsampling factor R.")
+@click.option("--ratio", default=FLOW_DEFAULTS.ratio, show_default=True, help="Model 1's downsampling factor R.")
 @click.option("--epochs", default=20, show_default=True, help="Epochs per phase.")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--lr", default=1e-4, show_default=True, help="Adam learning rate.")
@@ -216,7 +224,7 @@ TRAIN_LABELS = {"stage1": "Model 1 ", "stage2": "Model 2 ", "baseline": "baselin
 @click.option("--crop-size", default=256, show_default=True, help="Crop side when --image-size is 0.")
 @click.option("--patches", default=16, show_default=True, help="About this many tiles per image when resizing (4, 16, 64, 128).")
 @click.option("--tile-size", type=int, default=None, help="Tile side when --image-size is 0 (default crop/4).")
-@click.option("--halo", default=32, show_default=True, help="Context pixels around each tile.")
+@click.option("--halo", default=FLOW_DEFAULTS.halo, show_default=True, help="Context pixels around each tile.")
 @click.option("--finetune/--no-finetune", default=True, show_default=True, help="Start Model 2 from Model 1.")
 @click.option("--context/--no-context", default=True, show_default=True, help="Give Model 2 Model 1's features.")
 @click.option("--stage", type=click.Choice(["two-stage", "baseline", "all"]), default="two-stage", show_default=True)
@@ -230,7 +238,8 @@ TRAIN_LABELS = {"stage1": "Model 1 ", "stage2": "Model 2 ", "baseline": "baselin
 @click.option("--split-seed", default=0, show_default=True, help="Seed of the 70/30 split.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--mpp", type=float, default=None, help="Micrometres per pixel of the training images, if known.")
-@click.option("--threshold", default=0.25, show_default=True, help="Default tile threshold stored in the bundle.")
+@click.option("--threshold", default=FLOW_DEFAULTS.selection.value, show_default=True,
+              help="Default tile threshold stored in the bundle.")
 @click.option("--freeze-bn-after", type=int, default=None,
               help="After this many epochs of each phase, train against frozen BatchNorm statistics "
                    "(for data mixing very different images, e.g. fluorescence and brightfield).")
@@ -285,37 +294,21 @@ def train(out: Path, **opts: Any) -> None:
               help="Folder for evaluation.csv / .json / speed_vs_dice.png (default: evaluation-<bundle name>).")
 def evaluate(bundle: Path, **opts: Any) -> None:
     """Dice, IoU, refined fraction and time per image: baseline vs two-stage over thresholds."""
-    from wsiseg.bundle import load_bundle
-    from wsiseg.evaluate import PAPER_THRESHOLDS, evaluate as run_evaluation, format_table, write_results
-    from wsiseg.train.datasets import open_dataset
+    from wsiseg.evaluate import evaluate_bundle, format_table
 
     _quiet_libraries()
-    loaded = load_bundle(bundle)
-    for key in ("tile_size", "halo"):
-        if opts[key] is not None:
-            loaded.config[key] = opts[key]
-    data = open_dataset(opts["dataset"], opts["data_root"], opts["multiclass"])
-    seed = opts["split_seed"] if opts["split_seed"] is not None else int(loaded.config.get("training", {}).get("split_seed", 0))
-    samples = data.split(opts["split"], seed)
-    if opts["limit"]:
-        samples = samples[: opts["limit"]]
-    if not samples:
-        raise WsisegError(f"the {opts['split']} split of {opts['data_root']} is empty")
-    baseline = load_bundle(opts["baseline"]).model if opts["baseline"] else None
-    thresholds = tuple(opts["thresholds"]) or PAPER_THRESHOLDS
-    with click.progressbar(length=len(samples), label="images", file=sys.stderr, show_pos=True) as bar:
-        done = [0]
-
-        def progress(n: int, total: int) -> None:
-            bar.update(n - done[0])
-            done[0] = n
-
-        rows = run_evaluation(loaded, data, samples, thresholds, baseline, opts["device"], progress)
+    bar = ProgressBars(labels={"images": "images       "})
+    try:
+        rows, paths = evaluate_bundle(
+            bundle, opts["dataset"], opts["data_root"], tuple(opts["thresholds"]), opts["baseline"], opts["split"],
+            opts["split_seed"], opts["multiclass"], opts["limit"],
+            {"tile_size": opts["tile_size"], "halo": opts["halo"]}, opts["device"], opts["out"],
+            lambda done, total: bar("images", done, total),
+        )
+    finally:
+        bar.close()
     for line in format_table(rows):
         click.echo(line)
-    out = opts["out"] or Path(f"evaluation-{bundle.stem}")
-    paths = write_results(rows, out, f"{bundle.name} on {opts['dataset']} ({opts['split']}, {len(samples)} images)",
-                          {"bundle": str(bundle), "dataset": opts["dataset"], "split": opts["split"], "split_seed": seed})
     click.echo(f"wrote {paths['csv']}, {paths['json'].name}, {paths['plot'].name}")
 
 

@@ -73,7 +73,7 @@ def start_client(
 
     if scheduler:
         try:
-            return Client(scheduler, timeout="15s")
+            return _with_plugin(Client(scheduler, timeout="15s"))
         except (OSError, TimeoutError) as exc:
             raise InputError(
                 f"cannot reach a Dask scheduler at {scheduler}; start one with 'dask scheduler' "
@@ -92,7 +92,19 @@ def start_client(
         dashboard_address=None,
         silence_logs=logging.ERROR,
     )
-    return Client(cluster)
+    return _with_plugin(Client(cluster))
+
+
+def _with_plugin(client: Any) -> Any:
+    """Register :class:`~wsiseg.run.worker.WsisegWorkerPlugin` on ``client``'s workers (present and
+    future), so that each closes its cached readers and arrays at teardown; return ``client``."""
+    from wsiseg.run.worker import WsisegWorkerPlugin
+
+    try:
+        client.register_plugin(WsisegWorkerPlugin())
+    except (AttributeError, TypeError):  # distributed < 2023.9.2 has no register_plugin
+        pass
+    return client
 
 
 #: Worker processes sharing one visible GPU. Decoding, composing and writing

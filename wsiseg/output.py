@@ -191,6 +191,13 @@ def check_output_path(out: Path, inputs: Sequence[Path]) -> None:
             raise InputError(f"--out {out} contains the input {given}; choose an --out that does not")
 
 
+def not_a_folder_error(out: Path) -> InputError:
+    """The error for an ``--out`` that exists and is not a folder (a file is never replaced)."""
+    return InputError(
+        f"--out {out} exists and is not a folder; choose another --out (--overwrite replaces only wsiseg outputs)"
+    )
+
+
 def _same_file(a: Path, b: Path) -> bool:
     """True when both paths exist and name one file (hard links, case-insensitive file systems)."""
     try:
@@ -272,9 +279,7 @@ def prepare_output(
     record = RunRecord(out)
     if out.exists() or out.is_symlink():
         if not out.is_dir():
-            raise InputError(
-                f"--out {out} exists and is not a folder; choose another --out (--overwrite replaces only wsiseg outputs)"
-            )
+            raise not_a_folder_error(out)
         if resume and is_wsiseg_output(out):
             previous = record.signature() or {}
             current = json.loads(json.dumps(dict(signature), sort_keys=True))  # tuples compare as lists

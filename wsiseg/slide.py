@@ -3,7 +3,7 @@
 :func:`open_slide` inspects a file once and returns a :class:`Slide`: a small,
 picklable description (path, backend, level sizes and downsamples, pixel
 size). Pixels are read with :meth:`Slide.read_region` or as dask arrays with
-:meth:`Slide.to_dask`; both go through a reader that every process opens once
+:meth:`Slide.to_dask`; both go through a reader (:mod:`wsiseg.readers`) that every process opens once
 per file and caches, so a ``Slide`` can travel to Dask workers by value while
 file handles never do.
 
@@ -29,21 +29,34 @@ one intensity range estimated from a small level (or from sampled regions).
 
 from __future__ import annotations
 
-import logging
-import math
 import os
 import re
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from wsiseg.cache import BoundedCache, register
 from wsiseg.errors import InputError
+from wsiseg.readers import (  # noqa: F401 - readers are part of this module's public surface
+    _READERS,
+    MAX_PLAIN_IMAGE_PIXELS,
+    READERS_MAXSIZE,
+    ImageReader,
+    OpenSlideReader,
+    Reader,
+    TiffReader,
+    ZarrReader,
+    _lease_reader,
+    _load_plain_image,
+    _ngff_multiscale,
+    _open_reader,
+    _tifffile_quiet,
+    clear_readers,
+    get_reader,
+    to_rgb8,
+)
 from wsiseg.tiling import Box
 
 BACKENDS = ("auto", "tifffile", "openslide", "zarr", "image")
@@ -51,8 +64,6 @@ BACKENDS = ("auto", "tifffile", "openslide", "zarr", "image")
 #: OpenSlide vendors whose TIFF files tifffile reads as a plain pyramid.
 _TIFFFILE_VENDORS = {None, "generic-tiff", "aperio"}
 
-#: Ordinary images larger than this are refused (they are held in memory).
-MAX_PLAIN_IMAGE_PIXELS = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -179,284 +190,6 @@ class Slide:
 def _chunk_sizes(size: int, chunk: int) -> tuple[int, ...]:
     full, rest = divmod(size, chunk)
     return (chunk,) * full + ((rest,) if rest else ())
-
-
-# --------------------------------------------------------------------------- conversion
-
-
-def to_rgb8(raw: np.ndarray, intensity_range: tuple[float, float] | None = None) -> np.ndarray:
-    """Any ``(h, w)`` / ``(h, w, c)`` image as ``(h, w, 3)`` uint8 RGB.
-
-    Parameters
-    ----------
-    raw : np.ndarray
-        Grey (c absent or 1), grey + alpha (c = 2), RGB (3) or RGBA (4); any
-        integer or float dtype.
-    intensity_range : (low, high), optional
-        Values mapped to 0 and 255 for non-uint8 data (default: the dtype's
-        range for integers, [0, 1] for floats).
-    """
-    if raw.ndim == 2:
-        raw = raw[..., None]
-    channels = raw.shape[2]
-    if channels not in (1, 2, 3, 4):
-        raise InputError(f"images with {channels} channels are not supported; give grey, RGB or RGBA")
-    if raw.dtype != np.uint8:
-        if intensity_range is None:
-            if np.issubdtype(raw.dtype, np.integer):
-                info = np.iinfo(raw.dtype)
-                intensity_range = (0.0, float(info.max))
-            else:
-                intensity_range = (0.0, 1.0)
-        low, high = intensity_range
-        scaled = (raw.astype(np.float32) - low) * (255.0 / max(high - low, 1e-12))
-        raw = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-    has_alpha = channels in (2, 4)
-    colour = raw[..., : channels - 1] if has_alpha else raw
-    if colour.shape[2] == 1:
-        colour = np.repeat(colour, 3, axis=2)
-    if has_alpha:
-        alpha = raw[..., -1:].astype(np.float32) / 255.0
-        colour = np.rint(colour * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-    return np.ascontiguousarray(colour)
-
-
-# --------------------------------------------------------------------------- readers
-
-
-class Reader:
-    """Reads raw regions of one file; one instance per process and file version.
-
-    A reader leaving the cache is *retired*: it closes at once, or when the
-    last read in flight (a *lease*) ends, so no thread reads a closed handle.
-    """
-
-    _leases: int = 0
-    _retired: bool = False
-
-    def read(self, level: int, box: Box) -> np.ndarray:
-        """``(h, w[, c])`` raw pixels of ``box`` at ``level``."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Release the file handles (nothing to release by default)."""
-
-    def lease(self) -> bool:
-        """Start a read; False when the reader is retired (get a new one)."""
-        with _LEASE_LOCK:
-            if self._retired:
-                return False
-            self._leases += 1
-            return True
-
-    def unlease(self) -> None:
-        """End a read started by :meth:`lease`."""
-        with _LEASE_LOCK:
-            self._leases -= 1
-            last = self._retired and self._leases == 0
-        if last:
-            self.close()
-
-    def retire(self) -> None:
-        """Close now, or after the reads in flight end; later leases are refused."""
-        with _LEASE_LOCK:
-            if self._retired:
-                return
-            self._retired = True
-            idle = self._leases == 0
-        if idle:
-            self.close()
-
-
-_LEASE_LOCK = threading.Lock()
-
-
-class TiffReader(Reader):
-    """tifffile: raw tiles decoded directly for single-page tiled levels, zarr otherwise."""
-
-    def __init__(self, path: str, series_index: int = 0) -> None:
-        import tifffile
-
-        with _tifffile_quiet():  # a truncated file was reported once, by open_slide
-            self._tiff = tifffile.TiffFile(path)
-            self._series = self._tiff.series[series_index]
-            self._levels = list(self._series.levels)
-        self._fd = os.open(path, os.O_RDONLY)
-        self._zarr: dict[int, Any] = {}
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        os.close(self._fd)
-        self._tiff.close()
-
-    def _fast_page(self, level: int) -> Any | None:
-        """The level's page when its tiles can be decoded directly, else None."""
-        series = self._levels[level]
-        page = series.keyframe
-        if len(series.pages) != 1 or not page.is_tiled or page.planarconfig != 1:
-            return None
-        if page.imagedepth != 1 or page.tiledepth != 1:
-            return None
-        return page
-
-    def read(self, level: int, box: Box) -> np.ndarray:
-        page = self._fast_page(level)
-        if page is None:
-            return self._read_zarr(level, box)
-        tile_h, tile_w = page.tilelength, page.tilewidth
-        samples = page.samplesperpixel
-        out = np.zeros((box.y1 - box.y0, box.x1 - box.x0, samples), page.dtype)
-        tiles_across = -(-page.imagewidth // tile_w)
-        for ty in range(box.y0 // tile_h, -(-box.y1 // tile_h)):
-            for tx in range(box.x0 // tile_w, -(-box.x1 // tile_w)):
-                index = ty * tiles_across + tx
-                tile = self._decode(page, index).reshape(tile_h, tile_w, samples)
-                y0, x0 = ty * tile_h, tx * tile_w
-                ys = slice(max(box.y0, y0), min(box.y1, y0 + tile_h))
-                xs = slice(max(box.x0, x0), min(box.x1, x0 + tile_w))
-                out[ys.start - box.y0 : ys.stop - box.y0, xs.start - box.x0 : xs.stop - box.x0] = tile[
-                    ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0
-                ]
-        return out
-
-    def _decode(self, page: Any, index: int) -> np.ndarray:
-        """Decode one raw tile of ``page`` (tests wrap this to count decodes)."""
-        count = page.databytecounts[index]
-        if count == 0:  # a tile the writer left out: fill as background
-            shape = (page.tilelength, page.tilewidth, page.samplesperpixel)
-            return np.full(shape, np.iinfo(page.dtype).max if page.dtype.kind == "u" else 0, page.dtype)
-        data = os.pread(self._fd, count, page.dataoffsets[index])
-        segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
-        return segment
-
-    def _read_zarr(self, level: int, box: Box) -> np.ndarray:
-        import zarr
-
-        with self._lock:
-            if level not in self._zarr:
-                self._zarr[level] = zarr.open(self._series.aszarr(level=level), mode="r")
-        array = self._zarr[level]
-        return _take_yx(array, self._series.axes, box)
-
-
-class OpenSlideReader(Reader):
-    """openslide-python; regions are RGBA, composited over white by :func:`to_rgb8`."""
-
-    def __init__(self, path: str) -> None:
-        import openslide
-
-        self._slide = openslide.OpenSlide(path)
-
-    def close(self) -> None:
-        self._slide.close()
-
-    def read(self, level: int, box: Box) -> np.ndarray:
-        d = self._slide.level_downsamples[level]
-        # OpenSlide takes level-0 coordinates and divides by its downsample;
-        # rounding up keeps that division from landing one pixel short.
-        location = (math.ceil(box.x0 * d - 1e-6), math.ceil(box.y0 * d - 1e-6))
-        region = self._slide.read_region(location, level, (box.x1 - box.x0, box.y1 - box.y0))
-        return np.asarray(region)
-
-
-class ZarrReader(Reader):
-    """OME-Zarr multiscale image (NGFF 0.4 on zarr v2, 0.5 on zarr v3)."""
-
-    def __init__(self, path: str) -> None:
-        import zarr
-
-        group = zarr.open_group(path, mode="r")
-        multiscale, _ = _ngff_multiscale(dict(group.attrs))
-        self._axes = "".join(a["name"] if isinstance(a, dict) else a for a in multiscale["axes"]).lower()
-        self._arrays = [group[d["path"]] for d in multiscale["datasets"]]
-
-    def close(self) -> None:
-        self._arrays = []
-
-    def read(self, level: int, box: Box) -> np.ndarray:
-        return _take_yx(self._arrays[level], self._axes, box)
-
-
-class ImageReader(Reader):
-    """Pillow: the whole image decoded once per process."""
-
-    def __init__(self, path: str) -> None:
-        self._array = _load_plain_image(path)
-
-    def close(self) -> None:
-        self._array = np.zeros((0, 0, 3), np.uint8)  # free the decoded image
-
-    def read(self, level: int, box: Box) -> np.ndarray:
-        return self._array[box.y0 : box.y1, box.x0 : box.x1]
-
-
-def _take_yx(array: Any, axes: str, box: Box) -> np.ndarray:
-    """Index an n-d array with named axes down to ``(h, w[, c])`` over ``box``."""
-    axes = axes.lower()
-    index: list[Any] = []
-    for name in axes:
-        if name == "y":
-            index.append(slice(box.y0, box.y1))
-        elif name == "x":
-            index.append(slice(box.x0, box.x1))
-        elif name in ("c", "s"):
-            index.append(slice(None))
-        else:  # t, z, q, ...: first plane
-            index.append(0)
-    data = np.asarray(array[tuple(index)])
-    kept = [a for a in axes if a in "yxcs"]
-    order = [kept.index("y"), kept.index("x")] + [i for i, a in enumerate(kept) if a in "cs"]
-    data = data.transpose(order)
-    if data.ndim == 4:  # both c and s: merge
-        data = data.reshape(data.shape[0], data.shape[1], -1)
-    return data
-
-
-#: Open readers of this process, keyed by (backend, path, mtime_ns, size, inode):
-#: a rewritten file gets a new reader and its old one is closed.
-READERS_MAXSIZE = 8
-_READERS: BoundedCache[tuple[str, str, int, int, int], Reader] = register(
-    "readers", BoundedCache(READERS_MAXSIZE, on_evict=Reader.retire), path_of=lambda key: key[1]
-)
-_FACTORIES: dict[str, Callable[[str], Reader]] = {
-    "tifffile": TiffReader,
-    "openslide": OpenSlideReader,
-    "zarr": ZarrReader,
-    "image": ImageReader,
-}
-
-
-def get_reader(slide: Slide) -> Reader:
-    """This process's reader for ``slide`` (opened on first use, then cached).
-
-    The reader may be retired by another thread at any time; read through
-    :meth:`Slide.read_region`, which leases it.
-    """
-    try:
-        stat = os.stat(slide.path)
-    except OSError as exc:
-        raise InputError(f"cannot read {slide.path!r}: {exc.strerror}") from exc
-    key = (slide.backend, slide.path, stat.st_mtime_ns, stat.st_size, stat.st_ino)
-
-    def create() -> Reader:
-        # Another version of the file is stale: close its reader now.
-        _READERS.discard(lambda k: k[:2] == key[:2] and k != key)
-        return _FACTORIES[slide.backend](slide.path)
-
-    return _READERS.get_or_create(key, create)
-
-
-def _lease_reader(slide: Slide) -> Reader:
-    """A reader of ``slide`` leased for one read (end it with ``unlease``)."""
-    while True:
-        reader = get_reader(slide)
-        if reader.lease():
-            return reader  # else it was retired since the lookup: it has left the cache
-
-
-def clear_readers() -> None:
-    """Close and forget this process's cached readers."""
-    _READERS.clear()
 
 
 # --------------------------------------------------------------------------- opening
@@ -588,35 +321,6 @@ def _open_tiff(path: Path) -> Slide:
     slide = Slide(str(path.resolve()), "tifffile", fmt, tuple(levels), mpp, None, properties, warnings)
     return _with_intensity_range(slide, dtype)
 
-
-class _ThreadQuietFilter(logging.Filter):
-    """Drops the records of threads inside :func:`_tifffile_quiet` (other threads log as usual)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.local = threading.local()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not getattr(self.local, "depth", 0)
-
-
-_TIFFFILE_QUIET = _ThreadQuietFilter()
-
-
-@contextmanager
-def _tifffile_quiet() -> Iterator[None]:
-    """Silence tifffile's logger in this thread: what it reports about a damaged
-    file (e.g. "invalid page offset") reaches the user as :attr:`Slide.warnings`
-    or an :class:`InputError` instead."""
-    logger = logging.getLogger("tifffile")
-    if _TIFFFILE_QUIET not in logger.filters:
-        logger.addFilter(_TIFFFILE_QUIET)
-    local = _TIFFFILE_QUIET.local
-    local.depth = getattr(local, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        local.depth -= 1
 
 
 def _check_tile_offsets(tiff: Any, path: Path) -> tuple[int, str | None]:
@@ -760,16 +464,6 @@ def _looks_like_zarr(path: Path) -> bool:
     return any((path / name).exists() for name in ("zarr.json", ".zattrs", ".zgroup"))
 
 
-def _ngff_multiscale(attrs: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """The first multiscale of NGFF 0.4 (top-level) or 0.5 (under ``ome``) attributes."""
-    if "ome" in attrs and "multiscales" in attrs["ome"]:
-        return attrs["ome"]["multiscales"][0], str(attrs["ome"].get("version", "0.5"))
-    if "multiscales" in attrs:
-        ms = attrs["multiscales"][0]
-        return ms, str(ms.get("version", "0.4"))
-    raise InputError("the folder is a zarr group but has no OME-Zarr multiscales metadata")
-
-
 def _open_zarr(path: Path) -> Slide:
     import zarr
 
@@ -801,20 +495,6 @@ def _open_zarr(path: Path) -> Slide:
     return _with_intensity_range(slide, np.dtype(dtype))
 
 
-def _load_plain_image(path: str) -> np.ndarray:
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = MAX_PLAIN_IMAGE_PIXELS
-    with Image.open(path) as image:
-        if image.mode == "P":
-            image = image.convert("RGBA")
-        elif image.mode == "CMYK" or image.mode == "YCbCr":
-            image = image.convert("RGB")
-        array = np.asarray(image)
-    if array.ndim == 3 and array.shape[2] not in (1, 2, 3, 4):
-        raise InputError(f"{path}: images with {array.shape[2]} channels are not supported")
-    return array
-
 
 def _open_image(path: Path) -> Slide:
     from PIL import Image
@@ -842,7 +522,7 @@ def _with_intensity_range(slide: Slide, dtype: np.dtype) -> Slide:
     """For non-uint8 data, estimate one intensity range from a small level or samples."""
     if dtype == np.uint8:
         return slide
-    reader = _FACTORIES[slide.backend](slide.path)
+    reader = _open_reader(slide.backend, slide.path)
     try:
         smallest = len(slide.levels) - 1
         h, w = slide.levels[smallest].shape

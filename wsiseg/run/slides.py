@@ -29,7 +29,9 @@ from wsiseg.errors import InputError
 from wsiseg.output import (
     OutputLock,
     build_pyramid,
+    check_output_path,
     disk_full_error,
+    not_a_folder_error,
     open_array,
     prepare_output,
     remove_scratch,
@@ -304,22 +306,25 @@ def segment_slides(
     overrides : dict
         :class:`TwoStageConfig` fields to change from the bundle's (None values ignored).
     on_start : callable, optional
-        ``on_start(slide, output)`` before each slide.
+        ``on_start(slide, output, warnings)`` before each slide; ``warnings``
+        is the slide's :attr:`~wsiseg.slide.Slide.warnings` (one line each).
     """
     from wsiseg.cluster import start_client
 
-    for slide in slides:
-        open_slide(slide, options.backend)
+    warnings = [open_slide(slide, options.backend).warnings for slide in slides]
     config = bundle_settings(options.model).for_slides().with_overrides(**overrides)
     outputs = output_paths(slides, out)
     for output in outputs:
+        check_output_path(output, slides)
+        if (output.exists() or output.is_symlink()) and not output.is_dir():
+            raise not_a_folder_error(output)
         if output.exists() and not (options.overwrite or options.resume):
             raise InputError(f"{output} already exists; use --overwrite to replace it or --resume to continue it")
     client = start_client(scheduler, workers)
     try:
-        for slide, output in zip(slides, outputs):
+        for slide, output, slide_warnings in zip(slides, outputs, warnings):
             if on_start:
-                on_start(slide, output)
+                on_start(slide, output, slide_warnings)
             yield slide, output, segment_slide(slide, output, client, config, options, progress)
     finally:
         client.close()

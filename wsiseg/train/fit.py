@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wsiseg.config import TwoStageConfig
 from wsiseg.errors import InputError, WsisegError
 from wsiseg.models import SegmentationModel, build_model
 from wsiseg.models.base import logits_to_probabilities
@@ -101,12 +102,12 @@ class TrainConfig:
     arch: str = "unet"
     backbone: str = "resnet_lite"
     backbone_weights: str | None = None
-    ratio: int = 4
+    ratio: int = TwoStageConfig.ratio
     image_size: int = 768
     crop_size: int = 256
     patches: int = 16
     tile_size: int | None = None
-    halo: int = 32
+    halo: int = TwoStageConfig.halo
     epochs: int = 20
     batch_size: int = 8
     lr: float = 1e-4
@@ -126,7 +127,7 @@ class TrainConfig:
     split_seed: int = 0
     seed: int = 0
     mpp: float | None = None
-    threshold: float = 0.25
+    threshold: float = TwoStageConfig().selection.value
     freeze_bn_after: int | None = None
     device: str = "auto"
     val_images: int = 0

@@ -1,0 +1,85 @@
+"""Settings and planning, without models, pixels or a cluster."""
+
+from __future__ import annotations
+
+import pytest
+
+from wsiseg.config import BundleSettings, RunOptions, TwoStageConfig
+from wsiseg.errors import BundleError, InputError
+from wsiseg.run.plan import ModelFacts, auto_tile_size, make_plan, working_scale
+from wsiseg.slide import Level, Slide
+from wsiseg.two_stage import CONTEXT, LOWRES, MASK, PROBABILITY, REFINED
+
+FACTS = ModelFacts({"model1": 16, "model2": 32, "model": 32}, num_classes=1)
+
+
+def _slide(levels=((40000, 30000), (10000, 7500), (2500, 1875)), tile=(240, 240), mpp=(0.25, 0.25)) -> Slide:
+    base = levels[0]
+    return Slide(
+        "/slides/s.svs", "tifffile", "aperio",
+        tuple(Level(shape, (base[0] / shape[0], base[1] / shape[1]), tile) for shape in levels), mpp,
+    )
+
+
+def test_bundle_settings_take_the_flows_defaults_for_absent_keys() -> None:
+    settings = BundleSettings.from_config({"ratio": 8, "threshold": 0.5, "mpp": 0.4, "classes": ["bg", "nucleus"]})
+    assert settings.flow == TwoStageConfig(ratio=8, selection=TwoStageConfig().selection.threshold(0.5))
+    assert (settings.mpp, settings.classes, settings.image_size) == (0.4, ("bg", "nucleus"), None)
+    assert settings.for_slides().tile_size is None and settings.for_slides().ratio == 8
+    assert BundleSettings.from_config({}) == BundleSettings()
+
+
+@pytest.mark.parametrize("config, word", [
+    ({"ratio": "four"}, "ratio"), ({"halo": 2.5}, "halo"), ({"threshold": "high"}, "threshold"),
+    ({"context": 1}, "context"), ({"uncertainty": "vibes"}, "uncertainty"), ({"mpp": -1.0}, "mpp"),
+    ({"classes": "nuclei"}, "classes"), ({"ratio": 0}, "ratio"), ({"ratio": True}, "ratio"),
+])
+def test_bad_bundle_settings_are_one_line_errors(config, word) -> None:
+    with pytest.raises(BundleError, match=word) as caught:
+        BundleSettings.from_config(config, "model bundle 'x'")
+    assert "\n" not in str(caught.value) and str(caught.value).startswith("model bundle 'x'")
+
+
+def test_overrides_ignore_what_was_not_given_and_options_check_themselves() -> None:
+    config = TwoStageConfig(halo=16)
+    assert config.with_overrides(halo=None, ratio=2) == TwoStageConfig(halo=16, ratio=2)
+    with pytest.raises(InputError, match="--overwrite or --resume"):
+        RunOptions(overwrite=True, resume=True)
+    with pytest.raises(InputError, match="batch-size"):
+        RunOptions(batch_size=0)
+
+
+def test_auto_tile_is_a_multiple_of_the_file_tile_and_the_stride() -> None:
+    assert auto_tile_size((240, 240), 32) == 480  # lcm 480, the multiple nearest 512
+    assert auto_tile_size((256, 256), 32) == 512
+    assert auto_tile_size((1000, 1000), 32) == 512  # lcm 8000 > 1024: stride alone
+    assert auto_tile_size(None, 32) == 512 and auto_tile_size(None, 48) == 528
+
+
+def test_plan_of_a_40x_slide_for_a_20x_model() -> None:
+    slide = _slide()
+    working, note = working_scale(slide, 0.5, rescale=True)
+    assert working == (0, 2) and note["decision"].startswith("downsampled by 2")  # no level at 2: block means
+    plan = make_plan(slide, None, None, FACTS, TwoStageConfig(ratio=4), working=working)
+    assert plan.work_shape == (20000, 15000) and plan.tile_size == 512  # coarsened: not file-tile aligned
+    # Model 1 wants downsample 8 of level 0: level 1 (4x) coarsened by 2.
+    assert (plan.level, plan.coarsen, plan.low_shape, plan.scale) == (1, 2, (5000, 3750), (4.0, 4.0))
+    assert plan.halo == 32 and plan.block == 512 and plan.context_shape == (313, 235)
+    names = [spec.name for spec in plan.arrays()]
+    assert names[:2] == [MASK, REFINED] and {PROBABILITY, LOWRES, CONTEXT} <= set(names)
+    geometry = plan.geometry()
+    assert "source" not in geometry and geometry["tile_size"] == 512
+
+
+def test_plan_at_native_pixels_aligns_tiles_and_full_resolution_has_no_stage1() -> None:
+    slide = _slide(mpp=None)
+    working, note = working_scale(slide, 0.5, rescale=True)
+    assert working == (0, 1) and note["decision"] == "native pixels"
+    plan = make_plan(slide, None, None, FACTS, TwoStageConfig(halo=40), working=working)
+    assert plan.tile_size == 480 and plan.halo == 64  # halo rounded up to Model 2's stride
+    assert (plan.level, plan.coarsen) == (1, 1)  # level 1 is exactly the ratio
+    baseline = make_plan(slide, None, None, FACTS, TwoStageConfig(), full_resolution=True)
+    assert baseline.stage2_role == "model" and not baseline.context and baseline.low_shape == (1, 1)
+    assert [spec.name for spec in baseline.arrays()] == [MASK, REFINED]
+    with pytest.raises(InputError, match="multiple of the model's feature stride 32"):
+        make_plan(slide, None, None, FACTS, TwoStageConfig(tile_size=500))
