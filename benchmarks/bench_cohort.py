@@ -63,11 +63,11 @@ def process_state() -> dict[str, Any]:
     """Open descriptors, RSS (MB) and cache entries of the calling process (run on every worker)."""
     import psutil
 
-    from wsiseg import output, slide
+    from wsiseg import output, readers
     from wsiseg.run.worker import open_descriptors
 
     return {"fds": open_descriptors(), "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
-            "readers": len(slide._READERS), "arrays": len(output._ARRAYS)}
+            "readers": len(readers._READERS), "arrays": len(output._ARRAYS)}
 
 
 def machine() -> str:

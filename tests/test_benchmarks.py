@@ -108,3 +108,18 @@ def test_dataset_via_segment_runs_on_a_fabricated_bowl_copy(tmp_path, test_bundl
     )
     assert result.returncode == 0, result.stderr
     assert "3 bowl all images, tile 32" in result.stdout and "mean Dice" in result.stdout
+
+
+def test_cohort_benchmark_runs_on_three_tiny_slides(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_cohort.py"), "--slides", "3", "--size", "256",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "cohort-resources.json").read_text())
+    assert data["complete"] and [r["slides"] for r in data["rows"]] == [3]
+    workers = data["rows"][0]["workers"]
+    assert len(workers) == 2
+    assert all(isinstance(w["fds"], int) and w["fds"] > 0 and w["rss_mb"] > 0 for w in workers.values())
+    assert "| slides | s/slide |" in result.stdout and "bench_cohort.py --slides 3" in result.stdout

@@ -78,9 +78,9 @@ def _worker_state(client) -> dict[str, dict[str, int]]:
     def sizes() -> dict[str, int]:  # defined here so that it is shipped by value
         import psutil
 
-        from wsiseg import output, slide
+        from wsiseg import output, readers
 
-        return {"rss": psutil.Process().memory_info().rss, "readers": len(slide._READERS),
+        return {"rss": psutil.Process().memory_info().rss, "readers": len(readers._READERS),
                 "arrays": len(output._ARRAYS)}
 
     fds = client.run(open_descriptors)

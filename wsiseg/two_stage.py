@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from wsiseg.output import CONTEXT_ARRAY, LOWRES_ARRAY
 from wsiseg.tiling import Box, blend_weights, downsample_mean, round_up, stage1_crop
 from wsiseg.uncertainty import probabilities_to_labels, tile_integrals, uniform_label, uncertainty_map
 
@@ -49,9 +50,9 @@ PROBABILITY = "probability/0"
 UNCERTAINTY = "uncertainty/0"
 TILE_SCORES = "tile_scores/0"
 REFINED = "refined/0"
-LOWRES = ".wsiseg/lowres"
-#: Model 1's features projected for Model 2 (scratch, deleted when a slide run completes).
-CONTEXT = ".wsiseg/context"
+#: The low-resolution view (for the thumbnail) and Model 1's features projected for
+#: Model 2: scratch of an output, deleted when a slide run completes.
+LOWRES, CONTEXT = LOWRES_ARRAY, CONTEXT_ARRAY
 #: The composed probabilities ``(C, H, W)``: kept only when asked for (images in memory).
 COMPOSED = "composed"
 

@@ -26,12 +26,9 @@ import numpy as np
 from wsiseg.bundle import DEFAULT_MODEL, inspect_bundle, resolve_model
 from wsiseg.config import BundleSettings, RunOptions, TwoStageConfig
 from wsiseg.errors import InputError
+from wsiseg.guard import OutputLock, check_output_path, disk_full_error, not_a_folder_error
 from wsiseg.output import (
-    OutputLock,
     build_pyramid,
-    check_output_path,
-    disk_full_error,
-    not_a_folder_error,
     open_array,
     prepare_output,
     remove_scratch,
