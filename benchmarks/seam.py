@@ -20,11 +20,13 @@ result differs from one forward pass over the whole image: a seam.
    of mask pixels that differ from the reference, the foreground Dice between
    the two masks, the max and mean absolute probability difference, the same
    within ``--band`` pixels of an interior tile border, and the seconds.
+   A halo that is not a multiple of the encoder's stride (32 for
+   ``resnet_lite``) puts interior windows off the whole image's stride grid
+   and gives them sides the encoder cannot halve evenly; the table says which.
 4. The receptive field, measured: the gradient of one output logit with
    respect to an ``rf-size`` square input, uniform noise and the centre of
-   the region (torch autograd, eval mode),
-   for output pixels at several phases of the encoder's stride 32 around the
-   centre. Radii are Chebyshev (square, like a halo): ``r100`` the farthest
+   the region (torch autograd, eval mode), for output pixels at several
+   phases of the encoder's stride 32 around the centre. Radii are Chebyshev (square, like a halo): ``r100`` the farthest
    input pixel with a nonzero gradient, ``r99`` / ``r999`` the smallest
    square holding 99 % / 99.9 % of the summed absolute gradient. And over a
    32 x 32 block of output pixels (every phase at once): how far outside the
@@ -51,7 +53,10 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SLIDES = (ROOT / "benchmarks" / "slides" / "synthetic-16k.tif", ROOT / "examples" / "data" / "CMU-1-Small-Region.svs")
+DEFAULT_SLIDES = (
+    ROOT / "benchmarks" / "slides" / "synthetic-16k.tif",
+    ROOT / "examples" / "data" / "CMU-1-Small-Region.svs",
+)
 #: Output pixels (offsets from the input's centre) whose receptive field is measured: phases of stride 32.
 RF_OFFSETS = ((0, 0), (7, 13), (16, 16), (31, 31))
 
@@ -131,8 +136,20 @@ def compare(reference: Any, tiled: Any, band: np.ndarray) -> dict[str, float]:
     }
 
 
-def seam_rows(run: Any, image: np.ndarray, tile: int, halos: list[int], band: np.ndarray) -> dict[str, Any]:
-    """``run(config)`` once in one pass and once per halo tiled; the comparisons and seconds."""
+def encoder_stride(model: Any) -> int:
+    """The encoder's total downsampling (32 for resnet_lite), or the feature stride without an encoder."""
+    encoder = getattr(model, "encoder", None)
+    return int(getattr(encoder, "output_stride", model.feature_stride))
+
+
+def seam_rows(
+    run: Any, image: np.ndarray, tile: int, halos: list[int], band: np.ndarray, stride: int
+) -> dict[str, Any]:
+    """``run(config)`` once in one pass and once per halo tiled; the comparisons and seconds.
+
+    ``aligned``: the halo is a multiple of the encoder stride, so every window
+    starts on the stride grid of the whole image (with ``tile`` a multiple of it).
+    """
     from wsiseg.config import TwoStageConfig
 
     start = time.perf_counter()
@@ -143,9 +160,11 @@ def seam_rows(run: Any, image: np.ndarray, tile: int, halos: list[int], band: np
         start = time.perf_counter()
         tiled = run(TwoStageConfig(tile_size=tile, halo=halo))
         seconds = time.perf_counter() - start
-        rows.append({"halo": halo, "seconds": seconds, **compare(reference, tiled, band)})
+        rows.append({"halo": halo, "aligned": halo % stride == 0 and tile % stride == 0, "seconds": seconds,
+                     **compare(reference, tiled, band)})
         del tiled
-    return {"one_pass_seconds": one_pass, "foreground_fraction": float((reference.mask == 1).mean()), "rows": rows}
+    foreground = float((reference.mask == 1).mean())
+    return {"encoder_stride": stride, "one_pass_seconds": one_pass, "foreground_fraction": foreground, "rows": rows}
 
 
 # --------------------------------------------------------------------------- receptive field
@@ -230,11 +249,13 @@ def print_markdown(result: dict[str, Any]) -> None:
     for name, study in result["studies"].items():
         print(f"**{name}**: one pass {study['one_pass_seconds']:.1f} s, foreground "
               f"{100 * study['foreground_fraction']:.1f} %\n")
-        print("| halo | differing pixels | Dice vs one pass | max abs prob diff | mean abs prob diff | "
+        print(f"| halo | windows on the stride-{study['encoder_stride']} grid | differing pixels | Dice vs one pass | "
+              "max abs prob diff | mean abs prob diff | "
               "band: differing | band: max diff | band: mean diff | outside band: max diff | seconds |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in study["rows"]:
-            print(f"| {r['halo']} | {100 * r['differ_fraction']:.4f} % ({r['differ_pixels']}) | {r['dice']:.6f} | "
+            print(f"| {r['halo']} | {'yes' if r['aligned'] else 'no'} | "
+                  f"{100 * r['differ_fraction']:.4f} % ({r['differ_pixels']}) | {r['dice']:.6f} | "
                   f"{r['max_prob_diff']:.2e} | {r['mean_prob_diff']:.2e} | {100 * r['band_differ_fraction']:.4f} % | "
                   f"{r['band_max_prob_diff']:.2e} | {r['band_mean_prob_diff']:.2e} | "
                   f"{r['outside_band_max_prob_diff']:.2e} | {r['seconds']:.1f} |")
@@ -286,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     def full(config):
         return segment_full_resolution(image, models["model"], config, "cpu", probabilities=True)
 
-    studies = {"full resolution (role model)": seam_rows(full, image, args.tile, args.halos, band)}
+    studies = {"full resolution (role model)": seam_rows(full, image, args.tile, args.halos, band,
+                                                             encoder_stride(models["model"]))}
     rf_inputs = field_inputs(image, args.rf_size)
     studies["full resolution (role model)"]["receptive_field"] = {
         name: receptive_field(models["model"], x) for name, x in rf_inputs.items()}
@@ -295,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             config = config.with_overrides(selection=TileSelection.threshold(0.0))
             return segment_image(image, models["model1"], models["model2"], config, "cpu", probabilities=True)
 
-        studies["two-stage, every tile refined (Model 2)"] = seam_rows(two, image, args.tile, args.halos, band)
+        studies["two-stage, every tile refined (Model 2)"] = seam_rows(
+            two, image, args.tile, args.halos, band, encoder_stride(models["model2"]))
         studies["two-stage, every tile refined (Model 2)"]["receptive_field"] = {
             name: receptive_field(models["model2"], x) for name, x in rf_inputs.items()}
 

@@ -123,3 +123,45 @@ def test_cohort_benchmark_runs_on_three_tiny_slides(tmp_path) -> None:
     assert len(workers) == 2
     assert all(isinstance(w["fds"], int) and w["fds"] > 0 and w["rss_mb"] > 0 for w in workers.values())
     assert "| slides | s/slide |" in result.stdout and "bench_cohort.py --slides 3" in result.stdout
+
+
+def test_seam_study_matches_one_pass_once_the_halo_covers_the_receptive_field(tmp_path) -> None:
+    import numpy as np
+
+    from conftest import centred_model, structured_image, write_pyramid
+    from wsiseg.bundle import save_bundle
+    from wsiseg.tiling import downsample_mean
+
+    image = structured_image(np.random.default_rng(5), 400, 448)
+    slide = write_pyramid(tmp_path / "tiny.tif", image, tile=128, factors=(1, 2, 4))
+    # resnet_lite U-Nets: no global pooling, so a wide enough halo makes tiles exact (a MobileNetV3's
+    # squeeze-excitation pools the whole window, and no halo short of the image would).
+    models = {
+        "model1": centred_model("unet", "resnet_lite", downsample_mean(image, 4), 1),
+        "model2": centred_model("unet", "resnet_lite", image, 2),
+        "model": centred_model("unet", "resnet_lite", image, 3),
+    }
+    bundle = save_bundle(tmp_path / "lite.safetensors", models, {"ratio": 4, "halo": 32})
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "seam.py"), str(slide), "--model", str(bundle), "--region", "384",
+         "--tile", "128", "--halos", "0", "48", "160", "--rf-size", "384", "--two-stage", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "out" / "seam.json").read_text())
+    assert data["region"]["size"] == 384 and data["tile"] == 128 and "| 160 | yes |" in result.stdout
+    assert len(data["studies"]) == 2
+    for study in data["studies"].values():
+        rows = {r["halo"]: r for r in study["rows"]}
+        assert list(rows) == [0, 48, 160] and [r["aligned"] for r in rows.values()] == [True, False, True]
+        assert rows[0]["max_prob_diff"] > 0.01 and rows[0]["band_max_prob_diff"] == rows[0]["max_prob_diff"]
+        fields = study["receptive_field"]
+        assert set(fields) == {"random", "tissue (region centre)"}
+        for rf in fields.values():
+            assert not rf["truncated"] and 0 < rf["r90"] <= rf["r99"] <= rf["r999"] <= rf["r100"]
+            # One output pixel sees farther than the 32-pixel block needs outside itself, by at most the block.
+            assert rf["block_r100"] <= rf["r100"] <= rf["block_r100"] + 32
+        needed = max(rf["block_r100"] for rf in fields.values())
+        assert 100 < needed <= 160  # five stride-2 stages and a decoder: about 155 pixels
+        # A halo on the stride grid that covers the receptive field gives the one-pass result.
+        assert rows[160]["differ_pixels"] == 0 and rows[160]["dice"] == 1.0 and rows[160]["max_prob_diff"] < 1e-5

@@ -83,3 +83,14 @@ def test_plan_at_native_pixels_aligns_tiles_and_full_resolution_has_no_stage1() 
     assert [spec.name for spec in baseline.arrays()] == [MASK, REFINED]
     with pytest.raises(InputError, match="multiple of the model's feature stride 32"):
         make_plan(slide, None, None, FACTS, TwoStageConfig(tile_size=500))
+
+
+def test_halo_is_rounded_to_the_grid_stride_so_windows_stay_on_the_whole_images_grid() -> None:
+    from wsiseg.models import build_model
+
+    assert build_model("unet", 1, backbone="resnet_lite").grid_stride == 32  # feature stride 1, encoder 32
+    assert build_model("fcn", 1, backbone="resnet18").grid_stride == 8  # dilated: output stride 8
+    facts = ModelFacts({"model1": 1, "model2": 1}, 1, grids={"model1": 32, "model2": 32})
+    plan = make_plan(_slide(tile=None), None, None, facts, TwoStageConfig(halo=40))
+    assert plan.halo == 64 and plan.tile_size == 512
+    assert make_plan(_slide(tile=None), None, None, facts, TwoStageConfig(tile_size=500)).tile_size == 500

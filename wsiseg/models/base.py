@@ -72,6 +72,18 @@ class SegmentationModel(nn.Module):
         """
         raise NotImplementedError
 
+    @property
+    def grid_stride(self) -> int:
+        """The largest stride of any layer (the encoder's output stride, or ``feature_stride``).
+
+        Windows whose origins are multiples of it sample the image on the
+        same grid as one pass over the whole image does: tiles and halos that
+        are multiples of it (and halos that cover the receptive field) make
+        tiled inference equal whole-image inference.
+        """
+        strides = [max(m.strides) for m in self.modules() if isinstance(getattr(m, "strides", None), tuple) and m.strides]
+        return max([int(self.feature_stride), *(int(s) for s in strides)])
+
     def feature_shape(self, height: int, width: int) -> tuple[int, int]:
         """Spatial shape of the feature map for an ``height x width`` input."""
         stride = self.feature_stride

@@ -184,7 +184,10 @@ def _run(
     start = time.perf_counter()
     source = ImageSource(image)
     runners = {role: ModelRunner(model, device, count_work=False) for role, model in models.items()}
-    facts = ModelFacts({role: r.stride for role, r in runners.items()}, next(iter(models.values())).num_classes)
+    facts = ModelFacts(
+        {role: r.stride for role, r in runners.items()}, next(iter(models.values())).num_classes,
+        {role: r.model.grid_stride for role, r in runners.items()},
+    )
     store = MemoryStore()
     plan = make_plan(source, store, LoadedModels(runners), facts, config, full_resolution, batch_size)
     store.allocate(plan, probabilities)

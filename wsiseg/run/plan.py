@@ -60,10 +60,14 @@ class ModelFacts:
         Role -> feature stride.
     num_classes : int
         Output channels (1: binary).
+    grids : dict
+        Role -> grid stride (see :attr:`~wsiseg.models.base.SegmentationModel.grid_stride`);
+        default: the feature strides.
     """
 
     strides: dict[str, int]
     num_classes: int
+    grids: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -202,12 +206,15 @@ def make_plan(
     """
     stage2_role = "model" if full_resolution else "model2"
     stride2 = facts.strides[stage2_role]
+    # Halos (and chosen tiles) are multiples of the grid stride, so windows sample the image
+    # on the whole image's grid (measured in benchmarks/RESULTS.md, "Seam error").
+    grid2 = (facts.grids or facts.strides)[stage2_role]
     work_level, work_coarsen = working
     file_tile = source.levels[work_level].tile_shape if work_coarsen == 1 else None
-    tile = config.tile_size or auto_tile_size(file_tile, stride2)
+    tile = config.tile_size or auto_tile_size(file_tile, grid2)
     if tile % stride2:
         raise InputError(f"tile size {tile} must be a multiple of the model's feature stride {stride2}")
-    halo = round_up(config.halo, stride2)
+    halo = round_up(config.halo, grid2)
     work_h, work_w = (-(-n // work_coarsen) for n in source.levels[work_level].shape)
     if full_resolution:
         level, coarsen, low_shape, scale, block, stride1 = 0, 1, (1, 1), (1.0, 1.0), 1, 1

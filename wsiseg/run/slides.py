@@ -162,7 +162,10 @@ def _load_models_on_workers(client: Any, model_ref: str, full_resolution: bool) 
     if not full_resolution and not {"model1", "model2"} <= set(roles):
         raise InputError("this bundle holds no Model 1 / Model 2 pair; use --full-resolution with it")
     stage2 = roles["model" if full_resolution else "model2"]
-    facts = ModelFacts({role: facts["feature_stride"] for role, facts in roles.items()}, stage2["num_classes"])
+    facts = ModelFacts(
+        {role: facts["feature_stride"] for role, facts in roles.items()}, stage2["num_classes"],
+        {role: facts["grid_stride"] for role, facts in roles.items()},
+    )
     info = {"bundle": model_ref, "checksum": described["checksum"],
             "roles": {role: facts["spec"] for role, facts in roles.items()}}
     return facts, info

@@ -111,6 +111,7 @@ def describe_bundle(model_ref: str) -> dict[str, Any]:
                 "num_classes": int(model.num_classes),
                 "feature_channels": int(model.feature_channels),
                 "feature_stride": int(model.feature_stride),
+                "grid_stride": int(model.grid_stride),
             }
             for role, model in bundle.models.items()
         },
