@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.subprocess  # every benchmark runs as its own command
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -117,6 +117,7 @@ def test_bad_options_and_models_exit_2(tmp_path, pyramid_slide, test_bundle) -> 
     assert result.exit_code == 2 and "already exists" in result.stderr
 
 
+@pytest.mark.slow  # waits for the connection to time out
 def test_unreachable_scheduler_is_one_line(pyramid_slide, test_bundle, tmp_path) -> None:
     result = CliRunner().invoke(main, ["segment", str(pyramid_slide), "--model", str(test_bundle),
                                        "--out", str(tmp_path / "o.zarr"), "--scheduler", "tcp://127.0.0.1:9"])
