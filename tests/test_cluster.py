@@ -169,9 +169,15 @@ def test_killing_a_worker_mid_run_still_gives_the_same_output(
 
 
 def test_local_cluster_workers_get_malloc_settings() -> None:
+    import dask
+
     client = start_client(workers=1)
     try:
         assert _malloc_environ(client) == [WORKER_MALLOC_ENVIRON]
+        # Dask's sampling profiler grew each worker by ~0.12 MB per slide (benchmarks/RESULTS.md): off.
+        assert list(client.run(dask.config.get, "distributed.worker.profile.enabled").values()) == [False]
+        plugins = client.run(lambda dask_worker: sorted(dask_worker.plugins))
+        assert all("wsiseg" in names for names in plugins.values())
     finally:
         client.close()
 

@@ -12,6 +12,10 @@ Measured pitfalls this module takes care of (see the project's platform notes):
   the threads of all workers on a host add up to its cores, never more.
 - Worker code lives in this package (never in ``__main__``) and models are
   loaded by path once per worker process, never shipped inside the graph.
+- Dask's statistical profiler keeps one profile per second of a worker's life
+  (up to ``distributed.admin.low-level-log-length``, 1,000 s); over a cohort of
+  small slides it grew each worker by about 0.14 MB per slide. The local
+  cluster's workers run with :data:`WORKER_DASK_CONFIG`, which turns it off.
 """
 
 from __future__ import annotations
@@ -33,6 +37,14 @@ WORKER_MALLOC_ENVIRON = {
     "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
     "MALLOC_TRIM_THRESHOLD_": str(1 << 31),
     "MALLOC_TOP_PAD_": str(64 << 20),
+}
+
+#: Dask settings for worker processes: no statistical profiler (it only feeds the
+#: dashboard's profile pages). Its history of one profile per second made each worker's
+#: RSS grow about 0.14 MB per slide over a cohort of small slides, on top of about 60 MB
+#: more per worker from the first slides on (benchmarks/RESULTS.md, "Long-lived workers").
+WORKER_DASK_CONFIG = {
+    "distributed.worker.profile.enabled": False,
 }
 
 
@@ -85,6 +97,8 @@ def start_client(
         workers = _default_workers()
     # Replaces the nanny's MALLOC_TRIM_THRESHOLD_=65536 (pitfall 1 in PLATFORM.md).
     dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_MALLOC_ENVIRON.items()})
+    # Workers (spawned by nannies) inherit this process's Dask config.
+    dask.config.set(WORKER_DASK_CONFIG)
     cluster = LocalCluster(
         n_workers=workers,
         threads_per_worker=threads_per_worker,
