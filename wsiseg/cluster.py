@@ -1,6 +1,6 @@
 """Dask clusters for wsiseg: a local one sized to the machine, or a running one.
 
-Measured pitfalls this module takes care of (see the project's platform notes):
+Measured pitfalls this module takes care of (figures in benchmarks/RESULTS.md and this module):
 
 - Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` in workers, which makes
   torch CPU inference 2.6-2.9x slower. glibc's defaults are not good either:
@@ -95,7 +95,7 @@ def start_client(
         raise InputError(f"--workers must be at least 1, got {workers}")
     if workers is None:
         workers = _default_workers()
-    # Replaces the nanny's MALLOC_TRIM_THRESHOLD_=65536 (pitfall 1 in PLATFORM.md).
+    # Replaces the nanny's MALLOC_TRIM_THRESHOLD_=65536, which slows torch on the CPU 2.6-2.9x.
     dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_MALLOC_ENVIRON.items()})
     # Workers (spawned by nannies) inherit this process's Dask config.
     dask.config.set(WORKER_DASK_CONFIG)

@@ -184,15 +184,42 @@ def stage2_jobs(
 ) -> Iterator[tuple[Callable[..., Any], tuple[Any, ...], Any]]:
     """Refine and compose jobs in row-major order, with their read jobs prefetched.
 
+    Each chunk of the tile grid that a selected window overlaps is read by
+    one job, covering the union of what the windows need from it, so every
+    file tile is decoded at most once (when tiles align with file tiles); a
+    read is dropped once its last user is submitted.
+    """
+    batches = _batches(plan, refined, done, tiles_per_task)
+    needs, batch_chunks = _read_needs(plan, batches)
+    users: dict[tuple[int, int], int] = defaultdict(int)
+    for chunks in batch_chunks:
+        for chunk in chunks:
+            users[chunk] += 1
+    reads: dict[tuple[int, int], Any] = {}
+    for (kind, tiles), chunks in zip(batches, batch_chunks):
+        if kind == "compose":
+            yield compose_tiles, (plan, tiles), tiles
+            continue
+        for chunk in chunks:
+            if chunk not in reads:
+                reads[chunk] = executor.prefetch(read_pieces, plan, sorted(needs[chunk]))
+        neighbourhoods = [neighbourhood(refined, r, c) for r, c in tiles]
+        yield refine_tiles, (plan, tiles, neighbourhoods, [reads[chunk] for chunk in chunks]), tiles
+        for chunk in chunks:
+            users[chunk] -= 1
+            if users[chunk] == 0:
+                del reads[chunk]  # a Dask scheduler keeps it until its users finish
+
+
+def _batches(
+    plan: Plan, refined: np.ndarray, done: set[tuple[int, int]], tiles_per_task: int
+) -> list[tuple[str, list[tuple[int, int]]]]:
+    """``("refine" | "compose", tiles)`` in row-major order of their first tile.
+
     Selected tiles are batched by window shape (one forward pass per batch),
-    unrefined ones in runs. Each chunk of the tile grid that a selected
-    window overlaps is read by one job, covering the union of what the
-    windows need from it, so every file tile is decoded at most once (when
-    tiles align with file tiles); a read is dropped once its last user is
-    submitted.
+    unrefined ones in runs of ``max(4 * tiles_per_task, 16)``.
     """
     grid = plan.grid
-    rows, cols = grid.shape
     batches: list[tuple[str, list[tuple[int, int]]]] = []
     pending: dict[Any, list[tuple[int, int]]] = defaultdict(list)
     compose_size = max(4 * tiles_per_task, 16)
@@ -203,45 +230,33 @@ def stage2_jobs(
         pending[key].append((row, col))
         if len(pending[key]) == (compose_size if key == "compose" else tiles_per_task):
             batches.append(("compose" if key == "compose" else "refine", pending.pop(key)))
-    for key, tiles in pending.items():
-        batches.append(("compose" if key == "compose" else "refine", tiles))
-    batches.sort(key=lambda b: b[1][0])
+    batches += [("compose" if key == "compose" else "refine", tiles) for key, tiles in pending.items()]
+    return sorted(batches, key=lambda batch: batch[1][0])
+
+
+def _read_needs(
+    plan: Plan, batches: list[tuple[str, list[tuple[int, int]]]]
+) -> tuple[dict[tuple[int, int], set[Box]], list[list[tuple[int, int]]]]:
+    """What each grid chunk must provide (the file-tile cells selected windows overlap in it),
+    and the chunks each batch reads."""
+    grid = plan.grid
+    rows, cols = grid.shape
     cell = _read_cell(plan)
     reach = -(-plan.halo // plan.tile_size)  # rings of neighbouring tiles a window overlaps
     needs: dict[tuple[int, int], set[Box]] = defaultdict(set)
-    chunk_users: dict[tuple[int, int], int] = defaultdict(int)
     batch_chunks: list[list[tuple[int, int]]] = []
     for kind, tiles in batches:
         chunks: set[tuple[int, int]] = set()
-        if kind == "refine":
-            for row, col in tiles:
-                window = grid.window(row, col, plan.halo)
-                for r in range(max(0, row - reach), min(rows, row + reach + 1)):
-                    for c in range(max(0, col - reach), min(cols, col + reach + 1)):
-                        part = _intersect(grid.tile(r, c), window)
-                        if part is None:
-                            continue
+        for row, col in tiles if kind == "refine" else ():
+            window = grid.window(row, col, plan.halo)
+            for r in range(max(0, row - reach), min(rows, row + reach + 1)):
+                for c in range(max(0, col - reach), min(cols, col + reach + 1)):
+                    part = _intersect(grid.tile(r, c), window)
+                    if part is not None:
                         needs[(r, c)].update(_cells(part, grid.tile(r, c), cell))
                         chunks.add((r, c))
-        for chunk in chunks:
-            chunk_users[chunk] += 1
         batch_chunks.append(sorted(chunks))
-    reads: dict[tuple[int, int], Any] = {}
-    for (kind, tiles), chunks in zip(batches, batch_chunks):
-        if kind == "compose":
-            yield compose_tiles, (plan, tiles), tiles
-            continue
-        pieces = []
-        for chunk in chunks:
-            if chunk not in reads:
-                reads[chunk] = executor.prefetch(read_pieces, plan, sorted(needs[chunk]))
-            pieces.append(reads[chunk])
-        neighbourhoods = [neighbourhood(refined, r, c) for r, c in tiles]
-        yield refine_tiles, (plan, tiles, neighbourhoods, pieces), tiles
-        for chunk in chunks:
-            chunk_users[chunk] -= 1
-            if chunk_users[chunk] == 0:
-                del reads[chunk]  # a Dask scheduler keeps it until its users finish
+    return needs, batch_chunks
 
 
 def _intersect(a: Box, b: Box) -> Box | None:
