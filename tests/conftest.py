@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -151,6 +158,52 @@ def test_bundle(tmp_path_factory, slide_image):
     }
     config = {"ratio": 4, "halo": 32, "classes": ["background", "tissue"]}
     return save_bundle(tmp_path_factory.mktemp("bundles") / "test.safetensors", models, config)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _spawn(args: list[str]) -> subprocess.Popen:
+    """Workers start as the README says: DASK_CONFIG holding examples/dask-worker.yaml."""
+    environ = {**os.environ, "DASK_CONFIG": str(EXAMPLES)}
+    return subprocess.Popen(
+        [sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, env=environ,
+    )
+
+
+@pytest.fixture(scope="module")
+def real_cluster(tmp_path_factory):
+    """A `dask scheduler` and two single-threaded `dask worker` processes on 127.0.0.1, each its
+    own process group, reached through :func:`wsiseg.cluster.start_client` (which registers the
+    worker plugin, as ``wsiseg segment --scheduler`` does). Yields the client and the worker processes."""
+    import json
+
+    from wsiseg.cluster import start_client
+
+    scheduler_file = tmp_path_factory.mktemp("dask") / "scheduler.json"
+    scheduler = _spawn(["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+                        "--no-dashboard", "--dashboard-address", "127.0.0.1:0",
+                        "--scheduler-file", str(scheduler_file)])
+    workers = [
+        _spawn(["distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
+                "--nworkers", "1", "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "0"])
+        for _ in range(2)
+    ]
+    deadline = time.time() + 60
+    while not scheduler_file.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.2)  # the file is written in one go, but give the writer a moment
+    client = start_client(scheduler=json.loads(scheduler_file.read_text())["address"])
+    client.wait_for_workers(2, timeout=120)
+    yield client, workers
+    client.close()
+    for process in [*workers, scheduler]:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -213,3 +213,22 @@ def test_float_weights_stored_as_int64_are_refused(tmp_path, pair) -> None:
     save_file(tensors, str(path), metadata=metadata)
     with pytest.raises(BundleError, match=f"{name} is torch.int64 where the model expects torch.float32"):
         load_bundle(path)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_saved_bundles_honour_the_umask(tmp_path, umask, mode) -> None:
+    """Workers under another user read bundles on a shared filesystem: 0644 with the usual umask."""
+    import os
+    import stat
+
+    from wsiseg.bundle import current_umask
+
+    model = build_model("fcn", 1, backbone="mobilenet_v3_large")
+    previous = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        path = save_bundle(tmp_path / "shared.safetensors", {"model": model})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert not path.with_name(path.name + ".partial").exists()

@@ -21,47 +21,6 @@ from wsiseg.uncertainty import TileSelection
 CONFIG = TwoStageConfig(selection=TileSelection.budget(0.5), tile_size=256, halo=32, stage1_block=64, stage1_halo=32)
 
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def _spawn(args: list[str]) -> subprocess.Popen:
-    """Workers start as the README says: DASK_CONFIG holding examples/dask-worker.yaml."""
-    environ = {**os.environ, "DASK_CONFIG": str(EXAMPLES)}
-    return subprocess.Popen(
-        [sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, env=environ,
-    )
-
-
-@pytest.fixture(scope="module")
-def real_cluster(tmp_path_factory):
-    """A scheduler and two single-threaded workers, each its own process group."""
-    from distributed import Client
-
-    scheduler_file = tmp_path_factory.mktemp("dask") / "scheduler.json"
-    scheduler = _spawn(["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
-                        "--no-dashboard", "--dashboard-address", "127.0.0.1:0",
-                        "--scheduler-file", str(scheduler_file)])
-    workers = [
-        _spawn(["distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
-                "--nworkers", "1", "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "0"])
-        for _ in range(2)
-    ]
-    deadline = time.time() + 60
-    while not scheduler_file.exists() and time.time() < deadline:
-        time.sleep(0.2)
-    client = Client(scheduler_file=str(scheduler_file), timeout="30s")
-    client.wait_for_workers(2, timeout=120)
-    yield client, workers
-    client.close()
-    for process in [*workers, scheduler]:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def local_mask(tmp_path_factory, pyramid_slide, test_bundle, local_client):
     out = tmp_path_factory.mktemp("local") / "local.zarr"
@@ -113,7 +72,7 @@ def test_interrupted_cli_run_resumes_on_the_cluster(tmp_path, pyramid_slide, tes
             break
         time.sleep(0.05)
     _, stderr = run.communicate(timeout=120)
-    assert run.returncode == 130 and "run again with --resume" in stderr
+    assert run.returncode == 130 and "run the same command with --resume to continue" in stderr
     assert not (out / "report.json").exists()
     done = {tuple(t) for line in record.read_text().splitlines() for t in json.loads(line).get("tiles", [])}
     assert 0 < len(done) < 12

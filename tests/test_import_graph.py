@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "wsiseg"
 #: The driver side: planning, scheduling, output writing, the command line.
 TORCH_FREE = [
     "wsiseg.cli", "wsiseg.config", "wsiseg.run", "wsiseg.run.plan", "wsiseg.run.driver", "wsiseg.run.executors",
-    "wsiseg.run.slides", "wsiseg.run.report", "wsiseg.run.worker", "wsiseg.two_stage", "wsiseg.tiling",
+    "wsiseg.run.slides", "wsiseg.run.cohort", "wsiseg.run.report", "wsiseg.run.worker", "wsiseg.two_stage", "wsiseg.tiling",
     "wsiseg.uncertainty", "wsiseg.output", "wsiseg.guard", "wsiseg.slide", "wsiseg.readers", "wsiseg.cache", "wsiseg.cluster", "wsiseg.bundle",
     "wsiseg.geojson",
 ]

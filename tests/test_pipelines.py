@@ -1,4 +1,7 @@
-"""The cohort batch job: slides in parallel, finished ones skipped, a CSV manifest."""
+"""The scripts of pipelines/: the paper's tables and the default model's threshold rule.
+
+(Cohorts of slides are ``wsiseg segment FOLDER...``: tests/test_cohort.py.)
+"""
 
 from __future__ import annotations
 
@@ -8,48 +11,7 @@ import csv
 import importlib.util
 from pathlib import Path
 
-import numpy as np
-
-from conftest import structured_image, write_pyramid
-from wsiseg.config import RunOptions, TwoStageConfig
-from wsiseg.uncertainty import TileSelection
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_pipeline():
-    spec = importlib.util.spec_from_file_location("segment_cohort", ROOT / "pipelines" / "segment_cohort.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_cohort_segments_skips_done_and_reports_failures(tmp_path, test_bundle, local_client) -> None:
-    cohort = _load_pipeline()
-    slides_dir = tmp_path / "slides"
-    slides_dir.mkdir()
-    for i in range(2):
-        write_pyramid(slides_dir / f"s{i}.tif", structured_image(np.random.default_rng(i), 300, 400), tile=64, factors=(1, 4))
-    (slides_dir / "broken.tif").write_bytes(b"II*\x00garbage")
-    (slides_dir / "notes.txt").write_text("ignored: not a slide suffix")
-    slides = cohort.find_slides([slides_dir])
-    assert [p.name for p in slides] == ["broken.tif", "s0.tif", "s1.tif"]
-
-    config = TwoStageConfig(selection=TileSelection.budget(0.5), tile_size=128)
-    options = RunOptions(model=str(test_bundle))
-    out = tmp_path / "out"
-    rows = cohort.run_cohort(slides, out, config, options, local_client, parallel=2)
-    assert [r["status"] for r in rows] == ["failed", "done", "done"]
-    assert "broken.tif" in rows[0]["error"] and "Traceback" not in rows[0]["error"]
-    assert rows[1]["tiles_total"] == 3 * 4 and rows[1]["tiles_refined"] == 6
-    with open(out / "manifest.csv") as handle:
-        manifest = list(csv.DictReader(handle))
-    assert [m["status"] for m in manifest] == ["failed", "done", "done"]
-    assert manifest[2]["output"].endswith("s1.zarr")
-
-    again = cohort.run_cohort(slides, out, config, options, local_client, parallel=2)
-    assert [r["status"] for r in again] == ["failed", "skipped", "skipped"]
-    assert again[1]["tiles_refined"] == 6
 
 
 def _load(name: str):

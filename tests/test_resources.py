@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import structured_image, write_pyramid
-from wsiseg.cluster import start_client
 from wsiseg.config import RunOptions, TwoStageConfig
 from wsiseg.run import segment_slide
 from wsiseg.run.worker import open_descriptors
@@ -29,47 +22,7 @@ SLIDES = 50
 #: (45 -> 125 descriptors per worker over these 40 slides: two per slide).
 RSS_GROWTH_MB = 30
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
-
-
-def _spawn(args: list[str]) -> subprocess.Popen:
-    """Workers start as the README says: DASK_CONFIG holding examples/dask-worker.yaml."""
-    environ = {**os.environ, "DASK_CONFIG": str(EXAMPLES)}
-    return subprocess.Popen(
-        [sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, env=environ,
-    )
-
-
-@pytest.fixture(scope="module")
-def real_cluster(tmp_path_factory):
-    """A scheduler and two single-threaded workers, each its own process group, reached
-    through :func:`wsiseg.cluster.start_client` (which registers the worker plugin)."""
-    scheduler_file = tmp_path_factory.mktemp("dask") / "scheduler.json"
-    scheduler = _spawn(["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
-                        "--no-dashboard", "--dashboard-address", "127.0.0.1:0",
-                        "--scheduler-file", str(scheduler_file)])
-    workers = [
-        _spawn(["distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
-                "--nworkers", "1", "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "0"])
-        for _ in range(2)
-    ]
-    deadline = time.time() + 60
-    while not scheduler_file.exists() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(0.2)  # the file is written in one go, but give the writer a moment
-    client = start_client(scheduler=json.loads(scheduler_file.read_text())["address"])
-    client.wait_for_workers(2, timeout=120)
-    yield client
-    client.close()
-    for process in [*workers, scheduler]:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=30)
 
 
 def _worker_state(client) -> dict[str, dict[str, int]]:
@@ -88,7 +41,7 @@ def _worker_state(client) -> dict[str, dict[str, int]]:
 
 
 def test_fifty_slides_leave_descriptors_and_memory_flat(tmp_path, test_bundle, real_cluster) -> None:
-    client = real_cluster
+    client, _ = real_cluster
     rng = np.random.default_rng(7)
     slides = [write_pyramid(tmp_path / f"slide-{i:02d}.tif", structured_image(rng, 256, 320), tile=64,
                             factors=(1, 2, 4)) for i in range(SLIDES)]

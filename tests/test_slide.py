@@ -244,3 +244,50 @@ def test_truncated_level_0_is_still_refused(tmp_path, pyramid_slide, caplog) -> 
     with pytest.raises(InputError, match=r"cut0\.tif is truncated: its pixel data ends at byte \d+ but the file has"):
         open_slide(tmp_path / "cut0.tif")
     assert not [r for r in caplog.records if r.name.startswith("tifffile")]
+
+
+def _odd_pyramid(path, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """A 1001 x 767 slide whose level 1 (501 x 384, the halves rounded up) has pixels of its own,
+    so that a read one pixel (or a fraction of one) off shows. OpenSlide gives level 1 the
+    downsample (1001/501 + 767/384) / 2 = 1.9977. ``kind``: a generic TIFF (reduced page
+    marked subfiletype 1) or an Aperio SVS (baseline, stripped thumbnail, reduced level)."""
+    rng = np.random.default_rng(11)
+    level0, level1 = structured_image(rng, 767, 1001, cell=4), structured_image(rng, 384, 501, cell=1)
+    options = {"photometric": "rgb", "compression": "zlib"}
+    with tifffile.TiffWriter(path) as writer:
+        if kind == "aperio":
+            header = "Aperio Image Library v12.0.0\n"
+            writer.write(level0, tile=(128, 128), metadata=None, **options,
+                         description=header + "1001x767 [0,0 1001x767] (128x128) JPEG/RGB Q=70|AppMag = 20|MPP = 0.5")
+            writer.write(level0[::16, ::16], metadata=None, **options, description=header + "63x48 -> thumbnail")
+            writer.write(level1, tile=(128, 128), metadata=None, **options, description=header + "1001x767 -> 501x384")
+        else:
+            writer.write(level0, tile=(128, 128), resolution=(2e4, 2e4), resolutionunit="CENTIMETER", **options)
+            writer.write(level1, tile=(128, 128), subfiletype=1, **options)
+    return level0, level1
+
+
+@pytest.mark.parametrize("kind", ["generic-tiff", "aperio"])
+def test_openslide_reads_a_level_of_inexact_downsample_like_tifffile(tmp_path, kind) -> None:
+    """OpenSlide places a level-1 region at ``location / 1.9977`` and interpolates a fractional
+    start; both backends must give the file's own level-1 pixels for every box."""
+    import openslide
+
+    path = tmp_path / ("odd.svs" if kind == "aperio" else "odd.tif")
+    level0, level1 = _odd_pyramid(path, kind)
+    clear_readers()
+    fast, reference = open_slide(path, "tifffile"), open_slide(path, "openslide")
+    assert reference.format == kind
+    with openslide.OpenSlide(str(path)) as handle:
+        assert handle.level_dimensions == ((1001, 767), (501, 384))
+        assert handle.level_downsamples[1] == pytest.approx(1.9977, abs=1e-4)
+    assert [lvl.shape for lvl in fast.levels] == [lvl.shape for lvl in reference.levels] == [(767, 1001), (384, 501)]
+    boxes = [Box(0, 384, 0, 501), Box(0, 30, 0, 40), Box(7, 50, 10, 90), Box(100, 229, 200, 457),
+             Box(127, 129, 255, 258), Box(201, 333, 333, 480), Box(300, 384, 420, 501), Box(383, 384, 500, 501)]
+    for box in boxes:
+        expected = level1[box.y0 : box.y1, box.x0 : box.x1]
+        np.testing.assert_array_equal(fast.read_region(1, box), expected, err_msg=str(box))
+        np.testing.assert_array_equal(reference.read_region(1, box), expected, err_msg=str(box))
+    box = Box(250, 767, 600, 1001)  # level 0 stays OpenSlide's own read, and exact
+    np.testing.assert_array_equal(reference.read_region(0, box), level0[250:, 600:])
+    np.testing.assert_array_equal(fast.read_region(0, box), level0[250:, 600:])

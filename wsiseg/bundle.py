@@ -163,8 +163,28 @@ def save_bundle(
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     save_file(tensors, str(partial), metadata=metadata)
+    os.chmod(partial, 0o666 & ~current_umask())  # safetensors creates it 0600, like a temporary file
     os.replace(partial, path)
     return path
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (``/proc/self/status``).
+
+    Elsewhere it is set and restored at once (``os.umask`` only returns the
+    old value by replacing it), which another thread creating a file at that
+    instant could notice.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def inspect_bundle(path: str | os.PathLike[str]) -> dict[str, Any]:

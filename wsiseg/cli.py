@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 
@@ -20,11 +22,16 @@ from wsiseg.errors import WsisegError
 #: The flow's defaults, shown in help texts (stated once, in wsiseg.config).
 FLOW_DEFAULTS = TwoStageConfig()
 EXIT_USER_ERROR = 2
+#: Several slides, at least one failed (the others ran; manifest.csv says which).
+EXIT_SLIDES_FAILED = 1
+COHORT_STATUSES = ("done", "resumed", "skipped", "failed")
 EXIT_INTERRUPTED = 130
+#: ``ctx.meta`` key where ``train`` leaves the checkpoint an interrupted run continues from.
+CHECKPOINT_META = "wsiseg.checkpoint"
 
 
 class WsisegGroup(click.Group):
-    """Turns library errors into one line on stderr and exit status 2."""
+    """Turns library errors into one line on stderr and exit status 2, Ctrl-C into one line and 130."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -33,8 +40,32 @@ class WsisegGroup(click.Group):
             click.echo(f"Error: {exc}", err=True)
             sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
-            click.echo("\nInterrupted; run again with --resume to continue.", err=True)
+            # In a terminal "^C" was echoed where the cursor was: start a line of our own.
+            start = "\n" if is_terminal(sys.stderr) else ""
+            click.echo(start + interrupted_message(ctx.invoked_subcommand, ctx.meta), err=True)
             sys.exit(EXIT_INTERRUPTED)
+
+
+def interrupted_message(command: str | None, meta: Mapping[str, Any]) -> str:
+    """The line printed when ``command`` is interrupted: how to continue it, where it can be continued.
+
+    ``meta`` is the click context's ``meta``, where ``train`` records its
+    checkpoint under :data:`CHECKPOINT_META`.
+    """
+    if command == "segment":
+        return "Interrupted; run the same command with --resume to continue."
+    if command == "train":
+        checkpoint = meta.get(CHECKPOINT_META, "OUT.ckpt")
+        return f"Interrupted; run the same command again to continue from its checkpoint ({checkpoint})."
+    return "Interrupted."
+
+
+def is_terminal(stream: Any) -> bool:
+    """Whether ``stream`` is a terminal (a closed or unusual stream is not)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 @click.group(cls=WsisegGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -54,9 +85,23 @@ def _quiet_libraries() -> None:
 
 
 class ProgressBars:
-    """Draws one click progress bar per stage from ``progress(stage, done, total[, info])``.
+    """Shows ``progress(stage, done, total[, info])`` calls on stderr, one stage at a time.
 
-    ``info`` (training) adds the epoch and running loss to the label.
+    In a terminal each stage is a click progress bar with its position and time
+    left. Elsewhere (batch logs, ``nohup``) a stage prints a :func:`progress_line`
+    each time another tenth of it is done and one at its end. ``info``
+    (training) adds the epoch and running loss.
+
+    Parameters
+    ----------
+    enabled : bool
+        False shows nothing.
+    labels : dict, optional
+        Stage -> label (default :attr:`LABELS`).
+    stream : text stream, optional
+        Default: ``sys.stderr`` when this object is made.
+    clock : callable
+        Seconds, for elapsed time and time left (default ``time.monotonic``).
     """
 
     LABELS = {
@@ -66,12 +111,22 @@ class ProgressBars:
         "baseline": "baseline     ",
     }
 
-    def __init__(self, enabled: bool = True, labels: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        enabled: bool = True,
+        labels: dict[str, str] | None = None,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.enabled = enabled
         self.labels = labels or self.LABELS
+        self.stream = stream if stream is not None else sys.stderr
+        self.clock = clock
         self.stage: str | None = None
         self.bar: Any = None
         self.done = 0
+        self.started = (0.0, 0)  # (clock, done) at the stage's first call
+        self.tenths = 0  # tenths of the stage already printed; 10 once its end is
 
     def __call__(self, stage: str, done: int, total: int, info: dict[str, Any] | None = None) -> None:
         if not self.enabled:
@@ -79,23 +134,73 @@ class ProgressBars:
         label = self.labels.get(stage, stage)
         if stage != self.stage:
             self.close()
-            self.stage, self.done = stage, 0
-            self.bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
+            self._start(stage, label, done, total)
+        if self.bar is not None:
+            self._update_bar(label, done, info)
+        else:
+            self._print_line(label, done, total, info)
+
+    def _start(self, stage: str, label: str, done: int, total: int) -> None:
+        self.stage, self.done, self.tenths = stage, 0, 0
+        self.started = (self.clock(), done)
+        if is_terminal(self.stream):
+            self.bar = click.progressbar(length=total, label=label, file=self.stream, show_pos=True, show_eta=True)
             self.bar.__enter__()
+
+    def _update_bar(self, label: str, done: int, info: dict[str, Any] | None) -> None:
         if info:
             self.bar.label = f"{label} epoch {info['epoch']} loss {info['loss']:.4f}"
         if done > self.done:
             self.bar.update(done - self.done)
             self.done = done
 
+    def _print_line(self, label: str, done: int, total: int, info: dict[str, Any] | None) -> None:
+        tenths = 10 if done >= total else 10 * done // total
+        if tenths <= self.tenths:
+            return
+        self.tenths = tenths
+        since, first = self.started
+        click.echo(progress_line(label, done, total, self.clock() - since, done - first, info), file=self.stream)
+
     def close(self) -> None:
+        """End the current stage; the next call starts a new one, whatever its stage."""
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
             self.bar = None
+        self.stage = None
+
+
+def progress_line(
+    label: str, done: int, total: int, elapsed: float, done_since_start: int, info: dict[str, Any] | None = None
+) -> str:
+    """One line of progress, e.g. ``stage 1       120/480 (25 %) 0:12 elapsed, ~0:36 left``.
+
+    The time left assumes the rest goes as fast as the ``done_since_start``
+    items of this stage (a resumed stage starts with some done); there is none
+    before the first item or after the last.
+    """
+    percent = 100 if done >= total else 100 * done // total
+    text = f"{label} {done}/{total} ({percent} %)"
+    if info:
+        text += f" epoch {info['epoch']} loss {info['loss']:.4f},"
+    text += f" {format_duration(elapsed)} elapsed"
+    if 0 < done_since_start and done < total:
+        text += f", ~{format_duration(elapsed * (total - done) / done_since_start)} left"
+    return text
+
+
+def format_duration(seconds: float) -> str:
+    """``m:ss``, or ``h:mm:ss`` from an hour on."""
+    minutes, secs = divmod(max(0, round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 @main.command()
-@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("slides", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--from-list", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="Also the slides listed in FILE: one path per line, relative to FILE's folder; "
+                   "blank lines and # lines ignored.")
 @click.option("--model", "-m", default=None, metavar="BUNDLE",
               help="Model bundle (.safetensors). Default: the model shipped with wsiseg.")
 @click.option("--threshold", "-t", type=float, default=None,
@@ -106,8 +211,10 @@ class ProgressBars:
 @click.option("--full-resolution", is_flag=True,
               help="Baseline: run the bundle's single model on every tile (no stage 1).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
-              help="Output OME-Zarr folder (one slide) or folder for <name>.zarr outputs (several). "
-                   "Default: ./<slide name>.zarr")
+              help="Output OME-Zarr folder (one slide) or folder for the <name>.zarr outputs and manifest.csv "
+                   "(folders, --from-list, several slides). Default: ./<slide name>.zarr, or the current folder.")
+@click.option("--parallel", type=int, default=None, metavar="N",
+              help="Slides in flight at once on the cluster (default: 2 with several slides).")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Run on a Dask cluster, e.g. tcp://host:8786. Slide, model and output must be at the same "
                    "paths on every worker.")
@@ -127,8 +234,9 @@ class ProgressBars:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "tifffile", "openslide", "zarr", "image"]), default="auto",
               show_default=True, help="Slide reader.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run into the same output.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (with several slides: redo finished ones).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run into the same output (always, with several slides).")
 @click.option("--geojson", is_flag=True, help="Also write mask contours as GeoJSON (QuPath imports it).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def segment(slides: tuple[Path, ...], **opts: Any) -> None:
@@ -137,11 +245,20 @@ def segment(slides: tuple[Path, ...], **opts: Any) -> None:
     Each output holds the mask (a multiscale label image napari and QuPath
     open), Model 1's probability and uncertainty maps, the refined-tile map,
     report.json and overlay.png.
+
+    SLIDES may also be folders of slides (files with a slide suffix, not in
+    subfolders). With folders, --from-list or several slides, each slide goes
+    to OUT/<name>.zarr (slides sharing a name get their folder's name in
+    front: a_slide.zarr, b_slide.zarr), finished outputs are skipped and
+    interrupted ones resumed, a slide that fails does not stop the others,
+    OUT/manifest.csv lists every slide, and the exit status is 1 when one failed.
     """
     from wsiseg.config import RunOptions
-    from wsiseg.run.slides import segment_slides
+    from wsiseg.run.cohort import is_cohort
     from wsiseg.uncertainty import TileSelection
 
+    if not slides and opts["from_list"] is None:
+        raise WsisegError("give slides, folders of slides or --from-list FILE")
     chosen = [k for k in ("threshold", "top", "budget") if opts[k] is not None]
     if len(chosen) > 1:
         raise WsisegError("give only one of --threshold, --top and --budget")
@@ -159,6 +276,19 @@ def segment(slides: tuple[Path, ...], **opts: Any) -> None:
     options = RunOptions(**{k: opts[k] for k in (
         "model", "full_resolution", "device", "batch_size", "backend", "overwrite", "resume", "geojson")})
     bars = ProgressBars(enabled=not opts["quiet"])
+    try:
+        if is_cohort(slides, opts["from_list"]):
+            _segment_cohort(slides, opts, overrides, options, bars)
+        else:
+            _segment_slides(slides, opts, overrides, options, bars)
+    finally:
+        bars.close()
+
+
+def _segment_slides(slides: tuple[Path, ...], opts: dict[str, Any], overrides: dict[str, Any], options: Any,
+                    bars: ProgressBars) -> None:
+    """Slides named one by one: any error stops the run (exit 2)."""
+    from wsiseg.run.slides import segment_slides
 
     def announce(slide: Path, out: Path, warnings: tuple[str, ...] = ()) -> None:
         bars.close()
@@ -167,17 +297,60 @@ def segment(slides: tuple[Path, ...], **opts: Any) -> None:
         for warning in warnings:  # printed even with --quiet: the run uses less of the slide than it holds
             click.echo(f"Warning: {warning}", err=True)
 
-    try:
-        for _, out, report in segment_slides(list(slides), opts["out"], overrides, options, opts["scheduler"],
-                                             opts["workers"], bars, announce):
-            bars.close()
-            tiles = report["tiles"]
-            click.echo(
-                f"{out}: {tiles['refined']} of {tiles['total']} tiles refined "
-                f"({100 * tiles['refined_fraction']:.1f} %), {report['timings']['total']:.1f} s"
-            )
-    finally:
+    for _, out, report in segment_slides(list(slides), opts["out"], overrides, options, opts["scheduler"],
+                                         opts["workers"], bars, announce):
         bars.close()
+        for warning in report.get("warnings", []):  # the run's own (workers, bundle); the slide's came first
+            click.echo(f"Warning: {warning}", err=True)
+        tiles = report["tiles"]
+        click.echo(
+            f"{out}: {tiles['refined']} of {tiles['total']} tiles refined "
+            f"({100 * tiles['refined_fraction']:.1f} %), {report['timings']['total']:.1f} s"
+        )
+
+
+def _segment_cohort(slides: tuple[Path, ...], opts: dict[str, Any], overrides: dict[str, Any], options: Any,
+                    bars: ProgressBars) -> None:
+    """Folders, lists, several slides: a line per slide, a summary, exit status 1 when one failed."""
+    from wsiseg.run.cohort import run_cohort
+
+    def done(row: dict[str, Any], warnings: Any) -> None:
+        bars.close()
+        click.echo(_cohort_line(row))
+        for warning in warnings:
+            click.echo(f"Warning: {row['slide']}: {warning}", err=True)
+
+    progress = _slide_bars(bars) if opts["parallel"] == 1 and not opts["quiet"] else None
+    rows, manifest = run_cohort(slides, opts["out"], overrides, options, opts["from_list"], opts["scheduler"],
+                                opts["workers"], opts["parallel"], progress, done)
+    counts = {status: sum(row["status"] == status for row in rows) for status in COHORT_STATUSES}
+    click.echo(f"{len(rows)} slides: " + ", ".join(f"{n} {status}" for status, n in counts.items())
+               + f"; manifest {manifest}")
+    if counts["failed"]:
+        sys.exit(EXIT_SLIDES_FAILED)
+
+
+def _slide_bars(bars: ProgressBars) -> Any:
+    """``progress(slide, stage, done, total)`` drawn as ``bars``, under a line naming each new slide."""
+    current: list[Path] = []
+
+    def progress(slide: Path, stage: str, done: int, total: int) -> None:
+        if current != [slide]:
+            bars.close()
+            current[:] = [slide]
+            click.echo(str(slide), err=True)
+        bars(stage, done, total)
+
+    return progress
+
+
+def _cohort_line(row: dict[str, Any]) -> str:
+    """One slide's result: ``STATUS SLIDE -> OUTPUT: ...``."""
+    if row["status"] == "failed":
+        return f"failed   {row['slide']}: {row['error']}"
+    line = (f"{row['status']:8s} {row['slide']} -> {row['output']}: "
+            f"{row['tiles_refined']} of {row['tiles_total']} tiles refined")
+    return line if row["status"] == "skipped" else f"{line}, {row['seconds']:.1f} s"
 
 
 @main.command()
@@ -258,6 +431,7 @@ def train(out: Path, **opts: Any) -> None:
         raise WsisegError(f"{out} already exists; choose another --out or delete it")
     if checkpoint_path(out).exists():
         click.echo(f"resuming from {checkpoint_path(out)}", err=True)
+    click.get_current_context().meta[CHECKPOINT_META] = checkpoint_path(out)
     bars = ProgressBars(labels=TRAIN_LABELS)
     try:
         path = run_training(config, out, progress=bars)

@@ -16,6 +16,10 @@ Measured pitfalls this module takes care of (figures in benchmarks/RESULTS.md an
   (up to ``distributed.admin.low-level-log-length``, 1,000 s); over a cohort of
   small slides it grew each worker by about 0.14 MB per slide. The local
   cluster's workers run with :data:`WORKER_DASK_CONFIG`, which turns it off.
+- The local scheduler's HTTP server listens on a free loopback port, never on
+  8787, so a second run or a notebook's cluster causes no port warning; local
+  worker processes ignore Ctrl-C (:mod:`wsiseg.run.local_worker`), so an
+  interrupted command ends with its own line instead of one traceback per worker.
 """
 
 from __future__ import annotations
@@ -46,6 +50,16 @@ WORKER_MALLOC_ENVIRON = {
 WORKER_DASK_CONFIG = {
     "distributed.worker.profile.enabled": False,
 }
+
+
+#: The local scheduler's HTTP server (health and metrics routes; no dashboard) listens on a
+#: free port of the loopback interface. Without an address it takes 8787, and where that
+#: port is in use (another run, a notebook's cluster) Dask prints a 4-line warning.
+LOCAL_SCHEDULER_KWARGS = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
+
+#: Preload of local worker processes: they ignore Ctrl-C, which the command handles
+#: (an interrupted worker would print a traceback of its own).
+LOCAL_WORKER_PRELOAD = "wsiseg.run.local_worker"
 
 
 def available_cores() -> int:
@@ -105,8 +119,19 @@ def start_client(
         processes=processes,
         dashboard_address=None,
         silence_logs=logging.ERROR,
+        scheduler_kwargs=dict(LOCAL_SCHEDULER_KWARGS),
+        **(_worker_preload() if processes else {}),
     )
     return _with_plugin(Client(cluster))
+
+
+def _worker_preload() -> dict[str, list[str]]:
+    """Worker options adding :data:`LOCAL_WORKER_PRELOAD` to the preloads Dask's config names."""
+    import dask
+
+    configured = dask.config.get("distributed.worker.preload", None) or []
+    configured = [configured] if isinstance(configured, str) else list(configured)
+    return {"preload": [*configured, LOCAL_WORKER_PRELOAD]}
 
 
 def _with_plugin(client: Any) -> Any:

@@ -137,6 +137,22 @@ class TiffReader(Reader):
         os.close(self._fd)
         self._tiff.close()
 
+    def level_shapes(self) -> list[tuple[int, int]]:
+        """``(height, width)`` of every level."""
+        shapes = []
+        for series in self._levels:
+            sizes = dict(zip(series.axes.lower(), series.shape))
+            shapes.append((int(sizes["y"]), int(sizes["x"])))
+        return shapes
+
+    def decodes(self, level: int) -> bool:
+        """Whether a pixel of ``level`` decodes (tifffile may lack the file's codec)."""
+        try:
+            self.read(level, Box(0, 1, 0, 1))
+        except Exception:  # noqa: BLE001 - codecs raise many types
+            return False
+        return True
+
     def _fast_page(self, level: int) -> Any | None:
         """The level's page when its tiles can be decoded directly, else None."""
         series = self._levels[level]
@@ -187,24 +203,83 @@ class TiffReader(Reader):
         return _take_yx(array, self._series.axes, box)
 
 
+#: OpenSlide vendors whose files are TIFF pyramids that :class:`TiffReader` reads level by level.
+TIFF_PYRAMID_VENDORS = ("generic-tiff", "aperio")
+
+
 class OpenSlideReader(Reader):
-    """openslide-python; regions are RGBA, composited over white by :func:`to_rgb8`."""
+    """openslide-python; regions are RGBA, composited over white by :func:`to_rgb8`.
+
+    OpenSlide takes a level-0 location and starts a level's region at
+    ``location / downsample`` of that level's pixels, with its own downsample
+    (the mean of the level's two size ratios, e.g. 1.9977 for 1001 x 767 over
+    501 x 384). A start with a fraction is interpolated between neighbouring
+    pixels, so a level whose downsample is not a whole number cannot be read at
+    its own pixels away from its corner. Such levels of a generic TIFF or Aperio
+    file are read from their tiles with :class:`TiffReader` (the pixels the
+    ``tifffile`` backend gives); every other level through OpenSlide, at the
+    location of the smallest fraction (none for a whole-number downsample).
+    """
 
     def __init__(self, path: str) -> None:
         import openslide
 
         self._slide = openslide.OpenSlide(path)
+        self._tiff, self._tiff_levels = _tiff_levels_of(self._slide, path)
 
     def close(self) -> None:
         self._slide.close()
+        if self._tiff is not None:
+            self._tiff.close()
 
     def read(self, level: int, box: Box) -> np.ndarray:
+        if level in self._tiff_levels:
+            return self._tiff.read(self._tiff_levels[level], box)
         d = self._slide.level_downsamples[level]
-        # OpenSlide takes level-0 coordinates and divides by its downsample;
-        # rounding up keeps that division from landing one pixel short.
-        location = (math.ceil(box.x0 * d - 1e-6), math.ceil(box.y0 * d - 1e-6))
+        location = (level0_start(box.x0, d), level0_start(box.y0, d))
         region = self._slide.read_region(location, level, (box.x1 - box.x0, box.y1 - box.y0))
         return np.asarray(region)
+
+
+def level0_start(start: int, downsample: float) -> int:
+    """The level-0 coordinate that OpenSlide maps to level pixel ``start`` with the smallest fraction.
+
+    OpenSlide divides the location by ``downsample`` (in double precision, as
+    Python does) and starts at the whole part: the least ``x`` with
+    ``x / downsample >= start``. For a whole-number downsample ``n`` that is
+    ``start * n``, with no fraction.
+    """
+    x = math.ceil(start * downsample)
+    while x / downsample < start:
+        x += 1
+    while x > 0 and (x - 1) / downsample >= start:
+        x -= 1
+    return x
+
+
+def _tiff_levels_of(handle: Any, path: str) -> tuple[TiffReader | None, dict[int, int]]:
+    """A :class:`TiffReader` of ``path`` and, for each OpenSlide level it reads in its
+    place, its own level of the same size: the levels of a generic TIFF or Aperio file
+    whose OpenSlide downsample is not a whole number and that tifffile decodes.
+    ``(None, {})`` where there are none.
+    """
+    inexact = [i for i, d in enumerate(handle.level_downsamples) if d != round(d)]
+    if not inexact or handle.properties.get("openslide.vendor") not in TIFF_PYRAMID_VENDORS:
+        return None, {}
+    try:
+        tiff = TiffReader(path)
+    except Exception:  # noqa: BLE001 - tifffile cannot parse the file: OpenSlide reads every level
+        return None, {}
+    shapes = tiff.level_shapes()
+    levels: dict[int, int] = {}
+    for index in inexact:
+        width, height = handle.level_dimensions[index]
+        if (height, width) in shapes and tiff.decodes(shapes.index((height, width))):
+            levels[index] = shapes.index((height, width))
+    if not levels:
+        tiff.close()
+        return None, {}
+    return tiff, levels
 
 
 class ZarrReader(Reader):

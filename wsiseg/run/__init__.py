@@ -4,6 +4,8 @@
   (:mod:`wsiseg.run.memory`).
 - :func:`segment_slide`: one slide on a Dask cluster into OME-Zarr
   (:mod:`wsiseg.run.slides`).
+- :func:`segment_cohort`: many slides (:func:`find_slides`) on one cluster,
+  several in flight, with a manifest (:mod:`wsiseg.run.cohort`).
 
 Both plan with :mod:`wsiseg.run.plan`, run the tile tasks of
 :mod:`wsiseg.two_stage` through :func:`wsiseg.run.driver.run_flow`, and differ
@@ -23,6 +25,8 @@ _EXPORTS = {
     "segment_slide": "wsiseg.run.slides",
     "bundle_settings": "wsiseg.run.slides",
     "default_output": "wsiseg.run.slides",
+    "find_slides": "wsiseg.run.cohort",
+    "segment_cohort": "wsiseg.run.cohort",
 }
 
 __all__ = sorted(_EXPORTS)

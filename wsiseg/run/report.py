@@ -6,6 +6,7 @@ Sizes are given as ``[height, width]`` (``y, x``), like every array of the outpu
 from __future__ import annotations
 
 import platform
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -31,8 +32,13 @@ def build_report(
     classes: list[str],
     outputs: dict[str, Any],
     scheduler: dict[str, Any],
+    warnings: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The report of a finished slide run (timings are added by the caller)."""
+    """The report of a finished slide run (timings are added by the caller).
+
+    ``warnings`` are the run's own (one line each: the workers' setup, the
+    bundle); the slide's are under ``input``.
+    """
     slide = plan.source
     label_totals = np.zeros(max(2, plan.num_classes), np.int64)
     for histogram in flow.counts.values():
@@ -41,6 +47,7 @@ def build_report(
     return {
         "status": "complete",
         "wsiseg_version": __version__,
+        "warnings": list(warnings),
         "input": {
             "path": slide.path,
             "format": slide.format,

@@ -1,13 +1,14 @@
 """Whole slides on a Dask cluster, into OME-Zarr outputs.
 
 :func:`segment_slide` opens the slide, reads the bundle's settings from its
-header, has every worker load the bundle (and report its models' strides),
-plans the run (:mod:`wsiseg.run.plan`), takes the output's lock, creates or
-reopens the output, runs the flow (:mod:`wsiseg.run.driver`) with a
-:class:`~wsiseg.run.executors.DaskExecutor`, then finishes the output: mask
-pyramid, NGFF metadata, overlay, optional GeoJSON, and the report, written
-last so that an interrupted output never looks complete. The workers' readers
-and arrays of the slide and output are released at the end, whatever happened.
+header, has every worker load the bundle (and report its models' strides and
+its malloc settings), plans the run (:mod:`wsiseg.run.plan`), takes the
+output's lock, creates or reopens the output, runs the flow
+(:mod:`wsiseg.run.driver`) with a :class:`~wsiseg.run.executors.DaskExecutor`,
+then finishes the output: mask pyramid, NGFF metadata, overlay, optional
+GeoJSON, and the report, written last so that an interrupted output never
+looks complete. The workers' readers and arrays of the slide and output are
+released at the end, whatever happened.
 
 The process that calls it (the driver) never imports torch.
 """
@@ -40,7 +41,14 @@ from wsiseg.run.driver import ProgressCallback, run_flow
 from wsiseg.run.executors import DaskExecutor, total_threads
 from wsiseg.run.plan import ModelFacts, Plan, make_plan, working_scale
 from wsiseg.run.report import build_report
-from wsiseg.run.worker import BundleModels, describe_bundle, release_run
+from wsiseg.run.worker import (
+    BundleModels,
+    default_malloc,
+    describe_bundle,
+    malloc_settings,
+    process_id,
+    release_run,
+)
 from wsiseg.slide import Slide, open_slide
 from wsiseg.two_stage import LOWRES
 
@@ -111,7 +119,8 @@ def segment_slide(
     model_ref = model_reference(options.model)
     settings = bundle_settings(model_ref)
     config = config or settings.for_slides()
-    facts, model_info = _load_models_on_workers(client, model_ref, options.full_resolution)
+    facts, model_info, warnings = _load_models_on_workers(client, model_ref, options.full_resolution)
+    warnings += _bundle_warnings(settings)
     working, scale_note = working_scale(slide, settings.mpp, options.rescale)
     from wsiseg.cluster import torch_threads_per_host
 
@@ -132,7 +141,7 @@ def segment_slide(
             classes = list(settings.classes or _default_classes(plan.num_classes))
             outputs = _finish(plan, out, flow.refined, classes, options.geojson, executor, client, progress)
             report = build_report(plan, config, options, flow, model_info, scale_note, classes, outputs,
-                                  _describe(client))
+                                  _describe(client), warnings)
             report["timings"] = {**flow.timings, "finish": time.perf_counter() - mark,
                                  "total": time.perf_counter() - started}
             write_report(out, report)
@@ -146,8 +155,16 @@ def segment_slide(
     return report
 
 
-def _load_models_on_workers(client: Any, model_ref: str, full_resolution: bool) -> tuple[ModelFacts, dict[str, Any]]:
-    """Every worker loads (and checksums) the bundle now, in parallel; the first describes it."""
+def _load_models_on_workers(
+    client: Any, model_ref: str, full_resolution: bool
+) -> tuple[ModelFacts, dict[str, Any], list[str]]:
+    """Every worker loads (and checksums) the bundle now, in parallel; the first describes it.
+
+    Returns
+    -------
+    (facts, model info, warnings)
+        The warnings (one line each) say what of the workers' setup slows the run.
+    """
     workers = list(client.scheduler_info(n_workers=-1)["workers"])
     described = client.gather([
         client.submit(describe_bundle, model_ref, workers=[worker], allow_other_workers=True, pure=False)
@@ -168,7 +185,39 @@ def _load_models_on_workers(client: Any, model_ref: str, full_resolution: bool) 
     )
     info = {"bundle": model_ref, "checksum": described["checksum"],
             "roles": {role: facts["spec"] for role, facts in roles.items()}}
-    return facts, info
+    return facts, info, _malloc_warnings(client)
+
+
+def _malloc_warnings(client: Any) -> list[str]:
+    """One line when worker processes run with glibc's or the nanny's malloc settings.
+
+    Workers that are threads of this process (a local cluster without
+    processes) are left out: they run with the settings of the process the user started.
+    """
+    here = process_id()
+    processes = client.run(process_id, on_error="ignore")  # a worker lost meanwhile is not judged
+    settings = {address: found for address, found in client.run(malloc_settings, on_error="ignore").items()
+                if address in processes and tuple(processes[address]) != here}
+    slow = sum(default_malloc(found) for found in settings.values())
+    if not slow:
+        return []
+    return [
+        f"{slow} of {len(settings)} workers run with glibc's or Dask's default malloc settings, which slow "
+        "torch 1.5-3x on the CPU; start them with DASK_CONFIG pointing to a folder holding "
+        "examples/dask-worker.yaml (see README)"
+    ]
+
+
+def _bundle_warnings(settings: BundleSettings) -> list[str]:
+    """One line when the bundle's models were trained on images resized to a square
+    (``--image-size``): slides are segmented at their own pixel size, which may not match."""
+    if not settings.image_size:
+        return []
+    side = settings.image_size
+    return [
+        f"this bundle was trained on images resized to {side} x {side} (--image-size); slides are segmented "
+        "at their own pixel size, which may not match; train with --image-size 0 for slides"
+    ]
 
 
 def _default_classes(num_classes: int) -> list[str]:
@@ -221,7 +270,7 @@ def _finish(
         outputs.update(probability="probability", uncertainty="uncertainty", tile_scores="tile_scores")
     background = _thumbnail(plan, out)
     write_overlay(out, background, _mask_thumbnail(out, levels, max(background.shape[:2])),
-                  None if plan.full_resolution else refined)
+                  None if plan.full_resolution else refined, plan.tile_size, plan.work_shape)
     if progress:
         progress("finish", 2, 3)
     remove_scratch(out)
@@ -246,10 +295,14 @@ def _describe(client: Any) -> dict[str, Any]:
 
 
 def _thumbnail(plan: Plan, out: Path, max_side: int = 1024) -> np.ndarray:
-    """A small RGB view of the slide: from the low-resolution scratch, or the smallest level."""
+    """A small RGB view of the slide: from the low-resolution scratch, or the smallest level.
+
+    The scratch is gone when a run resumed after its scratch was removed (an
+    interruption between the clean-up and the report): the smallest level then.
+    """
     import dask.array as da
 
-    if not plan.full_resolution:
+    if not plan.full_resolution and ZarrStore(str(out)).has(LOWRES):
         source = da.from_zarr(open_array(out, LOWRES))
     else:
         source = plan.source.to_dask(len(plan.source.levels) - 1, 1024)
@@ -331,12 +384,12 @@ def segment_slides(
 
 
 def output_paths(slides: list[Path], out: Path | None) -> list[Path]:
-    """Each slide's output: ``out`` for one slide, ``out/<name>.zarr`` for several; never shared."""
+    """Each slide's output: ``out`` for one slide, ``out/<name>.zarr`` for several; never shared
+    (names as :func:`wsiseg.run.cohort.plan_outputs` gives them)."""
+    from wsiseg.run.cohort import plan_outputs
+
     if len(slides) == 1:
         return [out if out is not None else default_output(slides[0])]
     if out is not None and out.suffix == ".zarr":
         raise InputError("with several slides, --out is a folder for the outputs, not one .zarr")
-    paths = [default_output(s, out) for s in slides]
-    if len(set(paths)) != len(paths):
-        raise InputError("two slides share a file name; segment them separately with --out")
-    return paths
+    return plan_outputs(slides, out if out is not None else Path("."))

@@ -13,12 +13,16 @@ afresh and the stale copy leaves the cache.
 - :func:`release_run` drops a finished run's readers and arrays; the driver
   calls it on every worker at the end of each slide.
 - :class:`WsisegWorkerPlugin` empties every cache when a worker closes.
+- :func:`malloc_settings` tells the driver, at planning, how a worker's
+  malloc is set (:func:`default_malloc` judges it).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +120,37 @@ def describe_bundle(model_ref: str) -> dict[str, Any]:
             for role, model in bundle.models.items()
         },
     }
+
+
+#: A worker whose MALLOC_TRIM_THRESHOLD_ is under this runs as Dask's nanny left it (65536):
+#: freed memory goes back to the system after every batch, and torch on the CPU slows 2-3x.
+MIN_TRIM_THRESHOLD = 1 << 20
+
+
+def malloc_settings() -> dict[str, str | None]:
+    """This process's values of :data:`wsiseg.cluster.WORKER_MALLOC_ENVIRON`'s variables (None: unset)."""
+    from wsiseg.cluster import WORKER_MALLOC_ENVIRON
+
+    return {name: os.environ.get(name) for name in WORKER_MALLOC_ENVIRON}
+
+
+def default_malloc(settings: Mapping[str, str | None]) -> bool:
+    """Whether a process with these :func:`malloc_settings` runs glibc's or the nanny's defaults.
+
+    True when a variable is unset (glibc's default) or ``MALLOC_TRIM_THRESHOLD_``
+    is under :data:`MIN_TRIM_THRESHOLD` (the nanny's 65536).
+    """
+    if any(value is None for value in settings.values()):
+        return True
+    try:
+        return int(settings.get("MALLOC_TRIM_THRESHOLD_") or 0) < MIN_TRIM_THRESHOLD
+    except ValueError:
+        return True
+
+
+def process_id() -> tuple[str, int]:
+    """Host name and process id: tells workers that share the driver's process (thread workers)."""
+    return socket.gethostname(), os.getpid()
 
 
 def release_run(*paths: str) -> int:
