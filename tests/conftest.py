@@ -58,6 +58,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _no_stale_dask_scheduler():
+    """A test that closes Dask clients out of the order it made them can leave
+    ``scheduler: dask.distributed`` in Dask's config with no client alive; the next
+    test's ``.compute()`` would then fail. Each test starts without such a leftover."""
+    import dask
+    from distributed import default_client
+
+    if dask.config.get("scheduler", None) in ("dask.distributed", "distributed"):
+        try:
+            default_client()
+        except ValueError:  # no client alive: the setting is stale
+            dask.config.set(scheduler=None)
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _torch_threads_restored():
     """Tests may set torch's thread count (to match a worker's); the next test gets it back."""
     threads = torch.get_num_threads()
