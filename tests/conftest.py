@@ -44,7 +44,7 @@ class TinyFCN(SegmentationModel):
 
 
 #: Fixtures whose tests start a Dask cluster: marked ``cluster`` and ``slow``.
-CLUSTER_FIXTURES = {"local_client", "real_cluster", "reference_run", "local_mask"}
+CLUSTER_FIXTURES = {"local_client", "real_cluster", "reference_run", "local_mask", "checked_cluster"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -179,13 +179,46 @@ def test_bundle(tmp_path_factory, slide_image):
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def _spawn(args: list[str]) -> subprocess.Popen:
-    """Workers start as the README says: DASK_CONFIG holding examples/dask-worker.yaml."""
-    environ = {**os.environ, "DASK_CONFIG": str(EXAMPLES)}
+def spawn_dask(args: list[str], example_config: bool = True) -> subprocess.Popen:
+    """A ``python -m`` Dask process in its own process group. With ``example_config`` it starts
+    as the README says (DASK_CONFIG holding examples/dask-worker.yaml), else as a plain one."""
+    environ = {k: v for k, v in os.environ.items() if k != "DASK_CONFIG" and not k.startswith("MALLOC_")}
+    if example_config:
+        environ["DASK_CONFIG"] = str(EXAMPLES)
     return subprocess.Popen(
         [sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True, env=environ,
     )
+
+
+def dask_scheduler(folder) -> tuple[subprocess.Popen, str]:
+    """A `dask scheduler` on 127.0.0.1 (no dashboard); returns it and its address once it listens."""
+    import json
+
+    scheduler_file = folder / "scheduler.json"
+    process = spawn_dask(["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+                          "--no-dashboard", "--dashboard-address", "127.0.0.1:0", "--scheduler-file",
+                          str(scheduler_file)])
+    deadline = time.time() + 60
+    while not scheduler_file.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.2)  # the file is written in one go, but give the writer a moment
+    return process, json.loads(scheduler_file.read_text())["address"]
+
+
+def dask_worker(address: str, example_config: bool = True) -> subprocess.Popen:
+    """A single-threaded `dask worker` on 127.0.0.1 connected to ``address``."""
+    return spawn_dask(["distributed.cli.dask_worker", address, "--nthreads", "1", "--nworkers", "1",
+                       "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "0"], example_config)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL a process spawned by :func:`spawn_dask` and its children (a worker's nanny and worker)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -193,33 +226,16 @@ def real_cluster(tmp_path_factory):
     """A `dask scheduler` and two single-threaded `dask worker` processes on 127.0.0.1, each its
     own process group, reached through :func:`wsiseg.cluster.start_client` (which registers the
     worker plugin, as ``wsiseg segment --scheduler`` does). Yields the client and the worker processes."""
-    import json
-
     from wsiseg.cluster import start_client
 
-    scheduler_file = tmp_path_factory.mktemp("dask") / "scheduler.json"
-    scheduler = _spawn(["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
-                        "--no-dashboard", "--dashboard-address", "127.0.0.1:0",
-                        "--scheduler-file", str(scheduler_file)])
-    workers = [
-        _spawn(["distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
-                "--nworkers", "1", "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "0"])
-        for _ in range(2)
-    ]
-    deadline = time.time() + 60
-    while not scheduler_file.exists() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(0.2)  # the file is written in one go, but give the writer a moment
-    client = start_client(scheduler=json.loads(scheduler_file.read_text())["address"])
+    scheduler, address = dask_scheduler(tmp_path_factory.mktemp("dask"))
+    workers = [dask_worker(address) for _ in range(2)]
+    client = start_client(scheduler=address)
     client.wait_for_workers(2, timeout=120)
     yield client, workers
     client.close()
     for process in [*workers, scheduler]:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=30)
+        kill_group(process)
 
 
 @pytest.fixture(scope="module")

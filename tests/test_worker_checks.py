@@ -3,15 +3,11 @@ bundles trained on images resized to a square."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from conftest import dask_scheduler, dask_worker, kill_group
 from wsiseg.cluster import WORKER_MALLOC_ENVIRON
 from wsiseg.config import RunOptions, TwoStageConfig
 from wsiseg.run import segment_slide
@@ -19,59 +15,26 @@ from wsiseg.run.worker import default_malloc, malloc_settings
 from wsiseg.uncertainty import TileSelection
 
 CONFIG = TwoStageConfig(selection=TileSelection.budget(0.5), tile_size=256, halo=32, stage1_block=64, stage1_halo=32)
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 MALLOC_WARNING = (
     "{slow} of {total} workers run with glibc's or Dask's default malloc settings, which slow torch 1.5-3x on "
     "the CPU; start them with DASK_CONFIG pointing to a folder holding examples/dask-worker.yaml (see README)"
 )
 
 
-def _spawn(args: list[str], example_config: bool) -> subprocess.Popen:
-    """A ``python -m`` process in its own group; with ``example_config`` as the README says
-    (DASK_CONFIG holding examples/dask-worker.yaml), else as a plain ``dask worker``."""
-    environ = {k: v for k, v in os.environ.items() if k != "DASK_CONFIG" and not k.startswith("MALLOC_")}
-    if example_config:
-        environ["DASK_CONFIG"] = str(EXAMPLES)
-    return subprocess.Popen(
-        [sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, env=environ,
-    )
-
-
-def _kill(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=30)
-
-
-def _worker(scheduler_file: Path, example_config: bool) -> subprocess.Popen:
-    return _spawn(["distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
-                   "--nworkers", "1", "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "0"],
-                  example_config)
-
-
 @pytest.fixture(scope="module")
 def checked_cluster(tmp_path_factory):
     """A scheduler of its own and one worker started with the example config; yields the
-    client and the scheduler file (to add workers)."""
+    client and the scheduler's address (to add workers)."""
     from distributed import Client
 
-    scheduler_file = tmp_path_factory.mktemp("dask") / "scheduler.json"
-    scheduler = _spawn(["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
-                        "--no-dashboard", "--dashboard-address", "127.0.0.1:0",
-                        "--scheduler-file", str(scheduler_file)], example_config=True)
-    worker = _worker(scheduler_file, example_config=True)
-    deadline = time.time() + 60
-    while not scheduler_file.exists() and time.time() < deadline:
-        time.sleep(0.2)
-    client = Client(scheduler_file=str(scheduler_file), timeout="30s")
+    scheduler, address = dask_scheduler(tmp_path_factory.mktemp("dask"))
+    worker = dask_worker(address, example_config=True)
+    client = Client(address, timeout="30s")
     client.wait_for_workers(1, timeout=120)
-    yield client, scheduler_file
+    yield client, address
     client.close()
     for process in (worker, scheduler):
-        _kill(process)
+        kill_group(process)
 
 
 def test_default_malloc_judges_the_settings() -> None:
@@ -94,8 +57,8 @@ def test_a_plain_dask_worker_gives_one_warning(tmp_path, pyramid_slide, test_bun
     MALLOC_TRIM_THRESHOLD_=65536: one line says so and how to start it."""
     import json
 
-    client, scheduler_file = checked_cluster
-    plain = _worker(scheduler_file, example_config=False)
+    client, address = checked_cluster
+    plain = dask_worker(address, example_config=False)
     try:
         client.wait_for_workers(2, timeout=120)
         found = sorted(client.run(malloc_settings).values(), key=lambda s: s["MALLOC_TRIM_THRESHOLD_"])
@@ -107,7 +70,7 @@ def test_a_plain_dask_worker_gives_one_warning(tmp_path, pyramid_slide, test_bun
         assert [line for line in report["warnings"] if "dask-worker.yaml" in line] == report["warnings"]
         assert json.loads((out / "report.json").read_text())["warnings"] == report["warnings"]
     finally:
-        _kill(plain)
+        kill_group(plain)
         deadline = time.time() + 60
         while len(client.scheduler_info(n_workers=-1)["workers"]) > 1 and time.time() < deadline:
             time.sleep(0.2)
