@@ -132,11 +132,6 @@ def _interrupt(*args, **kwargs):
     raise KeyboardInterrupt
 
 
-def _interrupted_slides(*args, **kwargs):
-    raise KeyboardInterrupt
-    yield  # a generator, like segment_slides
-
-
 @pytest.mark.parametrize("command", ["segment", "train", "evaluate"])
 def test_ctrl_c_says_how_to_continue_this_command(tmp_path, monkeypatch, command) -> None:
     """Exit status 130 and one line: --resume for segment, the checkpoint for train (which has no --resume)."""
@@ -144,7 +139,7 @@ def test_ctrl_c_says_how_to_continue_this_command(tmp_path, monkeypatch, command
     import wsiseg.run.slides
     import wsiseg.train.fit
 
-    monkeypatch.setattr(wsiseg.run.slides, "segment_slides", _interrupted_slides)
+    monkeypatch.setattr(wsiseg.run.slides, "segment_one", _interrupt)
     monkeypatch.setattr(wsiseg.train.fit, "train", _interrupt)
     monkeypatch.setattr(wsiseg.evaluate, "evaluate_bundle", _interrupt)
     slide, bundle = tmp_path / "slide.tif", tmp_path / "model.safetensors"

@@ -280,15 +280,15 @@ def segment(slides: tuple[Path, ...], **opts: Any) -> None:
         if is_cohort(slides, opts["from_list"]):
             _segment_cohort(slides, opts, overrides, options, bars)
         else:
-            _segment_slides(slides, opts, overrides, options, bars)
+            _segment_one(slides[0], opts, overrides, options, bars)
     finally:
         bars.close()
 
 
-def _segment_slides(slides: tuple[Path, ...], opts: dict[str, Any], overrides: dict[str, Any], options: Any,
-                    bars: ProgressBars) -> None:
-    """Slides named one by one: any error stops the run (exit 2)."""
-    from wsiseg.run.slides import segment_slides
+def _segment_one(slide: Path, opts: dict[str, Any], overrides: dict[str, Any], options: Any,
+                 bars: ProgressBars) -> None:
+    """One slide named: any error stops the run (exit 2)."""
+    from wsiseg.run.slides import segment_one
 
     def announce(slide: Path, out: Path, warnings: tuple[str, ...] = ()) -> None:
         bars.close()
@@ -297,16 +297,16 @@ def _segment_slides(slides: tuple[Path, ...], opts: dict[str, Any], overrides: d
         for warning in warnings:  # printed even with --quiet: the run uses less of the slide than it holds
             click.echo(f"Warning: {warning}", err=True)
 
-    for _, out, report in segment_slides(list(slides), opts["out"], overrides, options, opts["scheduler"],
-                                         opts["workers"], bars, announce):
-        bars.close()
-        for warning in report.get("warnings", []):  # the run's own (workers, bundle); the slide's came first
-            click.echo(f"Warning: {warning}", err=True)
-        tiles = report["tiles"]
-        click.echo(
-            f"{out}: {tiles['refined']} of {tiles['total']} tiles refined "
-            f"({100 * tiles['refined_fraction']:.1f} %), {report['timings']['total']:.1f} s"
-        )
+    out, report = segment_one(slide, opts["out"], overrides, options, opts["scheduler"], opts["workers"], bars,
+                              announce)
+    bars.close()
+    for warning in report.get("warnings", []):  # the run's own (workers, bundle); the slide's came first
+        click.echo(f"Warning: {warning}", err=True)
+    tiles = report["tiles"]
+    click.echo(
+        f"{out}: {tiles['refined']} of {tiles['total']} tiles refined "
+        f"({100 * tiles['refined_fraction']:.1f} %), {report['timings']['total']:.1f} s"
+    )
 
 
 def _segment_cohort(slides: tuple[Path, ...], opts: dict[str, Any], overrides: dict[str, Any], options: Any,

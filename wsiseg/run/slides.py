@@ -337,8 +337,8 @@ def default_output(slide: str | os.PathLike[str], out_dir: str | os.PathLike[str
     return Path(out_dir or ".") / f"{stem}.zarr"
 
 
-def segment_slides(
-    slides: list[Path],
+def segment_one(
+    slide: Path,
     out: Path | None,
     overrides: dict[str, Any],
     options: RunOptions,
@@ -346,50 +346,41 @@ def segment_slides(
     workers: int | None = None,
     progress: ProgressCallback | None = None,
     on_start: Any = None,
-) -> Any:
-    """Segment several slides on one cluster; yield ``(slide, output, report)`` as each finishes.
+) -> tuple[Path, dict[str, Any]]:
+    """``wsiseg segment SLIDE``: check everything, start a cluster, segment, close it.
 
-    Every input, the bundle and the outputs are checked before any cluster
-    starts, so a bad argument costs nothing.
+    The slide, the bundle and the output are checked before any cluster
+    starts, so a bad argument costs nothing. (Folders, lists and several
+    slides go to :func:`wsiseg.run.cohort.run_cohort`.)
 
     Parameters
     ----------
     out : Path or None
-        One slide: its output (default ``./<name>.zarr``); several: a folder for them.
+        The output (default ``./<name>.zarr``).
     overrides : dict
         :class:`TwoStageConfig` fields to change from the bundle's (None values ignored).
     on_start : callable, optional
-        ``on_start(slide, output, warnings)`` before each slide; ``warnings``
+        ``on_start(slide, output, warnings)`` once the checks pass; ``warnings``
         is the slide's :attr:`~wsiseg.slide.Slide.warnings` (one line each).
+
+    Returns
+    -------
+    output, report
     """
     from wsiseg.cluster import start_client
 
-    warnings = [open_slide(slide, options.backend).warnings for slide in slides]
+    warnings = open_slide(slide, options.backend).warnings
     config = bundle_settings(options.model).for_slides().with_overrides(**overrides)
-    outputs = output_paths(slides, out)
-    for output in outputs:
-        check_output_path(output, slides)
-        if (output.exists() or output.is_symlink()) and not output.is_dir():
-            raise not_a_folder_error(output)
-        if output.exists() and not (options.overwrite or options.resume):
-            raise InputError(f"{output} already exists; use --overwrite to replace it or --resume to continue it")
+    output = out if out is not None else default_output(slide)
+    check_output_path(output, [slide])
+    if (output.exists() or output.is_symlink()) and not output.is_dir():
+        raise not_a_folder_error(output)
+    if output.exists() and not (options.overwrite or options.resume):
+        raise InputError(f"{output} already exists; use --overwrite to replace it or --resume to continue it")
     client = start_client(scheduler, workers)
     try:
-        for slide, output, slide_warnings in zip(slides, outputs, warnings):
-            if on_start:
-                on_start(slide, output, slide_warnings)
-            yield slide, output, segment_slide(slide, output, client, config, options, progress)
+        if on_start:
+            on_start(slide, output, warnings)
+        return output, segment_slide(slide, output, client, config, options, progress)
     finally:
         client.close()
-
-
-def output_paths(slides: list[Path], out: Path | None) -> list[Path]:
-    """Each slide's output: ``out`` for one slide, ``out/<name>.zarr`` for several; never shared
-    (names as :func:`wsiseg.run.cohort.plan_outputs` gives them)."""
-    from wsiseg.run.cohort import plan_outputs
-
-    if len(slides) == 1:
-        return [out if out is not None else default_output(slides[0])]
-    if out is not None and out.suffix == ".zarr":
-        raise InputError("with several slides, --out is a folder for the outputs, not one .zarr")
-    return plan_outputs(slides, out if out is not None else Path("."))
