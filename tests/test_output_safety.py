@@ -303,3 +303,14 @@ def test_write_report_writes_json(tmp_path: Path) -> None:
     path = write_report(tmp_path, {"done": True, "out": tmp_path})
     assert json.loads(path.read_text()) == {"done": True, "out": str(tmp_path)}
     assert not (tmp_path / "report.json.partial").exists()
+
+
+def test_a_refused_resume_names_only_the_settings_that_changed(tmp_path) -> None:
+    """Tuples in a signature come back from run.json as lists: they must not count as changed."""
+    out = tmp_path / "o.zarr"
+    signature = {"tile": 32, "low_shape": (10, 12), "scale": (4.0, 4.0), "halo": 32}
+    prepare_output(out, signature, ARRAYS, overwrite=False, resume=False)
+    assert prepare_output(out, signature, ARRAYS, overwrite=False, resume=True)[1] is True
+    with pytest.raises(InputError) as refused:
+        prepare_output(out, {**signature, "halo": 64}, ARRAYS, overwrite=False, resume=True)
+    assert "(halo)" in str(refused.value)
