@@ -362,7 +362,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path) -> None:
     steps = 2  # 4 training images, batch 2
 
     def stop_in_epoch_two(phase, done, total, info):
-        if info["epoch"] == 2:
+        if info and info["epoch"] == 2:
             raise KeyboardInterrupt
 
     out = tmp_path / "run.safetensors"
@@ -373,8 +373,13 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path) -> None:
     saved_moments = {k: v["exp_avg"].clone() for k, v in ckpt["optimizer"]["state"].items()}
     assert saved_moments and all(m.abs().sum() > 0 for m in saved_moments.values())
 
-    seen = []
-    resumed = load_bundle(train(config, out, progress=lambda p, d, t, info: seen.append((info["epoch"], d))))
+    seen, loading = [], []
+
+    def note(phase, done, total, info):
+        (seen.append((info["epoch"], done)) if info else loading.append((phase, done, total)))
+
+    resumed = load_bundle(train(config, out, progress=note))
+    assert loading == [("loading", i, 4) for i in range(1, 5)]  # the 4 training images, counted as decoded
     assert seen[0] == (2, steps + 1)  # continued with epoch 2, step 3 of 4
     assert not checkpoint_path(out).exists()
 
@@ -391,7 +396,7 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path) -> None:
     out = tmp_path / "x.safetensors"
 
     def stop(phase, done, total, info):
-        if info["epoch"] == 2:
+        if info and info["epoch"] == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

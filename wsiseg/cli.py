@@ -369,7 +369,8 @@ def info(slide: Path, backend: str) -> None:
 DATASET_CHOICE = click.Choice(["ph2", "bowl", "kitti", "bdd", "folder"])
 
 
-TRAIN_LABELS = {"stage1": "Model 1 ", "stage2": "Model 2 ", "baseline": "baseline"}
+TRAIN_LABELS = {"loading": "images  ", "stage1": "Model 1 ", "stage2": "Model 2 ", "baseline": "baseline",
+                "scoring": "scoring "}
 
 
 @main.command()
@@ -434,7 +435,8 @@ def train(out: Path, **opts: Any) -> None:
     click.get_current_context().meta[CHECKPOINT_META] = checkpoint_path(out)
     bars = ProgressBars(labels=TRAIN_LABELS)
     try:
-        path = run_training(config, out, progress=bars)
+        path = run_training(config, out, progress=bars,
+                            evaluate_progress=lambda done, total: bars("scoring", done, total))
     finally:
         bars.close()
     from wsiseg.bundle import load_bundle

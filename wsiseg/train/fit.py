@@ -52,8 +52,9 @@ from wsiseg.uncertainty import SAMPLING_STRATEGIES, sample_tiles, tile_scores, u
 PHASES = {"two-stage": ("stage1", "stage2"), "baseline": ("baseline",), "all": ("stage1", "stage2", "baseline")}
 CHECKPOINT_FORMAT = 1
 
-#: ``progress(phase, done_steps, total_steps, info)``; ``info`` has ``epoch`` and ``loss``.
-TrainProgress = Callable[[str, int, int, dict[str, Any]], None]
+#: ``progress(phase, done, total, info)``: phase ``"loading"`` (training images decoded; ``info``
+#: None) or a training phase (steps; ``info`` has ``epoch`` and ``loss``).
+TrainProgress = Callable[[str, int, int, "dict[str, Any] | None"], None]
 
 
 @dataclass(frozen=True)
@@ -179,10 +180,17 @@ class TrainConfig:
 class TrainingImages:
     """The training split decoded once (resized when the protocol resizes)."""
 
-    def __init__(self, data: SegmentationData, config: TrainConfig) -> None:
+    def __init__(
+        self, data: SegmentationData, config: TrainConfig, progress: TrainProgress | None = None
+    ) -> None:
         from wsiseg.evaluate import prepare
 
-        self.items = [prepare(*data.load(s), config.image_size or None) for s in data.split("train", config.split_seed)]
+        samples = data.split("train", config.split_seed)
+        self.items = []
+        for done, sample in enumerate(samples, 1):
+            self.items.append(prepare(*data.load(sample), config.image_size or None))
+            if progress:
+                progress("loading", done, len(samples), None)
         if len(self.items) < 1:
             raise InputError("the training split is empty")
         self.config = config
@@ -360,7 +368,7 @@ def train(
     out.parent.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     data = open_dataset(config.dataset, config.data_root, config.multiclass)
-    images = TrainingImages(data, config)
+    images = TrainingImages(data, config, progress)
     loss_fn = config.loss_function()
     ckpt_path = checkpoint_path(out)
     state = _load_checkpoint(ckpt_path, config)
