@@ -239,7 +239,7 @@ def segment_cohort(
     stop = threading.Event()
 
     def job(slide: Path, out: Path) -> tuple[dict[str, Any], Sequence[str]]:
-        return segment_one(slide, out, client, config, options, _slide_progress(slide, progress, stop))
+        return cohort_slide(slide, out, client, config, options, _slide_progress(slide, progress, stop))
 
     rows = _run_jobs([(job, slide, out) for slide, out in zip(slides, outputs)], parallel, stop, on_done)
     write_manifest(rows, out_dir / MANIFEST_NAME)
@@ -282,7 +282,7 @@ def _run_jobs(
     return rows
 
 
-def segment_one(
+def cohort_slide(
     slide: Path,
     out: Path,
     client: Any,
