@@ -20,7 +20,7 @@ TORCH_FREE = [
     "wsiseg.cli", "wsiseg.config", "wsiseg.run", "wsiseg.run.plan", "wsiseg.run.driver", "wsiseg.run.executors",
     "wsiseg.run.slides", "wsiseg.run.cohort", "wsiseg.run.report", "wsiseg.run.worker", "wsiseg.two_stage", "wsiseg.tiling",
     "wsiseg.uncertainty", "wsiseg.output", "wsiseg.guard", "wsiseg.slide", "wsiseg.readers", "wsiseg.cache", "wsiseg.cluster", "wsiseg.bundle",
-    "wsiseg.geojson",
+    "wsiseg.geojson", "wsiseg.calibrate",
 ]
 
 

@@ -489,6 +489,46 @@ def evaluate(bundle: Path, **opts: Any) -> None:
 
 
 @main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--dataset", required=True, type=DATASET_CHOICE, help="Your labelled images, in any layout train reads.")
+@click.option("--data-root", required=True, type=click.Path(path_type=Path))
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
+              help="The calibrated bundle (default: <BUNDLE>-calibrated.safetensors beside it).")
+@click.option("--max-loss", default=0.5, show_default=True,
+              help="Dice points the two-stage run may lose against the bundle's full-resolution baseline.")
+@click.option("--split", type=click.Choice(["train", "test", "all"]), default="test", show_default=True)
+@click.option("--split-seed", type=int, default=None, help="Default: the seed BUNDLE was trained with.")
+@click.option("--multiclass", is_flag=True)
+@click.option("--limit", type=int, default=0, help="Use only the first N images.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
+def calibrate(bundle: Path, **opts: Any) -> None:
+    """Choose BUNDLE's default threshold on your own labelled images and save it in a copy.
+
+    The chosen threshold is the highest whose Dice is within --max-loss points
+    of the full-resolution baseline's: the fewest refined tiles for that quality.
+    """
+    from wsiseg.calibrate import calibrate as run_calibration
+    from wsiseg.evaluate import format_table
+
+    _quiet_libraries()
+    bar = ProgressBars(labels={"images": "images       "})
+    try:
+        result = run_calibration(
+            bundle, opts["dataset"], opts["data_root"], opts["out"], opts["max_loss"] / 100, split=opts["split"],
+            split_seed=opts["split_seed"], multiclass=opts["multiclass"], limit=opts["limit"], device=opts["device"],
+            progress=lambda done, total: bar("images", done, total),
+        )
+    finally:
+        bar.close()
+    for line in format_table(result.rows):
+        click.echo(line)
+    if not result.within:
+        click.echo(f"Warning: no threshold came within {opts['max_loss']:g} Dice points of the baseline; "
+                   "chose the best-scoring one", err=True)
+    click.echo(f"threshold {result.threshold:g} -> {result.path}")
+
+
+@main.command()
 def models() -> None:
     """List the architectures and backbones wsiseg can build."""
     from wsiseg.models import available_backbones, available_models
