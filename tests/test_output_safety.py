@@ -14,16 +14,8 @@ import pytest
 
 from wsiseg import output
 from wsiseg.errors import DiskFullError, InputError, OutputBusyError
-from wsiseg.output import (
-    ArraySpec,
-    OutputLock,
-    check_output_path,
-    disk_full_error,
-    is_wsiseg_output,
-    lock_path,
-    prepare_output,
-    write_report,
-)
+from wsiseg.guard import OutputLock, check_output_path, disk_full_error, is_wsiseg_output, lock_path
+from wsiseg.output import ArraySpec, prepare_output, write_report
 
 SIGNATURE = {"model": "tiny", "tile": 32}
 ARRAYS = [ArraySpec("mask/0", (64, 64), (32, 32), "uint8")]

@@ -20,7 +20,7 @@ import zarr
 
 from wsiseg.config import RunOptions, TwoStageConfig
 from wsiseg.errors import DiskFullError, OutputBusyError
-from wsiseg.output import OutputLock, lock_path
+from wsiseg.guard import OutputLock, lock_path
 from wsiseg.run import segment_slide
 from wsiseg.tiling import downsample_mean
 from wsiseg.uncertainty import TileSelection

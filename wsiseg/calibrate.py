@@ -94,8 +94,7 @@ def calibrate(
         A bundle without a baseline or a pair, an output that exists or is the bundle, a bad ``max_loss``.
     """
     from wsiseg.bundle import load_bundle, save_bundle
-    from wsiseg.evaluate import evaluate
-    from wsiseg.train.datasets import open_dataset
+    from wsiseg.evaluate import evaluate, scored_split
 
     bundle_path = Path(bundle_path)
     out = Path(out) if out is not None else bundle_path.with_name(f"{bundle_path.stem}-calibrated.safetensors")
@@ -107,11 +106,7 @@ def calibrate(
     if "model" not in bundle.models or not bundle.is_two_stage:
         raise InputError("calibration needs a bundle with a Model 1 / Model 2 pair and a full-resolution "
                          "baseline (train it with --stage all)")
-    data = open_dataset(dataset, data_root, multiclass)
-    seed = split_seed if split_seed is not None else int(bundle.config.get("training", {}).get("split_seed", 0))
-    samples = data.split(split, seed)[: limit or None]
-    if not samples:
-        raise InputError(f"the {split} split of {data_root} is empty")
+    data, samples, _ = scored_split(bundle, dataset, data_root, split, split_seed, multiclass, limit)
     rows = evaluate(bundle, data, samples, tuple(thresholds), None, device, progress)
     threshold, within = choose_threshold(rows, max_loss)
     record = {"dataset": dataset, "split": split, "images": len(samples), "max_loss": max_loss,

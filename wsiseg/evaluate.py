@@ -193,16 +193,10 @@ def evaluate_bundle(
         The table rows and the files written (``csv``, ``json``, ``plot``).
     """
     from wsiseg.bundle import load_bundle
-    from wsiseg.errors import InputError
-    from wsiseg.train.datasets import open_dataset
 
     bundle_path = Path(bundle_path)
     bundle = load_bundle(bundle_path)
-    data = open_dataset(dataset, data_root, multiclass)
-    seed = split_seed if split_seed is not None else int(bundle.config.get("training", {}).get("split_seed", 0))
-    samples = data.split(split, seed)[: limit or None]
-    if not samples:
-        raise InputError(f"the {split} split of {data_root} is empty")
+    data, samples, seed = scored_split(bundle, dataset, data_root, split, split_seed, multiclass, limit)
     baseline = load_bundle(baseline_path).model if baseline_path else None
     rows = evaluate(bundle, data, samples, thresholds or PAPER_THRESHOLDS, baseline, device, progress, overrides)
     paths = write_results(
@@ -211,3 +205,28 @@ def evaluate_bundle(
         {"bundle": str(bundle_path), "dataset": dataset, "split": split, "split_seed": seed},
     )
     return rows, paths
+
+
+def scored_split(
+    bundle: Bundle,
+    dataset: str,
+    data_root: str | Path,
+    split: str = "test",
+    split_seed: int | None = None,
+    multiclass: bool = False,
+    limit: int = 0,
+) -> tuple[SegmentationData, list[Sample], int]:
+    """The data set and the images of ``split`` to score a bundle on (the first ``limit``; 0: all).
+
+    ``split_seed`` None takes the seed the bundle was trained with, so its test
+    split holds no training image. Returns the data set, the samples and the seed.
+    """
+    from wsiseg.errors import InputError
+    from wsiseg.train.datasets import open_dataset
+
+    data = open_dataset(dataset, data_root, multiclass)
+    seed = split_seed if split_seed is not None else int(bundle.config.get("training", {}).get("split_seed", 0))
+    samples = data.split(split, seed)[: limit or None]
+    if not samples:
+        raise InputError(f"the {split} split of {data_root} is empty")
+    return data, samples, seed

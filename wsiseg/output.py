@@ -37,16 +37,7 @@ import numpy as np
 
 from wsiseg.cache import BoundedCache, register
 from wsiseg.errors import InputError
-from wsiseg.guard import (  # noqa: F401 - the guard is part of this module's surface
-    RECORD_DIR,
-    OutputLock,
-    check_output_path,
-    disk_full_error,
-    is_wsiseg_output,
-    lock_path,
-    not_a_folder_error,
-    remove_for_overwrite,
-)
+from wsiseg.guard import RECORD_DIR, check_output_path, is_wsiseg_output, not_a_folder_error, remove_for_overwrite
 
 NGFF_VERSION = "0.4"
 LOWRES_ARRAY = f"{RECORD_DIR}/lowres"

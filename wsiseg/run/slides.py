@@ -58,12 +58,15 @@ class ZarrStore:
 
     def __init__(self, out: str) -> None:
         self.out = out
+        self._present: dict[str, bool] = {}  # asked once per task copy, not once per tile
 
     def array(self, name: str) -> Any:
         return open_array(self.out, name)
 
     def has(self, name: str) -> bool:
-        return os.path.isdir(os.path.join(self.out, name))
+        if name not in self._present:
+            self._present[name] = os.path.isdir(os.path.join(self.out, name))
+        return self._present[name]
 
     def __reduce__(self) -> tuple[Any, ...]:
         return ZarrStore, (self.out,)
