@@ -119,7 +119,7 @@ def mask_dice(a: Path, b: Path) -> float:
 
     from wsiseg.metrics import confusion, dice_iou
 
-    first, second = zarr.open_array(str(a / "mask/0"), mode="r"), zarr.open_array(str(b / "mask/0"), mode="r")
+    first, second = zarr.open_array(str(a / "labels/mask/0"), mode="r"), zarr.open_array(str(b / "labels/mask/0"), mode="r")
     if first.shape != second.shape:
         raise ValueError("masks differ in shape")
     step = first.chunks[0] * 4
@@ -305,7 +305,7 @@ def study_peer(slide: Path, region: int, workers: int, model: str | None, scratc
     from wsiseg.metrics import dice
 
     theirs = np.load(monai_mask)
-    ours = zarr.open_array(str(scratch / "region-full.zarr" / "mask/0"), mode="r")[...] > 0
+    ours = zarr.open_array(str(scratch / "region-full.zarr" / "labels/mask/0"), mode="r")[...] > 0
     agreement = dice(theirs.astype(np.uint8), ours.astype(np.uint8))
     return {
         "region": size, "slide": str(slide),

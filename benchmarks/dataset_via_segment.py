@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         for sample in samples:
             out = Path(tmp) / f"{sample.id}.zarr"
             report = segment_slide(sample.image, out, client, config, RunOptions(model=args.model))
-            mask = np.asarray(zarr.open_array(str(out / "mask/0"), mode="r")[...])
+            mask = np.asarray(zarr.open_array(str(out / "labels/mask/0"), mode="r")[...])
             truth = data.load(sample)[1]
             scores.append(dice_iou(confusion(mask, truth, max(2, data.num_classes)))[0])
             refined.append(report["tiles"]["refined_fraction"])

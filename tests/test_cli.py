@@ -58,7 +58,7 @@ def test_segment_end_to_end_through_the_console_script(tmp_path, pyramid_slide, 
     report = json.loads((out / "report.json").read_text())
     assert report["tiles"]["refined"] == 3 and report["settings"]["selection"] == "budget 0.25"
     assert report["outputs"]["geojson"] == "mask.geojson"
-    mask = zarr.open_array(str(out / "mask/0"), mode="r")
+    mask = zarr.open_array(str(out / "labels/mask/0"), mode="r")
     assert mask.shape == (768, 1000) and mask.chunks == (256, 256)
     assert json.loads((out / "mask.geojson").read_text())["type"] == "FeatureCollection"
     # A second run into the same output is refused; --overwrite replaces it.

@@ -25,7 +25,7 @@ CONFIG = TwoStageConfig(selection=TileSelection.budget(0.5), tile_size=256, halo
 def local_mask(tmp_path_factory, pyramid_slide, test_bundle, local_client):
     out = tmp_path_factory.mktemp("local") / "local.zarr"
     segment_slide(pyramid_slide, out, local_client, CONFIG, RunOptions(model=str(test_bundle)))
-    return np.asarray(zarr.open_array(str(out / "mask/0"), mode="r")[...])
+    return np.asarray(zarr.open_array(str(out / "labels/mask/0"), mode="r")[...])
 
 
 def _malloc_environ(client) -> list[dict[str, str | None]]:
@@ -45,7 +45,7 @@ def test_real_cluster_equals_local_run(tmp_path, pyramid_slide, test_bundle, rea
     out = tmp_path / "cluster.zarr"
     report = segment_slide(pyramid_slide, out, client, CONFIG, RunOptions(model=str(test_bundle)))
     assert report["scheduler"]["workers"] == 2 and report["scheduler"]["address"].startswith("tcp://127.0.0.1")
-    np.testing.assert_array_equal(np.asarray(zarr.open_array(str(out / "mask/0"), mode="r")[...]), local_mask)
+    np.testing.assert_array_equal(np.asarray(zarr.open_array(str(out / "labels/mask/0"), mode="r")[...]), local_mask)
 
 
 def test_interrupted_cli_run_resumes_on_the_cluster(tmp_path, pyramid_slide, test_bundle, real_cluster) -> None:
@@ -83,8 +83,8 @@ def test_interrupted_cli_run_resumes_on_the_cluster(tmp_path, pyramid_slide, tes
     assert report["tiles"]["resumed"] == len(done) and report["status"] == "complete"
     for level in ("0", "1", "2"):
         np.testing.assert_array_equal(
-            np.asarray(zarr.open_array(str(out / "mask" / level), mode="r")[...]),
-            np.asarray(zarr.open_array(str(tmp_path / "whole.zarr" / "mask" / level), mode="r")[...]),
+            np.asarray(zarr.open_array(str(out / "labels" / "mask" / level), mode="r")[...]),
+            np.asarray(zarr.open_array(str(tmp_path / "whole.zarr" / "labels" / "mask" / level), mode="r")[...]),
         )
 
 
@@ -123,7 +123,7 @@ def test_killing_a_worker_mid_run_still_gives_the_same_output(
     assert killed and killed[0] < report["tiles"]["total"]
     assert victim.wait(timeout=30) != 0
     assert len(client.scheduler_info(n_workers=-1)["workers"]) == 1
-    np.testing.assert_array_equal(np.asarray(zarr.open_array(str(out / "mask/0"), mode="r")[...]), local_mask)
+    np.testing.assert_array_equal(np.asarray(zarr.open_array(str(out / "labels/mask/0"), mode="r")[...]), local_mask)
     assert report["status"] == "complete"
 
 

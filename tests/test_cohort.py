@@ -42,7 +42,7 @@ def _broken(path: Path) -> Path:
 
 
 def _mask(out: Path) -> np.ndarray:
-    return np.asarray(zarr.open_array(str(out / "mask" / "0"), mode="r")[...])
+    return np.asarray(zarr.open_array(str(out / "labels" / "mask" / "0"), mode="r")[...])
 
 
 def _report(out: Path) -> dict:

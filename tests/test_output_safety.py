@@ -18,7 +18,7 @@ from wsiseg.guard import OutputLock, check_output_path, disk_full_error, is_wsis
 from wsiseg.output import ArraySpec, prepare_output, write_report
 
 SIGNATURE = {"model": "tiny", "tile": 32}
-ARRAYS = [ArraySpec("mask/0", (64, 64), (32, 32), "uint8")]
+ARRAYS = [ArraySpec("labels/mask/0", (64, 64), (32, 32), "uint8")]
 
 
 def snapshot(path: Path) -> dict[str, bytes]:

@@ -8,7 +8,7 @@ from wsiseg.config import BundleSettings, RunOptions, TwoStageConfig
 from wsiseg.errors import BundleError, InputError
 from wsiseg.run.plan import ModelFacts, auto_tile_size, make_plan, working_scale
 from wsiseg.slide import Level, Slide
-from wsiseg.two_stage import CONTEXT, LOWRES, MASK, PROBABILITY, REFINED
+from wsiseg.two_stage import CONTEXT, IMAGE, MASK, PROBABILITY, REFINED
 
 FACTS = ModelFacts({"model1": 16, "model2": 32, "model": 32}, num_classes=1)
 
@@ -65,8 +65,12 @@ def test_plan_of_a_40x_slide_for_a_20x_model() -> None:
     # Model 1 wants downsample 8 of level 0: level 1 (4x) coarsened by 2.
     assert (plan.level, plan.coarsen, plan.low_shape, plan.scale) == (1, 2, (5000, 3750), (4.0, 4.0))
     assert plan.halo == 32 and plan.block == 512 and plan.context_shape == (313, 235)
-    names = [spec.name for spec in plan.arrays()]
-    assert names[:2] == [MASK, REFINED] and {PROBABILITY, LOWRES, CONTEXT} <= set(names)
+    specs = {spec.name: spec for spec in plan.arrays()}
+    assert list(specs)[:2] == [MASK, REFINED] and {PROBABILITY, IMAGE, CONTEXT} <= set(specs)
+    # The output's pixels are Model 1's view, written by stage 1 in its blocks.
+    assert plan.image_from_stage1 and (specs[IMAGE].shape, specs[IMAGE].chunks) == ((3, 5000, 3750), (3, 512, 512))
+    full = make_plan(slide, None, None, FACTS, TwoStageConfig(ratio=4), working=working, pixels="full")
+    assert not full.image_from_stage1 and full.image_shape == (20000, 15000) and full.image_step == (2.0, 2.0)
     geometry = plan.geometry()
     assert "source" not in geometry and geometry["tile_size"] == 512
 
@@ -80,7 +84,9 @@ def test_plan_at_native_pixels_aligns_tiles_and_full_resolution_has_no_stage1() 
     assert (plan.level, plan.coarsen) == (1, 1)  # level 1 is exactly the ratio
     baseline = make_plan(slide, None, None, FACTS, TwoStageConfig(), full_resolution=True)
     assert baseline.stage2_role == "model" and not baseline.context and baseline.low_shape == (1, 1)
-    assert [spec.name for spec in baseline.arrays()] == [MASK, REFINED]
+    assert [spec.name for spec in baseline.arrays()] == [MASK, REFINED, IMAGE]
+    # Without stage 1 the low view of the pixels is read from the slide's level 1 (the ratio, 4).
+    assert not baseline.image_from_stage1 and (baseline.image_level, baseline.image_coarsen) == (1, 1)
     with pytest.raises(InputError, match="multiple of the model's feature stride 32"):
         make_plan(slide, None, None, FACTS, TwoStageConfig(tile_size=500))
 

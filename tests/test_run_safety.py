@@ -52,7 +52,7 @@ def _one_error_line(result: subprocess.CompletedProcess) -> str:
 
 
 def _mask_levels(out: Path) -> dict[str, np.ndarray]:
-    group = zarr.open_group(str(out / "mask"), mode="r")
+    group = zarr.open_group(str(out / "labels" / "mask"), mode="r")
     return {name: np.asarray(group[name][...]) for name in sorted(group.array_keys())}
 
 
@@ -177,7 +177,7 @@ def test_disk_full_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, pyr
 
     def filling_open_array(where, name):
         array = real_open_array(where, name)
-        return _FillingArray(array, state, lock) if name == "mask/0" and str(where) == str(out) else array
+        return _FillingArray(array, state, lock) if name == "labels/mask/0" and str(where) == str(out) else array
 
     monkeypatch.setattr(slides, "open_array", filling_open_array)
     with pytest.raises(DiskFullError) as full:
@@ -187,7 +187,7 @@ def test_disk_full_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, pyr
     assert state["writes"] > state["left"]  # the disk did fill up mid-run
     _wait_until_idle(local_client)
     assert not (out / "report.json").exists() and not (out / "report.json.partial").exists()
-    assert "multiscales" not in zarr.open_group(str(out / "mask"), mode="r").attrs
+    assert "multiscales" not in zarr.open_group(str(out), mode="r").attrs
     assert not lock_path(out).exists()
 
     monkeypatch.setattr(slides, "open_array", real_open_array)  # space freed
@@ -198,7 +198,7 @@ def test_disk_full_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, pyr
     assert sorted(got) == sorted(expected) and len(got) > 1
     for level in expected:
         assert np.array_equal(got[level], expected[level]), level
-    assert "multiscales" in zarr.open_group(str(out / "mask"), mode="r").attrs
+    assert "multiscales" in zarr.open_group(str(out), mode="r").attrs
 
 
 # --------------------------------------------------------------------------- the slide's warnings
@@ -227,4 +227,4 @@ def test_cli_prints_each_slide_warning_as_one_line(tmp_path, pyramid_slide, test
     assert "Traceback" not in result.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["input"]["warnings"] == [warnings[0].removeprefix("Warning: ")]
-    assert zarr.open_array(str(out / "mask/0"), mode="r").shape == (768, 1000)
+    assert zarr.open_array(str(out / "labels/mask/0"), mode="r").shape == (768, 1000)

@@ -45,11 +45,11 @@ def test_dask_result_equals_in_memory_engine(reference_run, slide_image, test_bu
 
     assert report["stage1"] == {"level": 2, "coarsen": 1, "scale": [4.0, 4.0], "shape": [192, 250]}
     assert report["tiles"] == {"total": 12, "refined": 6, "refined_fraction": 0.5, "resumed": 0}
-    np.testing.assert_array_equal(_read(out, "refined/0").astype(bool), expected.refined)
-    np.testing.assert_allclose(_read(out, "tile_scores/0"), expected.tile_scores, atol=1e-6)
-    np.testing.assert_allclose(_read(out, "probability/0"), expected.stage1_probabilities, atol=1e-6)
-    np.testing.assert_allclose(_read(out, "uncertainty/0"), expected.uncertainty, atol=1e-6)
-    mask = _read(out, "mask/0")
+    np.testing.assert_array_equal(_read(out, "labels/refined/0").astype(bool), expected.refined)
+    np.testing.assert_allclose(_read(out, "maps/tile_scores/0"), expected.tile_scores, atol=1e-6)
+    np.testing.assert_allclose(_read(out, "maps/probability/0"), expected.stage1_probabilities, atol=1e-6)
+    np.testing.assert_allclose(_read(out, "maps/uncertainty/0"), expected.uncertainty, atol=1e-6)
+    mask = _read(out, "labels/mask/0")
     np.testing.assert_array_equal(mask, expected.mask)
     assert 0.2 < mask.mean() < 0.8  # a mask with structure, not a constant
     assert report["label_pixels"] == {"background": int((mask == 0).sum()), "tissue": int((mask == 1).sum())}
@@ -61,26 +61,28 @@ def test_output_opens_with_ome_zarr_reader(reference_run) -> None:
 
     out, _ = reference_run
     expected = {
-        "mask": ([(768, 1000), (384, 500), (192, 250)], [0.5, 0.5]),
-        "probability": ([(1, 192, 250)], [1.0, 2.0, 2.0]),
-        "uncertainty": ([(192, 250)], [2.0, 2.0]),
-        "tile_scores": ([(3, 4)], [128.0, 128.0]),
-        "refined": ([(3, 4)], [128.0, 128.0]),
+        "": ([(3, 192, 250)], [1.0, 2.0, 2.0]),  # the slide's pixels as Model 1 read them
+        "labels/mask": ([(768, 1000), (384, 500), (192, 250)], [0.5, 0.5]),
+        "labels/refined": ([(3, 4)], [128.0, 128.0]),
+        "maps/probability": ([(1, 192, 250)], [1.0, 2.0, 2.0]),
+        "maps/uncertainty": ([(192, 250)], [2.0, 2.0]),
+        "maps/tile_scores": ([(3, 4)], [128.0, 128.0]),
     }
     for name, (shapes, scale) in expected.items():
-        node = list(Reader(parse_url(str(out / name)))())[0]
+        nodes = {n.zarr.path.rstrip("/"): n for n in Reader(parse_url(str(out / name) if name else str(out)))()}
+        node = nodes[str(out / name).rstrip("/") if name else str(out)]
         assert [tuple(d.shape) for d in node.data] == shapes, name
         transforms = node.metadata["coordinateTransformations"]
         assert transforms[0][0]["scale"] == pytest.approx(scale), name
         if len(transforms) > 1:
             assert transforms[1][0]["scale"] == pytest.approx([2 * s for s in scale]), name
-    mask_node = list(Reader(parse_url(str(out / "mask")))())[0]
+    mask_node = next(n for n in Reader(parse_url(str(out)))() if n.zarr.path.rstrip("/").endswith("labels/mask"))
     assert any(type(spec).__name__ == "Label" for spec in mask_node.specs)
-    np.testing.assert_array_equal(np.asarray(mask_node.data[1]), _read(out, "mask/0")[::2, ::2])
+    np.testing.assert_array_equal(np.asarray(mask_node.data[1]), _read(out, "labels/mask/0")[::2, ::2])
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "complete" and report["outputs"]["levels"] == 3
     assert (out / "overlay.png").stat().st_size > 1000
-    assert not (out / ".wsiseg" / "lowres").exists()  # scratch removed
+    assert not (out / ".wsiseg" / "context").exists()  # scratch removed
 
 
 def test_each_level0_tile_is_decoded_at_most_once_and_only_for_selected_windows(
@@ -112,7 +114,7 @@ def test_each_level0_tile_is_decoded_at_most_once_and_only_for_selected_windows(
         run.remove(index)
     assert len(run) == len(set(run)), "a level-0 tile was decoded twice"
 
-    refined = _read(out, "refined/0").astype(bool)
+    refined = _read(out, "labels/refined/0").astype(bool)
     grid = TileGrid(768, 1000, 256)
     needed = set()
     for row, col in np.argwhere(refined):
@@ -134,7 +136,10 @@ def test_interrupted_run_resumes_without_redoing_tiles(tmp_path, pyramid_slide, 
     with pytest.raises(KeyboardInterrupt):
         _run(pyramid_slide, out, local_client, test_bundle, progress=interrupt)
     assert not (out / "report.json").exists()  # nothing looks complete
-    assert "multiscales" not in zarr.open_group(str(out / "mask"), mode="r").attrs
+    assert "multiscales" not in zarr.open_group(str(out), mode="r").attrs
+    from wsiseg.describe import describe_output
+
+    assert describe_output(out) == [f"output:    {out} (wsiseg run not finished: run the same command with --resume)"]
     lines = (out / ".wsiseg" / "progress.jsonl").read_text().splitlines()
     before = {tuple(t) for line in lines for t in json.loads(line).get("tiles", [])}
     assert len(before) >= 5
@@ -148,8 +153,9 @@ def test_interrupted_run_resumes_without_redoing_tiles(tmp_path, pyramid_slide, 
     assert not any("stage1" in json.loads(line) for line in after_lines)
     assert report["tiles"]["resumed"] == len(before)
     reference, _ = reference_run
-    np.testing.assert_array_equal(_read(out, "mask/0"), _read(reference, "mask/0"))
-    np.testing.assert_array_equal(_read(out, "mask/1"), _read(reference, "mask/1"))
+    np.testing.assert_array_equal(_read(out, "labels/mask/0"), _read(reference, "labels/mask/0"))
+    np.testing.assert_array_equal(_read(out, "labels/mask/1"), _read(reference, "labels/mask/1"))
+    np.testing.assert_array_equal(_read(out, "0"), _read(reference, "0"))  # the pixels, written by stage 1
 
     with pytest.raises(InputError, match="other settings"):
         _run(pyramid_slide, out, local_client, test_bundle, CONFIG.with_overrides(halo=64), resume=True)
@@ -160,7 +166,7 @@ def test_full_resolution_mode_equals_in_memory_baseline(tmp_path, pyramid_slide,
     report = _run(pyramid_slide, out, local_client, test_bundle, full_resolution=True)
     torch.set_num_threads(1)
     expected = segment_full_resolution(slide_image, load_bundle(test_bundle).model, CONFIG, "cpu", batch_size=4)
-    np.testing.assert_array_equal(_read(out, "mask/0"), expected.mask)
+    np.testing.assert_array_equal(_read(out, "labels/mask/0"), expected.mask)
     assert report["mode"] == "full-resolution" and report["tiles"]["refined"] == 12
     assert not (out / "probability").exists()
 
@@ -202,8 +208,8 @@ def test_geojson_polygons_rasterise_back_onto_the_mask(tmp_path, local_client) -
     mask[100:220, 50:400] = 2  # a second class crossing many tiles
     mask[140:160, 100:120] = 0  # with a hole
     out = tmp_path / "g.zarr"
-    prepare_output(out, {"test": 1}, [ArraySpec("mask/0", mask.shape, (tile, tile), "uint8")], False, False)
-    zarr.open_array(str(out / "mask/0"), mode="r+")[...] = mask
+    prepare_output(out, {"test": 1}, [ArraySpec("labels/mask/0", mask.shape, (tile, tile), "uint8")], False, False)
+    zarr.open_array(str(out / "labels/mask/0"), mode="r+")[...] = mask
 
     path = write_geojson(out, tile, ["background", "nucleus", "stroma"], local_client)
     collection = json.loads(path.read_text())
@@ -246,12 +252,12 @@ def test_slide_is_rescaled_to_the_models_pixel_size(tmp_path, pyramid_slide, sli
     torch.set_num_threads(1)
     half = downsample_mean(slide_image, 2)  # the pixels of level 1
     expected = segment_image(half, loaded.model1, loaded.model2, config, device="cpu")
-    np.testing.assert_array_equal(_read(out, "mask/0"), expected.mask)
+    np.testing.assert_array_equal(_read(out, "labels/mask/0"), expected.mask)
 
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
 
-    node = list(Reader(parse_url(str(out / "mask")))())[0]
+    node = next(n for n in Reader(parse_url(str(out)))() if n.zarr.path.rstrip("/").endswith("labels/mask"))
     assert node.metadata["coordinateTransformations"][0][0]["scale"] == pytest.approx([1.0, 1.0])  # 2 px x 0.5 um
 
     # GeoJSON coordinates are level-0 pixels: each mask pixel is a 2 x 2 square of the slide.
@@ -259,7 +265,7 @@ def test_slide_is_rescaled_to_the_models_pixel_size(tmp_path, pyramid_slide, sli
 
     features = json.loads((out / "mask.geojson").read_text())["features"]
     shapes = [shapely.geometry.shape(f["geometry"]) for f in features if f["properties"]["classification"]["name"] == "tissue"]
-    assert sum(shape.area for shape in shapes) == 4 * int((_read(out, "mask/0") == 1).sum())
+    assert sum(shape.area for shape in shapes) == 4 * int((_read(out, "labels/mask/0") == 1).sum())
     x0, y0, x1, y1 = shapely.union_all(shapes).bounds
     assert x0 >= 0 and y0 >= 0 and x1 <= 1000 and y1 <= 768 and x1 > 900 and y1 > 700
 
@@ -312,7 +318,7 @@ def test_uniform_unrefined_tiles_are_written_as_the_in_memory_engine_composes_th
     report = _run(pyramid_slide, out, local_client, bundle, config)
     torch.set_num_threads(1)
     expected = segment_image(slide_image, model1, model2, config, device="cpu", probabilities=True)
-    mask = _read(out, "mask/0")
+    mask = _read(out, "labels/mask/0")
     np.testing.assert_array_equal(mask, expected.mask)
     grid = TileGrid(*mask.shape, GEOMETRY["tile_size"])
     unrefined = [grid.tile(r, c) for r, c in grid.tiles() if not expected.refined[r, c]]

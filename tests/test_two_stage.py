@@ -38,7 +38,7 @@ def run_stage1(model1, model2, low: np.ndarray, block: int, halo: int) -> tuple[
     store.allocate(plan)
     result = run_flow(plan, config.selection, InlineExecutor())
     assert not result.refined.any()
-    return store.array("probability/0"), store.array(CONTEXT)
+    return store.array("maps/probability/0"), store.array(CONTEXT)
 
 
 def _whole(model, image: np.ndarray, context: torch.Tensor | None = None) -> torch.Tensor:

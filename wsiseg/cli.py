@@ -237,14 +237,33 @@ def format_duration(seconds: float) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (with several slides: redo finished ones).")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run into the same output (always, with several slides).")
-@click.option("--geojson", is_flag=True, help="Also write mask contours as GeoJSON (QuPath imports it).")
+@click.option("--pixels", type=click.Choice(["low", "full"]), default="low", show_default=True,
+              help="The slide pixels OUT.zarr holds as its image, under the mask: low = the view Model 1 read "
+                   "(1/ratio per side, no extra decoding, about 1/ratio^2 of the storage), full = a copy at full "
+                   "resolution (see benchmarks/RESULTS.md, 'Output pixels').")
+@click.option("--mpp", type=float, default=None, metavar="UM",
+              help="Micrometres per pixel of level 0, for files that do not say (replaces the file's value): "
+                   "outputs are then in micrometres and the model's pixel size is matched.")
+@click.option("--objects", is_flag=True,
+              help="Also split the mask's nuclei into objects: labels/objects (one id per nucleus, touching "
+                   "nuclei split) and a table of their measurements (objects.parquet).")
+@click.option("--max-object-size", type=int, default=None, metavar="PX",
+              help="With --objects: regions wider or taller than this many mask pixels are not nuclei and are "
+                   "left out of the objects (default: the halo, at most the tile size).")
+@click.option("--table-format", type=click.Choice(["parquet", "csv"]), default="parquet", show_default=True,
+              help="With --objects: the table's format.")
+@click.option("--geojson", is_flag=True,
+              help="Also write GeoJSON QuPath imports: with --objects the nuclei as detections carrying their "
+                   "measurements (objects.geojson), else the mask's regions as annotations (mask.geojson).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def segment(slides: tuple[Path, ...], **opts: Any) -> None:
     """Segment SLIDES (whole-slide images, TIFF/OME-TIFF, OME-Zarr, PNG/JPEG) into OME-Zarr.
 
-    Each output holds the mask (a multiscale label image napari and QuPath
-    open), Model 1's probability and uncertainty maps, the refined-tile map,
-    report.json and overlay.png.
+    Each output OUT.zarr is one OME-Zarr (NGFF 0.4) image that napari and
+    QuPath open: the slide's pixels, with the mask and the refined-tile map
+    (and, with --objects, the nuclei) as its labels; Model 1's probability
+    and uncertainty maps under maps/; report.json and overlay.png.
+    'wsiseg info OUT.zarr' describes it.
 
     SLIDES may also be folders of slides (files with a slide suffix, not in
     subfolders). With folders, --from-list or several slides, each slide goes
@@ -274,7 +293,8 @@ def segment(slides: tuple[Path, ...], **opts: Any) -> None:
     _quiet_libraries()
     overrides = {"selection": selection, **{k: opts[k] for k in ("tile_size", "halo", "ratio", "uncertainty", "blend")}}
     options = RunOptions(**{k: opts[k] for k in (
-        "model", "full_resolution", "device", "batch_size", "backend", "overwrite", "resume", "geojson")})
+        "model", "full_resolution", "device", "batch_size", "backend", "overwrite", "resume", "geojson",
+        "pixels", "mpp", "objects", "max_object_size", "table_format")})
     bars = ProgressBars(enabled=not opts["quiet"])
     try:
         if is_cohort(slides, opts["from_list"]):
@@ -358,11 +378,14 @@ def _cohort_line(row: dict[str, Any]) -> str:
 @click.option("--backend", type=click.Choice(["auto", "tifffile", "openslide", "zarr", "image"]), default="auto",
               show_default=True)
 def info(slide: Path, backend: str) -> None:
-    """Describe SLIDE: format, levels and their sizes, pixel size."""
+    """Describe SLIDE (format, levels and their sizes, pixel size), or an output
+    OUT.zarr of 'wsiseg segment' (pixels, mask, objects, maps, what ran)."""
     _quiet_libraries()
+    from wsiseg.describe import describe_output, is_output
     from wsiseg.slide import describe, open_slide
 
-    for line in describe(open_slide(slide, backend)):
+    lines = describe_output(slide) if is_output(slide) else describe(open_slide(slide, backend))
+    for line in lines:
         click.echo(line)
 
 

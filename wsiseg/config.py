@@ -17,6 +17,8 @@ No torch here: the driver reads settings without loading any model.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -175,7 +177,21 @@ class RunOptions:
     overwrite, resume : bool
         Replace an existing wsiseg output, or continue an interrupted one.
     geojson : bool
-        Also write ``mask.geojson`` (polygons QuPath imports).
+        Also write GeoJSON QuPath imports: the objects as detections (with
+        ``objects``), else the mask's regions as annotations (``mask.geojson``).
+    pixels : {"low", "full"}
+        The slide's pixels ``OUT.zarr`` holds as its image: the view Model 1
+        read (free), or a full-resolution copy (see :func:`wsiseg.run.plan.make_plan`).
+    mpp : float or None
+        Micrometres per level-0 pixel, for inputs whose file does not say
+        (it replaces the file's value when both are given).
+    objects : bool
+        Also write nucleus instances (``labels/objects``) and their table.
+    max_object_size : int or None
+        Regions wider or taller than this (mask pixels) are not objects;
+        default: the halo, at most the tile size.
+    table_format : {"parquet", "csv"}
+        The objects table's format.
     tiles_per_task : int
         Selected tiles per Model 2 task (a task runs them in batches).
     max_in_flight : int or None
@@ -191,13 +207,24 @@ class RunOptions:
     overwrite: bool = False
     resume: bool = False
     geojson: bool = False
+    pixels: str = "low"
+    mpp: float | None = None
+    objects: bool = False
+    max_object_size: int | None = None
+    table_format: str = "parquet"
     tiles_per_task: int = 4
     max_in_flight: int | None = None
 
     def __post_init__(self) -> None:
         if self.overwrite and self.resume:
             raise InputError("give either --overwrite or --resume, not both")
-        for name in ("batch_size", "tiles_per_task", "max_in_flight"):
+        if self.pixels not in ("low", "full"):
+            raise InputError(f"--pixels must be low or full, not {self.pixels!r}")
+        if self.table_format not in ("parquet", "csv"):
+            raise InputError(f"--table-format must be parquet or csv, not {self.table_format!r}")
+        if self.mpp is not None and not (self.mpp > 0 and math.isfinite(self.mpp)):
+            raise InputError(f"--mpp must be a positive number of micrometres per pixel, not {self.mpp}")
+        for name in ("batch_size", "tiles_per_task", "max_in_flight", "max_object_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(f"{name.replace('_', '-')} must be at least 1, got {value}")

@@ -2,7 +2,7 @@
 
 Polygons follow pixel edges exactly, in level-0 pixel coordinates (x right,
 y down), so rasterising them by pixel centres gives back the mask. The mask
-is traced tile by tile (one chunk of ``mask/0`` at a time, in parallel on a
+is traced tile by tile (one chunk of the mask at a time, in parallel on a
 Dask client when one is given); pieces that touch a border shared with
 another tile are merged with their neighbours, so an object that crosses
 tiles is one polygon.
@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from wsiseg.output import LABEL_COLOURS, open_array
+from wsiseg.ngff import MASK, label_colour
+from wsiseg.output import open_array
 from wsiseg.tiling import Box, TileGrid
 
 # Directions: 0 = +x, 1 = +y, 2 = -x, 3 = -y (image coordinates, y down).
@@ -168,7 +169,7 @@ def tile_features(out: str, tile: Box, grid_shape: tuple[int, int], row: int, co
 
     Each entry is ``(label value, shapely polygon)`` in level-0 pixels.
     """
-    labels = np.asarray(open_array(out, "mask/0")[tile.y0 : tile.y1, tile.x0 : tile.x1])
+    labels = np.asarray(open_array(out, MASK)[tile.y0 : tile.y1, tile.x0 : tile.x1])
     rows, cols = grid_shape
     complete, pieces = [], []
     for value in np.unique(labels):
@@ -191,7 +192,7 @@ def _tile_features(args: tuple[Any, ...]) -> tuple[list, list]:
 def _features(out: Path, tile_size: int, client: Any | None) -> Iterator[tuple[int, Any]]:
     import shapely
 
-    shape = open_array(str(out), "mask/0").shape
+    shape = open_array(str(out), MASK).shape
     grid = TileGrid(shape[0], shape[1], tile_size)
     args = [(str(out), grid.tile(r, c), grid.shape, r, c) for r, c in grid.tiles()]
     if client is not None:
@@ -220,7 +221,7 @@ def write_geojson(
     Parameters
     ----------
     out : path
-        An output folder whose ``mask/0`` is written.
+        An output folder whose mask is written.
     tile_size : int
         Its tile (chunk) size.
     classes : list of str
@@ -250,7 +251,7 @@ def write_geojson(
             if pixel_size != (1.0, 1.0):
                 polygon = shapely.transform(polygon, lambda xy: xy * factor)
             name = classes[value] if value < len(classes) else f"class {value}"
-            colour = list(LABEL_COLOURS[(value - 1) % len(LABEL_COLOURS)][:3])
+            colour = list(label_colour(value)[:3])
             feature = {
                 "type": "Feature",
                 "geometry": json.loads(shapely.to_geojson(polygon)),

@@ -30,10 +30,14 @@ from wsiseg.errors import DiskFullError, InputError, OutputBusyError, WsisegErro
 RECORD_DIR = ".wsiseg"
 #: Top-level entries wsiseg writes in an output; ``--overwrite`` deletes nothing else.
 OUTPUT_ENTRIES = frozenset({
-    "mask", "probability", "uncertainty", "tile_scores", "refined", RECORD_DIR,
-    "report.json", "report.json.partial", "overlay.png", "mask.geojson",
-    ".zattrs", ".zgroup", "zarr.json", "labels",
+    "labels", "maps", RECORD_DIR, "report.json", "report.json.partial", "overlay.png", "mask.geojson",
+    "objects.parquet", "objects.csv", "objects.geojson", ".zattrs", ".zgroup", "zarr.json",
 })
+
+
+def is_output_entry(name: str) -> bool:
+    """An entry of an output folder wsiseg writes: :data:`OUTPUT_ENTRIES`, or a pixels level ``0, 1, ...``."""
+    return name in OUTPUT_ENTRIES or name.isdigit()
 
 
 def is_wsiseg_output(path: Path) -> bool:
@@ -110,7 +114,7 @@ def remove_for_overwrite(out: Path) -> None:
         return
     if not is_wsiseg_output(out):
         raise InputError(f"{out} exists and is not a wsiseg output; refusing to delete it, choose another --out")
-    foreign = [name for name in entries if name not in OUTPUT_ENTRIES]
+    foreign = [name for name in entries if not is_output_entry(name)]
     if foreign:
         names = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise InputError(

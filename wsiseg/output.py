@@ -1,25 +1,15 @@
 """The OME-Zarr output of a run: arrays, NGFF metadata, run record, report, overlay.
 
-Layout of ``OUT.zarr`` (OME-NGFF 0.4 on zarr v2, which napari, QuPath /
-Bio-Formats, OMERO and vizarr read)::
-
-    OUT.zarr/
-      mask/          multiscale label image: 0 = (H, W) uint8, 1, 2, ... = /2 each
-      probability/   Model 1's class probabilities (C, h, w) float32, low resolution
-      uncertainty/   Model 1's per-pixel uncertainty (h, w) float32
-      tile_scores/   mean uncertainty per tile (rows, cols) float32
-      refined/       1 where Model 2 refined the tile (rows, cols) uint8
-      report.json    what ran, on what, how long, with which versions
-      overlay.png    thumbnail with the mask and the refined tiles outlined
-      .wsiseg/       run record (settings, completed work) used by --resume
+The layout of ``OUT.zarr`` and its NGFF metadata are :mod:`wsiseg.ngff`'s;
+besides the arrays it holds ``report.json`` (what ran, on what, how long,
+with which versions), ``overlay.png`` (a thumbnail with the mask and the
+refined tiles outlined) and ``.wsiseg/`` (the run record used by --resume).
 
 What may be written or deleted, the run lock and disk-full errors are
 :mod:`wsiseg.guard`'s.
 
-Each image group carries ``multiscales`` metadata whose scales place it over
-the slide in micrometres (or pixels when the pixel size is unknown). The
-metadata and ``report.json`` are written only when the run completes, so an
-interrupted output never looks like a finished one.
+The NGFF metadata and ``report.json`` are written only when the run
+completes, so an interrupted output never looks like a finished one.
 """
 
 from __future__ import annotations
@@ -37,18 +27,12 @@ import numpy as np
 
 from wsiseg.cache import BoundedCache, register
 from wsiseg.errors import InputError
+from wsiseg.ngff import label_colour
 from wsiseg.guard import RECORD_DIR, check_output_path, is_wsiseg_output, not_a_folder_error, remove_for_overwrite
 
-NGFF_VERSION = "0.4"
-LOWRES_ARRAY = f"{RECORD_DIR}/lowres"
 #: Model 1's features projected for Model 2 (scratch, deleted when the run completes).
 CONTEXT_ARRAY = f"{RECORD_DIR}/context"
-SCRATCH_ARRAYS = (LOWRES_ARRAY, CONTEXT_ARRAY)
-#: Label colours (RGBA) for napari / QuPath: class 1, 2, ...
-LABEL_COLOURS = [
-    (0, 200, 80, 255), (230, 60, 60, 255), (50, 110, 230, 255), (240, 200, 30, 255),
-    (170, 60, 200, 255), (30, 200, 200, 255), (240, 130, 30, 255), (120, 120, 120, 255),
-]
+SCRATCH_ARRAYS = (CONTEXT_ARRAY,)
 
 
 def _zarr() -> Any:
@@ -204,8 +188,15 @@ def prepare_output(
             raise InputError(f"{out} already exists; use --overwrite to replace it or --resume to continue it")
         remove_for_overwrite(out)
     forget_arrays(out)
-    zarr = _zarr()
-    root = zarr.open_group(str(out), mode="w", zarr_format=2)
+    _zarr().open_group(str(out), mode="w", zarr_format=2)
+    create_arrays(out, arrays)
+    record.write_signature(signature)
+    return record, False
+
+
+def create_arrays(out: Path, arrays: Iterable[ArraySpec], overwrite: bool = False) -> None:
+    """Create the arrays (and the groups above them) in output ``out``, filled with 0."""
+    root = _zarr().open_group(str(out), mode="r+", zarr_format=2)
     for spec in arrays:
         parent, _, leaf = spec.name.rpartition("/")
         group = root.require_group(parent) if parent else root
@@ -217,21 +208,23 @@ def prepare_output(
             fill_value=0,
             chunk_key_encoding={"name": "v2", "separator": "/"},
             compressors=_compressor(spec.dtype),
+            overwrite=overwrite,
         )
-    record.write_signature(signature)
-    return record, False
+    forget_arrays(out)
 
 
 BandRunner = Callable[[Callable[..., None], list[tuple[Any, ...]]], None]
 
 
-def build_pyramid(out: Path, name: str, tile: int, run: BandRunner | None = None) -> int:
-    """Add levels ``1, 2, ...`` under group ``name`` by taking every other pixel.
+def build_pyramid(out: Path, name: str, tile: int, run: BandRunner | None = None, mean: bool = False) -> int:
+    """Add levels ``1, 2, ...`` beside array ``0`` of group ``name`` (``""``: the root), each half the size.
 
-    Nearest-neighbour subsampling keeps labels valid. Levels are added until
-    one fits in a single ``tile x tile`` chunk. Each level is written in bands
-    of one chunk row by :func:`pyramid_band` calls, which never write the same
-    chunk twice.
+    Labels take every other pixel (``mean=False``: nearest neighbour keeps
+    them valid); pixels take the rounded mean of each 2 x 2 block (edge
+    blocks: of the pixels they have). Arrays are ``(..., h, w)``. Levels
+    are added until one fits in a single ``tile x tile`` chunk. Each level is
+    written in bands of one chunk row by :func:`pyramid_band` calls, which
+    never write the same chunk twice.
 
     Parameters
     ----------
@@ -246,35 +239,47 @@ def build_pyramid(out: Path, name: str, tile: int, run: BandRunner | None = None
         Number of levels, level 0 included.
     """
     zarr = _zarr()
-    group = zarr.open_group(str(out / name), mode="r+", zarr_format=2)
+    group = zarr.open_group(str(out / name) if name else str(out), mode="r+", zarr_format=2)
     level = 0
-    while max(group[str(level)].shape) > tile:
-        height, width = group[str(level)].shape
+    while max(group[str(level)].shape[-2:]) > tile:
+        previous = group[str(level)]
+        *lead, height, width = previous.shape
+        rows = -(-height // 2)
         group.create_array(
             str(level + 1),
-            shape=(-(-height // 2), -(-width // 2)),
-            chunks=(tile, tile),
-            dtype=group[str(level)].dtype,
+            shape=(*lead, rows, -(-width // 2)),
+            chunks=(*lead, tile, tile),
+            dtype=previous.dtype,
             fill_value=0,
             chunk_key_encoding={"name": "v2", "separator": "/"},
-            compressors=_compressor(group[str(level)].dtype),
+            compressors=_compressor(previous.dtype),
             overwrite=True,
         )
-        rows = -(-height // 2)
-        bands = [(str(out), name, level + 1, y, min(y + tile, rows)) for y in range(0, rows, tile)]
+        bands = [(str(out), name, level + 1, y, min(y + tile, rows), mean) for y in range(0, rows, tile)]
         (run or _run_in_threads)(pyramid_band, bands)
         level += 1
     return level + 1
 
 
-def pyramid_band(out: str, name: str, level: int, y0: int, y1: int) -> None:
-    """Write rows ``[y0, y1)`` of level ``level`` of group ``name``: every other pixel of level ``level - 1``."""
-    source = open_array(out, f"{name}/{level - 1}")
-    target = open_array(out, f"{name}/{level}")
-    step = target.chunks[1]
-    for x0 in range(0, target.shape[1], step):
-        x1 = min(x0 + step, target.shape[1])
-        target[y0:y1, x0:x1] = source[2 * y0 : 2 * y1, 2 * x0 : 2 * x1][::2, ::2]
+def pyramid_band(out: str, name: str, level: int, y0: int, y1: int, mean: bool = False) -> None:
+    """Write rows ``[y0, y1)`` of level ``level`` of group ``name`` from level ``level - 1`` (see :func:`build_pyramid`)."""
+    prefix = f"{name}/" if name else ""
+    source = open_array(out, f"{prefix}{level - 1}")
+    target = open_array(out, f"{prefix}{level}")
+    step = target.chunks[-1]
+    for x0 in range(0, target.shape[-1], step):
+        x1 = min(x0 + step, target.shape[-1])
+        block = np.asarray(source[..., 2 * y0 : 2 * y1, 2 * x0 : 2 * x1])
+        target[..., y0:y1, x0:x1] = halve_mean(block) if mean else block[..., ::2, ::2]
+
+
+def halve_mean(block: np.ndarray) -> np.ndarray:
+    """``(..., h, w)`` uint8 -> ``(..., ceil(h/2), ceil(w/2))``: rounded 2 x 2 block means (edges: of the pixels present)."""
+    h, w = block.shape[-2:]
+    pad = [(0, 0)] * (block.ndim - 2) + [(0, h % 2), (0, w % 2)]
+    padded = np.pad(block, pad, mode="edge").astype(np.uint16)
+    sums = padded[..., ::2, ::2] + padded[..., 1::2, ::2] + padded[..., ::2, 1::2] + padded[..., 1::2, 1::2]
+    return ((sums + 2) // 4).astype(block.dtype)
 
 
 def _run_in_threads(function: Callable[..., None], calls: list[tuple[Any, ...]]) -> None:
@@ -283,78 +288,6 @@ def _run_in_threads(function: Callable[..., None], calls: list[tuple[Any, ...]])
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for _ in pool.map(lambda args: function(*args), calls):
             pass
-
-
-def write_multiscales(
-    out: Path,
-    name: str,
-    axes: list[str],
-    levels: int,
-    step: tuple[float, float],
-    mpp: tuple[float, float] | None,
-    labels: Mapping[int, str] | None = None,
-) -> None:
-    """Write NGFF 0.4 ``multiscales`` metadata for group ``name``.
-
-    Parameters
-    ----------
-    axes : list of str
-        e.g. ``["y", "x"]`` or ``["c", "y", "x"]``.
-    levels : int
-        Datasets ``0 .. levels - 1``, each half the size of the previous.
-    step : (sy, sx)
-        Level-0 slide pixels per pixel of dataset 0.
-    mpp : (y, x) or None
-        Micrometres per slide pixel; None gives scales in slide pixels.
-    labels : mapping, optional
-        Label value -> name; adds ``image-label`` colours (napari shows the
-        image as a labels layer).
-    """
-    zarr = _zarr()
-    unit = mpp if mpp else (1.0, 1.0)
-    axis_meta = []
-    for a in axes:
-        entry: dict[str, Any] = {"name": a, "type": "channel" if a == "c" else "space"}
-        if a != "c" and mpp:
-            entry["unit"] = "micrometer"
-        axis_meta.append(entry)
-    datasets = []
-    for level in range(levels):
-        factor = 2**level
-        sy, sx = step[0] * factor * unit[0], step[1] * factor * unit[1]
-        # A pixel of this dataset covers [i*s, (i+1)*s) slide pixels (dataset 0) or
-        # is the subsampled pixel i*2^level of it: centre offset from slide pixel 0.
-        ty = (step[0] - 1) / 2 * unit[0]
-        tx = (step[1] - 1) / 2 * unit[1]
-        scale = ([1.0] if axes[0] == "c" else []) + [sy, sx]
-        translation = ([0.0] if axes[0] == "c" else []) + [ty, tx]
-        datasets.append({
-            "path": str(level),
-            "coordinateTransformations": [
-                {"type": "scale", "scale": scale},
-                {"type": "translation", "translation": translation},
-            ],
-        })
-    group = zarr.open_group(str(out / name), mode="r+", zarr_format=2)
-    attrs: dict[str, Any] = {
-        "multiscales": [{
-            "version": NGFF_VERSION,
-            "name": name,
-            "axes": axis_meta,
-            "datasets": datasets,
-            "type": "nearest" if levels > 1 else "none",
-        }]
-    }
-    if labels:
-        attrs["image-label"] = {
-            "version": NGFF_VERSION,
-            "colors": [
-                {"label-value": int(v), "rgba": list(LABEL_COLOURS[(int(v) - 1) % len(LABEL_COLOURS)])}
-                for v in sorted(labels) if int(v) > 0
-            ],
-            "properties": [{"label-value": int(v), "class": str(n)} for v, n in sorted(labels.items())],
-        }
-    group.attrs.update(attrs)
 
 
 def write_report(out: Path, report: Mapping[str, Any]) -> Path:
@@ -452,7 +385,7 @@ def _tint(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
     for value in np.unique(labels):
         if value == 0:
             continue
-        colour = np.array(LABEL_COLOURS[(int(value) - 1) % len(LABEL_COLOURS)][:3], np.float32)
+        colour = np.array(label_colour(int(value))[:3], np.float32)
         where = labels == value
         blended[where] = 0.55 * blended[where] + 0.45 * colour
     return np.clip(blended, 0, 255).astype(np.uint8)

@@ -37,22 +37,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from wsiseg.output import CONTEXT_ARRAY, LOWRES_ARRAY
+from wsiseg.ngff import IMAGE, MASK, PROBABILITY, REFINED, TILE_SCORES, UNCERTAINTY
+from wsiseg.output import CONTEXT_ARRAY
 from wsiseg.tiling import Box, blend_weights, downsample_mean, round_up, stage1_crop
 from wsiseg.uncertainty import probabilities_to_labels, tile_integrals, uniform_label, uncertainty_map
 
 if TYPE_CHECKING:
     from wsiseg.run.plan import Plan
 
-#: Names of the maps a run stores (paths inside an OME-Zarr output).
-MASK = "mask/0"
-PROBABILITY = "probability/0"
-UNCERTAINTY = "uncertainty/0"
-TILE_SCORES = "tile_scores/0"
-REFINED = "refined/0"
-#: The low-resolution view (for the thumbnail) and Model 1's features projected for
-#: Model 2: scratch of an output, deleted when a slide run completes.
-LOWRES, CONTEXT = LOWRES_ARRAY, CONTEXT_ARRAY
+#: The maps a run stores are named by their paths in an OME-Zarr output (:mod:`wsiseg.ngff`):
+#: MASK, PROBABILITY, UNCERTAINTY, TILE_SCORES, REFINED; a slide run also stores the slide's
+#: pixels (IMAGE, ``(3, h, w)``). Model 1's features projected for Model 2 are scratch,
+#: deleted when a slide run completes.
+CONTEXT = CONTEXT_ARRAY
+__all__ = ["CONTEXT", "COMPOSED", "IMAGE", "MASK", "PROBABILITY", "REFINED", "TILE_SCORES", "UNCERTAINTY",
+           "compose_tiles", "copy_image_band", "read_pieces", "read_scaled", "refine_tiles", "stage1_block"]
 #: The composed probabilities ``(C, H, W)``: kept only when asked for (images in memory).
 COMPOSED = "composed"
 
@@ -87,6 +86,21 @@ def read_scaled(source: Any, level: int, coarsen: int, box: Box) -> np.ndarray:
         region = Box(y * coarsen, min(y1 * coarsen, height), box.x0 * coarsen, min(box.x1 * coarsen, width))
         pixels[y - box.y0 : y1 - box.y0] = downsample_mean(source.read_region(level, region), coarsen)
     return pixels
+
+
+def copy_image_band(plan: Plan, y0: int, y1: int) -> None:
+    """Write rows ``[y0, y1)`` of the output's pixels (IMAGE, ``(3, h, w)`` uint8) from the slide.
+
+    For the images stage 1 does not write (:attr:`~wsiseg.run.plan.Plan.image_from_stage1`):
+    a full-resolution copy, or the low-resolution view of a full-resolution run. One
+    chunk at a time, so a band holds at most one chunk's pixels.
+    """
+    target = plan.store.array(IMAGE)
+    step = target.chunks[-1]
+    for x0 in range(0, target.shape[-1], step):
+        box = Box(y0, y1, x0, min(x0 + step, target.shape[-1]))
+        pixels = read_scaled(plan.source, plan.image_level, plan.image_coarsen, box)
+        target[:, y0:y1, box.x0 : box.x1] = pixels.transpose(2, 0, 1)
 
 
 def stage1_block(plan: Plan, row: int, col: int) -> dict[str, Any]:
@@ -125,9 +139,9 @@ def stage1_block(plan: Plan, row: int, col: int) -> dict[str, Any]:
     store = plan.store
     store.array(PROBABILITY)[:, block.y0 : block.y1, block.x0 : block.x1] = probs
     store.array(UNCERTAINTY)[block.y0 : block.y1, block.x0 : block.x1] = uncertainty
-    if store.has(LOWRES):
+    if plan.image_from_stage1 and store.has(IMAGE):  # the output's pixels: what Model 1 read, no extra decoding
         inner = block.relative_to(grid.window(row, col, round_up(plan.stage1_halo, runner.stride)))
-        store.array(LOWRES)[block.y0 : block.y1, block.x0 : block.x1] = reads[0][inner.slices()]
+        store.array(IMAGE)[:, block.y0 : block.y1, block.x0 : block.x1] = reads[0][inner.slices()].transpose(2, 0, 1)
     if projected is not None:
         fy0, fx0 = block.y0 // runner.stride, block.x0 // runner.stride
         store.array(CONTEXT)[:, fy0 : fy0 + projected.shape[1], fx0 : fx0 + projected.shape[2]] = projected.numpy()

@@ -21,7 +21,7 @@ from wsiseg.run.executors import InlineExecutor
 from wsiseg.run.plan import ModelFacts, Plan, make_plan
 from wsiseg.slide import Level
 from wsiseg.tiling import Box
-from wsiseg.two_stage import COMPOSED, LOWRES, MASK, PROBABILITY, UNCERTAINTY
+from wsiseg.two_stage import COMPOSED, IMAGE, MASK, PROBABILITY, UNCERTAINTY
 
 
 @dataclass
@@ -83,14 +83,14 @@ class ImageSource:
 
 
 class MemoryStore:
-    """Named numpy arrays, allocated from a plan's array specs (the thumbnail scratch left out)."""
+    """Named numpy arrays, allocated from a plan's array specs (the slide's pixels left out)."""
 
     def __init__(self) -> None:
         self.arrays: dict[str, np.ndarray] = {}
 
     def allocate(self, plan: Plan, probabilities: bool = False) -> None:
         for spec in plan.arrays():
-            if spec.name != LOWRES:
+            if spec.name != IMAGE:
                 self.arrays[spec.name] = np.zeros(spec.shape, spec.dtype)
         if probabilities:
             self.arrays[COMPOSED] = np.zeros((plan.num_classes, *plan.work_shape), np.float32)

@@ -22,7 +22,7 @@ from wsiseg.errors import InputError
 from wsiseg.output import ArraySpec
 from wsiseg.slide import Level
 from wsiseg.tiling import Box, TileGrid, round_up
-from wsiseg.two_stage import CONTEXT, LOWRES, MASK, PROBABILITY, REFINED, TILE_SCORES, UNCERTAINTY
+from wsiseg.two_stage import CONTEXT, IMAGE, MASK, PROBABILITY, REFINED, TILE_SCORES, UNCERTAINTY
 
 
 class Source(Protocol):
@@ -102,6 +102,9 @@ class Plan:
     num_classes : int
     batch_size : int or None
         Windows per Model 2 forward pass (None: the runner's default).
+    image_level, image_coarsen : int
+        The slide's pixels an output holds (:data:`~wsiseg.ngff.IMAGE`): this level,
+        block-averaged by this factor (see :func:`make_plan`'s ``pixels``).
     """
 
     source: Any
@@ -126,6 +129,8 @@ class Plan:
     context: bool
     num_classes: int
     batch_size: int | None
+    image_level: int = 0
+    image_coarsen: int = 1
 
     @property
     def work_shape(self) -> tuple[int, int]:
@@ -138,6 +143,23 @@ class Plan:
         """Level-0 pixels per working pixel."""
         (h0, w0), (h, w) = self.source.levels[0].shape, self.work_shape
         return h0 / h, w0 / w
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """Size of the output's pixels (:data:`~wsiseg.ngff.IMAGE` is ``(3, *image_shape)``)."""
+        h, w = self.source.levels[self.image_level].shape
+        return -(-h // self.image_coarsen), -(-w // self.image_coarsen)
+
+    @property
+    def image_step(self) -> tuple[float, float]:
+        """Level-0 pixels per pixel of the output's pixels."""
+        (h0, w0), (h, w) = self.source.levels[0].shape, self.source.levels[self.image_level].shape
+        return h0 / h * self.image_coarsen, w0 / w * self.image_coarsen
+
+    @property
+    def image_from_stage1(self) -> bool:
+        """The output's pixels are Model 1's input, written by stage 1 as it reads them."""
+        return not self.full_resolution and (self.image_level, self.image_coarsen) == (self.level, self.coarsen)
 
     @property
     def grid(self) -> TileGrid:
@@ -159,8 +181,10 @@ class Plan:
     def arrays(self) -> list[ArraySpec]:
         """The arrays this run writes: name, shape, chunks (tiles and blocks), dtype."""
         t = self.tile_size
+        side = self.block if self.image_from_stage1 else t  # one writer per chunk
         specs = [ArraySpec(MASK, self.work_shape, (t, t), "uint8"),
-                 ArraySpec(REFINED, self.grid.shape, self.grid.shape, "uint8")]
+                 ArraySpec(REFINED, self.grid.shape, self.grid.shape, "uint8"),
+                 ArraySpec(IMAGE, (3, *self.image_shape), (3, side, side), "uint8")]
         if self.full_resolution:
             return specs
         b, (h, w), c = self.block, self.low_shape, self.num_classes
@@ -168,7 +192,6 @@ class Plan:
             ArraySpec(PROBABILITY, (c, h, w), (c, b, b), "float32"),
             ArraySpec(UNCERTAINTY, (h, w), (b, b), "float32"),
             ArraySpec(TILE_SCORES, self.grid.shape, self.grid.shape, "float32"),
-            ArraySpec(LOWRES, (h, w, 3), (b, b, 3), "uint8"),
         ]
         if self.context:
             fb = self.block // self.stride1
@@ -185,6 +208,7 @@ def make_plan(
     full_resolution: bool = False,
     batch_size: int | None = None,
     working: tuple[int, int] = (0, 1),
+    pixels: str = "low",
 ) -> Plan:
     """Decide the run's geometry.
 
@@ -198,6 +222,10 @@ def make_plan(
         Plan the baseline (role ``model``) on every tile.
     working : (level, coarsen)
         The working resolution (see :func:`working_scale`).
+    pixels : {"low", "full"}
+        The slide's pixels an output holds: ``low``, the view Model 1 reads
+        (at 1/ratio; stage 1 writes it as it reads it, no extra decoding), or
+        ``full``, a copy at the working resolution.
 
     Raises
     ------
@@ -215,12 +243,16 @@ def make_plan(
     if tile % stride2:
         raise InputError(f"tile size {tile} must be a multiple of the model's feature stride {stride2}")
     halo = round_up(config.halo, grid2)
+    if pixels not in ("low", "full"):
+        raise InputError(f"pixels must be 'low' or 'full', not {pixels!r}")
     work_h, work_w = (-(-n // work_coarsen) for n in source.levels[work_level].shape)
+    work_ds = float(np.mean(source.levels[work_level].downsample)) * work_coarsen
+    low_view = source.best_level_for(config.ratio * work_ds)
+    image_view = low_view if pixels == "low" else (work_level, work_coarsen)
     if full_resolution:
         level, coarsen, low_shape, scale, block, stride1 = 0, 1, (1, 1), (1.0, 1.0), 1, 1
     else:
-        work_ds = float(np.mean(source.levels[work_level].downsample)) * work_coarsen
-        level, coarsen = source.best_level_for(config.ratio * work_ds)
+        level, coarsen = low_view
         lh, lw = source.levels[level].shape
         low_shape = (-(-lh // coarsen), -(-lw // coarsen))
         scale = (work_h / lh * coarsen, work_w / lw * coarsen)
@@ -234,6 +266,7 @@ def make_plan(
         context_shape=(-(-low_shape[0] // stride1), -(-low_shape[1] // stride1)),
         uncertainty=config.uncertainty, context=config.context and not full_resolution,
         num_classes=facts.num_classes, batch_size=batch_size,
+        image_level=image_view[0], image_coarsen=image_view[1],
     )
 
 

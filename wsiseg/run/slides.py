@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -33,7 +34,6 @@ from wsiseg.output import (
     open_array,
     prepare_output,
     remove_scratch,
-    write_multiscales,
     write_overlay,
     write_report,
 )
@@ -49,8 +49,20 @@ from wsiseg.run.worker import (
     process_id,
     release_run,
 )
+from wsiseg.ngff import (
+    IMAGE,
+    MASK_GROUP,
+    OBJECTS_GROUP,
+    PROBABILITY_GROUP,
+    REFINED_GROUP,
+    TILE_SCORES_GROUP,
+    UNCERTAINTY_GROUP,
+    write_image_metadata,
+    write_label_metadata,
+    write_labels_list,
+    write_map_metadata,
+)
 from wsiseg.slide import Slide, open_slide
-from wsiseg.two_stage import LOWRES
 
 
 class ZarrStore:
@@ -119,6 +131,8 @@ def segment_slide(
     started = time.perf_counter()
     out = Path(out).absolute()
     slide = open_slide(path, options.backend)
+    if options.mpp:
+        slide = dataclasses.replace(slide, mpp=(options.mpp, options.mpp))
     model_ref = model_reference(options.model)
     settings = bundle_settings(model_ref)
     config = config or settings.for_slides()
@@ -129,7 +143,7 @@ def segment_slide(
 
     models = BundleModels(model_ref, options.device, torch_threads_per_host(client))
     plan = make_plan(slide, ZarrStore(str(out)), models, facts, config, options.full_resolution,
-                     options.batch_size, working)
+                     options.batch_size, working, options.pixels)
     signature = _signature(slide, plan, model_info["checksum"], config)
     with OutputLock(out):
         record, resumed = prepare_output(out, signature, plan.arrays(), options.overwrite, options.resume,
@@ -142,7 +156,7 @@ def segment_slide(
                             options.tiles_per_task, progress)
             mark = time.perf_counter()
             classes = list(settings.classes or _default_classes(plan.num_classes))
-            outputs = _finish(plan, out, flow.refined, classes, options.geojson, executor, client, progress)
+            outputs = _finish(plan, out, flow.refined, classes, options, executor, client, progress)
             report = build_report(plan, config, options, flow, model_info, scale_note, classes, outputs,
                                   _describe(client), warnings)
             report["timings"] = {**flow.timings, "finish": time.perf_counter() - mark,
@@ -245,40 +259,69 @@ def _finish(
     out: Path,
     refined: np.ndarray,
     classes: list[str],
-    geojson: bool,
+    options: RunOptions,
     executor: DaskExecutor,
     client: Any,
     progress: ProgressCallback | None,
 ) -> dict[str, Any]:
-    """Mask pyramid, NGFF metadata, overlay and GeoJSON; returns the report's ``outputs``."""
-    slide = plan.source
-    levels = build_pyramid(out, "mask", plan.tile_size, executor.run_all)
+    """Pyramids, objects, NGFF metadata, overlay and GeoJSON; returns the report's ``outputs``.
+
+    The root's ``multiscales`` are written last of the metadata: until then no
+    NGFF reader takes the folder for an image.
+    """
+    from wsiseg.two_stage import copy_image_band
+
+    steps = 4 + options.objects
+    slide, mpp = plan.source, plan.source.mpp
+    if not plan.image_from_stage1:
+        rows, side = plan.image_shape[0], plan.tile_size
+        executor.run_all(copy_image_band, [(plan, y, min(y + side, rows)) for y in range(0, rows, side)])
+    image_levels = build_pyramid(out, "", plan.tile_size, executor.run_all, mean=True)
+    mask_levels = build_pyramid(out, MASK_GROUP, plan.tile_size, executor.run_all)
     if progress:
-        progress("finish", 1, 3)
+        progress("finish", 1, steps)
     wy, wx = plan.work_downsample
-    write_multiscales(out, "mask", ["y", "x"], levels, (wy, wx), slide.mpp, labels=dict(enumerate(classes)))
     tile_step = (plan.tile_size * wy, plan.tile_size * wx)
-    write_multiscales(out, "refined", ["y", "x"], 1, tile_step, slide.mpp)
+    write_label_metadata(out, MASK_GROUP, mask_levels, (wy, wx), mpp, dict(enumerate(classes)))
+    write_label_metadata(out, REFINED_GROUP, 1, tile_step, mpp, {0: "not refined", 1: "refined by Model 2"})
+    labels = ["mask", "refined"]
+    outputs: dict[str, Any] = {"image": {"pixels": options.pixels, "levels": image_levels,
+                                         "shape_yx": list(plan.image_shape)},
+                               "mask": MASK_GROUP, "levels": mask_levels, "refined": REFINED_GROUP,
+                               "overlay": "overlay.png"}
+    if options.objects:
+        from wsiseg.run.objects import write_objects
+
+        outputs["objects"] = write_objects(plan, out, refined, options, executor, classes)
+        write_label_metadata(out, OBJECTS_GROUP, outputs["objects"]["levels"], (wy, wx), mpp, None)
+        labels.append("objects")
+        if progress:
+            progress("finish", 2, steps)
+    write_labels_list(out, labels)
     if not plan.full_resolution:
         low_step = (plan.scale[0] * wy, plan.scale[1] * wx)
-        write_multiscales(out, "probability", ["c", "y", "x"], 1, low_step, slide.mpp)
-        write_multiscales(out, "uncertainty", ["y", "x"], 1, low_step, slide.mpp)
-        write_multiscales(out, "tile_scores", ["y", "x"], 1, tile_step, slide.mpp)
-    outputs: dict[str, Any] = {"mask": "mask", "levels": levels, "refined": "refined", "overlay": "overlay.png"}
-    if geojson:
-        from wsiseg.geojson import write_geojson
+        write_map_metadata(out, PROBABILITY_GROUP, ("c", "y", "x"), low_step, mpp)
+        write_map_metadata(out, UNCERTAINTY_GROUP, ("y", "x"), low_step, mpp)
+        write_map_metadata(out, TILE_SCORES_GROUP, ("y", "x"), tile_step, mpp)
+        outputs.update(probability=PROBABILITY_GROUP, uncertainty=UNCERTAINTY_GROUP, tile_scores=TILE_SCORES_GROUP)
+    write_image_metadata(out, Path(slide.path).name, image_levels, plan.image_step, mpp)
+    if options.geojson:
+        if options.objects:
+            outputs["geojson"] = outputs["objects"]["geojson"]
+        else:
+            from wsiseg.geojson import write_geojson
 
-        outputs["geojson"] = write_geojson(out, plan.tile_size, classes, client, pixel_size=(wy, wx)).name
-    if not plan.full_resolution:
-        outputs.update(probability="probability", uncertainty="uncertainty", tile_scores="tile_scores")
-    background = _thumbnail(plan, out)
-    write_overlay(out, background, _mask_thumbnail(out, levels, max(background.shape[:2])),
+            outputs["geojson"] = write_geojson(out, plan.tile_size, classes, client, pixel_size=(wy, wx)).name
+    if progress:
+        progress("finish", steps - 2, steps)
+    background = _thumbnail(out, image_levels)
+    write_overlay(out, background, _mask_thumbnail(out, mask_levels, max(background.shape[:2])),
                   None if plan.full_resolution else refined, plan.tile_size, plan.work_shape)
     if progress:
-        progress("finish", 2, 3)
+        progress("finish", steps - 1, steps)
     remove_scratch(out)
     if progress:
-        progress("finish", 3, 3)
+        progress("finish", steps, steps)
     return outputs
 
 
@@ -297,18 +340,12 @@ def _describe(client: Any) -> dict[str, Any]:
     return describe_client(client)
 
 
-def _thumbnail(plan: Plan, out: Path, max_side: int = 1024) -> np.ndarray:
-    """A small RGB view of the slide: from the low-resolution scratch, or the smallest level.
-
-    The scratch is gone when a run resumed after its scratch was removed (an
-    interruption between the clean-up and the report): the smallest level then.
-    """
+def _thumbnail(out: Path, levels: int, max_side: int = 1024) -> np.ndarray:
+    """A small RGB view ``(h, w, 3)`` uint8 of the slide, from the output's smallest fitting pixels level."""
     import dask.array as da
 
-    if not plan.full_resolution and ZarrStore(str(out)).has(LOWRES):
-        source = da.from_zarr(open_array(out, LOWRES))
-    else:
-        source = plan.source.to_dask(len(plan.source.levels) - 1, 1024)
+    level = next((n for n in range(levels) if max(open_array(out, str(n)).shape[1:]) <= 2 * max_side), levels - 1)
+    source = da.from_zarr(open_array(out, str(level))).transpose(1, 2, 0)
     factor = max(1, math.ceil(max(source.shape[:2]) / max_side))
     if factor > 1:
         h, w = (source.shape[0] // factor) * factor, (source.shape[1] // factor) * factor
@@ -321,7 +358,7 @@ def _mask_thumbnail(out: Path, levels: int, size: int) -> np.ndarray:
     """The smallest mask level at least twice ``size`` (or 2048) on its longer side."""
     import zarr
 
-    group = zarr.open_group(str(out / "mask"), mode="r")
+    group = zarr.open_group(str(out / MASK_GROUP), mode="r")
     for level in range(levels):
         if max(group[str(level)].shape) <= max(2 * size, 2048) or level == levels - 1:
             return np.asarray(group[str(level)][...])
