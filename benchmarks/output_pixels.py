@@ -52,7 +52,7 @@ def main() -> None:
         choices = [("low", {}), ("full", {"pixels": "full"})] + ([("low + objects", {"objects": True})]
                                                                  if args.objects else [])
         for slide in args.slides:
-            segment_slide(slide, scratch / "warm.zarr", client, config, RunOptions())  # warm the workers
+            segment_slide(slide, scratch / "warm.zarr", client, config, RunOptions(overwrite=True))  # warm up
             for name, extra in choices:
                 out = scratch / f"{slide.stem}-{name.replace(' ', '')}.zarr"
                 report = segment_slide(slide, out, client, config, RunOptions(**extra))

@@ -108,7 +108,7 @@ def count_tile(spec: ObjectsSpec, row: int, col: int) -> tuple[np.ndarray, np.nd
     window, tile = grid.window(row, col, spec.max_size), grid.tile(row, col)
     mask = np.asarray(open_array(spec.out, MASK)[window.slices()])
     found = tile_objects(mask, window, tile, spec.work_shape, spec.max_size, spec.min_distance, spec.foreground,
-                         _probability(spec, window), spec.step, spec.mpp)
+                         _probability(spec, window), spec.step, spec.mpp, outlines=spec.geojson)
     if found.num_objects:
         _write_part(spec, row, col, found)
     return found.anchors, found.counts, found.too_large
