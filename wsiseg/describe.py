@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from wsiseg.guard import RECORD_DIR
-from wsiseg.ngff import MAPS, MASK_GROUP, OBJECTS_GROUP, REFINED_GROUP
+from wsiseg.ngff import MAPS, MASK_GROUP, OBJECTS_GROUP
 
 
 def is_output(path: Path) -> bool:

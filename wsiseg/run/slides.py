@@ -50,7 +50,6 @@ from wsiseg.run.worker import (
     release_run,
 )
 from wsiseg.ngff import (
-    IMAGE,
     MASK_GROUP,
     OBJECTS_GROUP,
     PROBABILITY_GROUP,
