@@ -29,6 +29,7 @@ import numpy as np
 from wsiseg.guard import RECORD_DIR
 from wsiseg.ngff import MASK, OBJECTS, OBJECTS_GROUP, PROBABILITY, label_colour
 from wsiseg.output import ArraySpec, build_pyramid, create_arrays, open_array
+from wsiseg.objects import assign_offsets
 from wsiseg.tiling import Box, TileGrid
 
 #: Regions wider or taller than this are not nuclei (when the pixel size is known) ...
@@ -191,7 +192,7 @@ def write_objects(plan: Any, out: Path, refined: np.ndarray, options: Any, execu
     jobs = ((count_tile, (spec, r, c), (r, c)) for r, c in grid.tiles())
     for key, result in executor.run(jobs):
         passes[key] = result
-    first_ids = _first_ids(passes, grid)
+    first_ids = assign_offsets({key: int(np.sum(counts)) for key, (_, counts, _) in passes.items()})
     rows, cols = grid.shape
     calls = []
     for r, c in grid.tiles():
@@ -208,12 +209,6 @@ def write_objects(plan: Any, out: Path, refined: np.ndarray, options: Any, execu
             "table": table, "geojson": geojson, "max_size_px": max_size, "min_distance_px": min_distance,
             # Counted per tile: a large irregular region seen in pieces by several tiles counts more than once.
             "too_large_regions_at_most": sum(too_large for _, _, too_large in passes.values())}
-
-
-def _first_ids(passes: dict[tuple[int, int], tuple[Any, Any, int]], grid: TileGrid) -> dict[tuple[int, int], int]:
-    from wsiseg.objects import assign_offsets
-
-    return assign_offsets({key: int(np.sum(counts)) for key, (_, counts, _) in passes.items()})
 
 
 def _parts(spec: ObjectsSpec, grid: TileGrid, first_ids: dict[tuple[int, int], int]):
