@@ -218,14 +218,16 @@ def breakdown(report: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- studies
 
 
-def study_speed(slide: Path, thresholds: list[float], workers: int, model: str | None, scratch: Path) -> dict[str, Any]:
+def study_speed(
+    slide: Path, thresholds: list[float], workers: int, model: str | None, scratch: Path, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     full_out = scratch / "full.zarr"
-    full = run_segment(slide, full_out, ["--full-resolution"], workers, model)
+    full = run_segment(slide, full_out, ["--full-resolution", *extra], workers, model)
     rows = [_row("full resolution", None, full, 1.0, None)]
     default_threshold = bundle_threshold(model)
     runs = sorted(set(thresholds) | {default_threshold})
     outputs = {t: (scratch / f"t{t:g}.zarr") for t in runs}
-    reports = {t: run_segment(slide, outputs[t], ["--threshold", f"{t:g}"], workers, model) for t in runs}
+    reports = {t: run_segment(slide, outputs[t], ["--threshold", f"{t:g}", *extra], workers, model) for t in runs}
     t0 = outputs.get(0.0)
     for t in runs:
         rows.append(_row("two-stage", t, reports[t], mask_dice(outputs[t], full_out),
@@ -236,7 +238,10 @@ def study_speed(slide: Path, thresholds: list[float], workers: int, model: str |
 
 
 def _row(run: str, threshold: float | None, report: dict[str, Any], dice_full: float, dice_t0: float | None) -> dict[str, Any]:
+    domain, tissue = report.get("domain") or {}, report.get("tissue") or {}
     return {"run": run, "threshold": threshold, "refined": report["tiles"]["refined_fraction"],
+            "refined_of_tissue": domain.get("refined_fraction"), "uncertain_of_tissue": domain.get("uncertain_fraction"),
+            "tissue_fraction": tissue.get("fraction"), "tissue_tiles": tissue.get("tiles"),
             "seconds": report["timings"]["total"], "process_seconds": report["bench"]["process_seconds"],
             "gflop": _total_gflop(report), "peak_tree_rss_mb": report["bench"]["peak_tree_rss_mb"],
             "dice_vs_full": dice_full, "dice_vs_t0": dice_t0}
@@ -356,13 +361,14 @@ def print_markdown(study: str, result: dict[str, Any], command: str) -> None:
     print(f"\n`{command}`  \n{result['machine']}\n")
     if study == "speed":
         full = result["rows"][0]
-        print("| run | threshold | refined tiles | wall s (process) | speed-up | model GFLOP | FLOP ratio | "
-              "Dice vs full-res | Dice vs threshold 0 | peak RSS MB |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| run | threshold | refined tiles | refined tissue tiles | wall s (process) | speed-up | model GFLOP | "
+              "FLOP ratio | Dice vs full-res | Dice vs threshold 0 | peak RSS MB |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for row in result["rows"]:
             t = "" if row["threshold"] is None else f"{row['threshold']:g}"
             vs_t0 = "" if row["dice_vs_t0"] is None else f"{row['dice_vs_t0']:.4f}"
-            print(f"| {row['run']} | {t} | {100 * row['refined']:.1f} % | {row['process_seconds']:.1f} | "
+            of_tissue = "" if row.get("refined_of_tissue") is None else f"{100 * row['refined_of_tissue']:.1f} %"
+            print(f"| {row['run']} | {t} | {100 * row['refined']:.1f} % | {of_tissue} | {row['process_seconds']:.1f} | "
                   f"{full['process_seconds'] / row['process_seconds']:.2f}x | {row['gflop']:.0f} | "
                   f"{full['gflop'] / max(row['gflop'], 1e-9):.2f}x | {row['dice_vs_full']:.4f} | {vs_t0} | "
                   f"{row['peak_tree_rss_mb']:.0f} |")
@@ -423,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--region", type=int, default=4096)
+    parser.add_argument("--no-tissue-mask", action="store_true", help="speed: runs without the tissue mask (the old behaviour)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--scratch", type=Path, default=None, help="folder for the runs' outputs (default: a temporary one)")
     args = parser.parse_args(argv)
@@ -431,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         if args.study == "speed":
-            result = study_speed(args.slides[0], args.thresholds, args.workers, args.model, scratch)
+            extra = ("--no-tissue-mask",) if args.no_tissue_mask else ()
+            result = study_speed(args.slides[0], args.thresholds, args.workers, args.model, scratch, extra)
             result["matmul_1thread"] = matmul_peak_gflops(1)
             result["matmul_all"] = matmul_peak_gflops(len(os.sched_getaffinity(0)))
         elif args.study == "memory":
@@ -446,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     result["machine"] = machine()
     result["command"] = command
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.study}-{args.slides[0].stem}.json").write_text(json.dumps(result, indent=2, default=float))
+    suffix = "-no-tissue-mask" if args.study == "speed" and args.no_tissue_mask else ""
+    (args.out / f"{args.study}-{args.slides[0].stem}{suffix}.json").write_text(json.dumps(result, indent=2, default=float))
     print_markdown(args.study, result, command)
     return 0
 

@@ -35,7 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 THRESHOLDS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.1, 0.0)
 TRAINING = dict(dataset="bowl", arch="unet", backbone="resnet_lite", ratio=4, epochs=40, lr=1e-3, image_size=0,
-                crop_size=256, tile_size=64, halo=32, stage="all", freeze_bn_after=3, val_images=0)
+                crop_size=256, tile_size=64, halo=32, stage="all", freeze_bn_after=3, val_images=0,
+                input_transform="hematoxylin", stain_jitter=0.2, scale_jitter=0.5)
 INFERENCE = {"tile_size": 128, "halo": 32}
 MPP = 0.4
 MPP_NOTE = ("estimated: BOWL publishes no pixel size; its brightfield nuclei have a median equivalent diameter "

@@ -55,11 +55,13 @@ def test_every_group_validates_with_ome_zarr_models(runs) -> None:
         image = Image.from_zarr(root)
         levels = ["0", "1", "2"] if name == "full" else ["0"]
         assert [d.path for d in image.attributes.multiscales[0].datasets] == levels
-        assert Labels.from_zarr(root["labels"]).attributes.labels == ["mask", "refined"]
+        assert Labels.from_zarr(root["labels"]).attributes.labels == ["mask", "refined", "tissue"]
         mask = ImageLabel.from_zarr(root["labels/mask"]).attributes.image_label
         assert [c.label_value for c in mask.colors] == [p.label_value for p in mask.properties] == [0, 1]
         assert [p.model_extra["class"] for p in mask.properties] == ["background", "tissue"]
         ImageLabel.from_zarr(root["labels/refined"])
+        tissue = ImageLabel.from_zarr(root["labels/tissue"]).attributes.image_label
+        assert [p.model_extra["class"] for p in tissue.properties] == ["background", "tissue"]
         for name in ("probability", "uncertainty", "tile_scores"):
             Image.from_zarr(root["maps"][name])
 
@@ -70,7 +72,7 @@ def test_ome_zarr_reader_lists_the_image_and_its_labels(runs) -> None:
 
     nodes = {node.zarr.path.rstrip("/").rpartition(".zarr")[2]: node
              for node in Reader(parse_url(str(runs["low"])))()}
-    assert sorted(nodes) == ["", "/labels", "/labels/mask", "/labels/refined"]
+    assert sorted(nodes) == ["", "/labels", "/labels/mask", "/labels/refined", "/labels/tissue"]
     assert {type(s).__name__ for s in nodes[""].specs} == {"Multiscales", "OMERO"}
     assert [tuple(d.shape) for d in nodes[""].data] == [(3, 192, 250)]
     assert [tuple(d.shape) for d in nodes["/labels/mask"].data] == [(768, 1000), (384, 500), (192, 250)]
@@ -153,6 +155,7 @@ def test_wsiseg_info_describes_an_output(runs) -> None:
     assert "pixels:    3 x 192 x 250 (c, y, x), 1 level, 2 x 2 um per pixel (low: Model 1's view)" in lines
     assert "mask:      768 x 1000 (y, x), 3 levels, 0.5 x 0.5 um per pixel; classes 0 background, 1 tissue" in lines
     assert "refined:   6 of 12 tiles" in lines
+    assert "tissue:    100.0 % of the slide, 12 of 12 tiles (192 x 250 (y, x), 1 level, 2 x 2 um per pixel)" in lines
     bare = CliRunner().invoke(main, ["info", str(runs["full"])]).output
     assert "pixels:    3 x 768 x 1000 (c, y, x), 3 levels, 1 x 1 slide pixels per pixel (full)" in bare.splitlines()
 

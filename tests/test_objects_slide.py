@@ -106,7 +106,7 @@ def test_objects_are_a_label_image_of_the_output(objects_run) -> None:
 
     out, _ = objects_run
     root = zarr.open_group(str(out), mode="r")
-    assert Labels.from_zarr(root["labels"]).attributes.labels == ["mask", "refined", "objects"]
+    assert Labels.from_zarr(root["labels"]).attributes.labels == ["mask", "refined", "tissue", "objects"]
     label = ImageLabel.from_zarr(root["labels/objects"])
     assert [d.path for d in label.attributes.multiscales[0].datasets] == ["0", "1", "2", "3"]
     assert not (out / ".wsiseg" / "objects").exists()  # the parts are scratch

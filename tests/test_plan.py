@@ -100,3 +100,19 @@ def test_halo_is_rounded_to_the_grid_stride_so_windows_stay_on_the_whole_images_
     plan = make_plan(_slide(tile=None), None, None, facts, TwoStageConfig(halo=40))
     assert plan.halo == 64 and plan.tile_size == 512
     assert make_plan(_slide(tile=None), None, None, facts, TwoStageConfig(tile_size=500)).tile_size == 500
+
+
+def test_a_non_integer_pixel_size_ratio_is_resampled_not_rounded() -> None:
+    """A 0.25 um/pixel slide for a 0.4 um/pixel model: factor 1.6, area-resampled from level 0."""
+    slide = _slide()
+    working, note = working_scale(slide, 0.4, rescale=True)
+    assert working == (0, pytest.approx(1.6)) and note["decision"] == "downsampled by 1.6 to the model's pixel size"
+    assert note["scale_mismatch"] == 1.0
+    plan = make_plan(slide, None, None, FACTS, TwoStageConfig(ratio=4), working=working)
+    assert plan.work_shape == (25000, 18750) and plan.work_downsample == pytest.approx((1.6, 1.6))
+    # Model 1 wants 6.4 x level 0: level 1 (4x) resampled by 1.6, not level 0 by 6.
+    assert (plan.level, plan.coarsen, plan.low_shape) == (1, pytest.approx(1.6), (6250, 4688))
+    assert plan.scale == pytest.approx((4.0, 18750 / 7500 * 1.6))
+    # Within 5 % of the model's pixel size: native pixels; a whole factor: block means.
+    assert working_scale(slide, 0.26, rescale=True)[0] == (0, 1)
+    assert working_scale(slide, 1.0, rescale=True)[0] == (1, 1)

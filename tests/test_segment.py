@@ -13,7 +13,7 @@ from wsiseg.bundle import load_bundle
 from wsiseg.config import RunOptions, TwoStageConfig
 from wsiseg.errors import InputError
 from wsiseg.run import segment_full_resolution, segment_image, segment_slide
-from wsiseg.tiling import TileGrid
+from wsiseg.tiling import Box, TileGrid
 from wsiseg.uncertainty import TileSelection
 
 SELECTION = TileSelection.budget(0.5)
@@ -272,6 +272,30 @@ def test_slide_is_rescaled_to_the_models_pixel_size(tmp_path, pyramid_slide, sli
     fine = save_bundle(tmp_path / "fine.safetensors", loaded.models, {**loaded.config, "mpp": 0.25})
     report = _run(pyramid_slide, tmp_path / "fine.zarr", local_client, fine, config)
     assert report["working_resolution"]["level"] == 0 and "not upsampled" in report["working_resolution"]["decision"]
+
+
+def test_a_non_integer_pixel_size_ratio_is_resampled(tmp_path, pyramid_slide, slide_image, test_bundle, local_client) -> None:
+    """A 0.5 um/pixel slide for a 0.8 um/pixel model: the working pixels are the slide area-resampled
+    by 1.6 (not rounded to 2, not left native), and the output says 0.8 um per mask pixel."""
+    from wsiseg.bundle import save_bundle
+    from wsiseg.run.memory import ImageSource
+    from wsiseg.two_stage import read_scaled
+
+    loaded = load_bundle(test_bundle)
+    bundle = save_bundle(tmp_path / "b.safetensors", loaded.models, {**loaded.config, "mpp": 0.8})
+    config = TwoStageConfig(ratio=2, tile_size=128, halo=32, stage1_block=64, stage1_halo=32, selection=SELECTION)
+    out = tmp_path / "fractional.zarr"
+    report = _run(pyramid_slide, out, local_client, bundle, config, pixels="full")
+    working = report["working_resolution"]
+    assert (working["level"], working["size_yx"]) == (0, [480, 625]) and working["coarsen"] == pytest.approx(1.6)
+    assert working["decision"] == "downsampled by 1.6 to the model's pixel size"
+    # Model 1: 3.2 x level 0 = level 1 (2x) resampled by 1.6.
+    assert report["stage1"]["level"] == 1 and report["stage1"]["shape"] == [240, 313]
+    assert _read(out, "labels/mask/0").shape == (480, 625)
+    expected = read_scaled(ImageSource(slide_image), 0, 1.6, Box(0, 480, 0, 625))
+    np.testing.assert_array_equal(_read(out, "0"), expected.transpose(2, 0, 1))
+    attrs = json.loads((out / "labels/mask/.zattrs").read_text())
+    assert attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == pytest.approx([0.8, 0.8])
 
 
 def test_models_are_loaded_once_per_process_and_threads_fit_the_cores(tmp_path, pyramid_slide, test_bundle, local_client, monkeypatch) -> None:

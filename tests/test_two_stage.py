@@ -309,3 +309,26 @@ def test_compose_tile_skips_model1_where_model2_weighs_one(rng) -> None:
     np.testing.assert_allclose(compose_tile(stage1, p2, ramp), ramp * p2.numpy() + (1 - ramp) * p1.numpy(), rtol=1e-6)
     np.testing.assert_array_equal(compose_tile(stage1, None, np.zeros((8, 9), np.float32)), p1.numpy())
     assert calls == [1, 1]
+
+
+def test_non_integer_coarsening_is_area_resampling_and_windows_agree(rng) -> None:
+    """read_scaled by 1.6 equals the mean over each output pixel's 1.6 x 1.6 footprint (the
+    pixels seen as constant squares; brute force: 1,600 point samples per footprint side, so
+    that pixel edges fall between samples), and windows read apart equal one whole read."""
+    from wsiseg.two_stage import read_scaled
+
+    image = rng.integers(0, 256, (41, 53, 3)).astype(np.uint8)
+    source = ImageSource(image)
+    factor = 1.6
+    whole = read_scaled(source, 0, factor, Box(0, 26, 0, 34))  # ceil(41 / 1.6), ceil(53 / 1.6)
+
+    def footprint_weights(count: int, size: int) -> np.ndarray:
+        samples = np.arange(count)[:, None] * factor + (np.arange(1600) + 0.5) / 1600 * factor
+        weights = np.stack([((samples >= j) & (samples < j + 1)).sum(axis=1) for j in range(size)], axis=1)
+        return weights / weights.sum(axis=1, keepdims=True)
+
+    wy, wx = footprint_weights(26, 41), footprint_weights(34, 53)
+    expected = np.einsum("iy,yxc,jx->ijc", wy, image.astype(float), wx)
+    assert np.abs(whole.astype(float) - expected).max() <= 0.5 + 1e-6
+    for box in (Box(0, 7, 0, 9), Box(5, 26, 11, 34), Box(13, 20, 2, 30)):
+        np.testing.assert_array_equal(read_scaled(source, 0, factor, box), whole[box.slices()])

@@ -387,7 +387,9 @@ def _rebuild(path: Path, role: str, spec: Mapping[str, Any], tensors: Mapping[st
     from wsiseg.models import build_model
 
     try:
-        model = build_model(spec["arch"], int(spec["num_classes"]), backbone=spec["backbone"])
+        model = build_model(
+            spec["arch"], int(spec["num_classes"]), backbone=spec["backbone"], input_transform=spec.get("input", "rgb")
+        )
     except (KeyError, TypeError, WsisegError) as exc:
         raise BundleError(f"model bundle {str(path)!r} describes {role} as {spec!r}, which cannot be built: {exc}") from exc
     prefix = role + "."

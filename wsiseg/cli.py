@@ -244,6 +244,10 @@ def format_duration(seconds: float) -> str:
 @click.option("--mpp", type=float, default=None, metavar="UM",
               help="Micrometres per pixel of level 0, for files that do not say (replaces the file's value): "
                    "outputs are then in micrometres and the model's pixel size is matched.")
+@click.option("--tissue-mask/--no-tissue-mask", "tissue", default=True, show_default=True,
+              help="Detect tissue on a thumbnail first (Otsu on optical density, or on intensity where the "
+                   "background is dark, as for fluorescence): outside tissue the mask is 0 and no tile is "
+                   "refined. Stored as labels/tissue.")
 @click.option("--objects", is_flag=True,
               help="Also split the mask's nuclei into objects: labels/objects (one id per nucleus, touching "
                    "nuclei split) and a table of their measurements (objects.parquet).")
@@ -294,7 +298,7 @@ def segment(slides: tuple[Path, ...], **opts: Any) -> None:
     overrides = {"selection": selection, **{k: opts[k] for k in ("tile_size", "halo", "ratio", "uncertainty", "blend")}}
     options = RunOptions(**{k: opts[k] for k in (
         "model", "full_resolution", "device", "batch_size", "backend", "overwrite", "resume", "geojson",
-        "pixels", "mpp", "objects", "max_object_size", "table_format")})
+        "pixels", "mpp", "objects", "max_object_size", "table_format", "tissue")})
     bars = ProgressBars(enabled=not opts["quiet"])
     try:
         if is_cohort(slides, opts["from_list"]):
@@ -431,6 +435,13 @@ TRAIN_LABELS = {"loading": "images  ", "stage1": "Model 1 ", "stage2": "Model 2 
 @click.option("--translate", default=0.1, show_default=True, help="Translation: upscale by up to this fraction, then crop.")
 @click.option("--rotate/--no-rotate", default=None,
               help="Rotations by 90 degrees and vertical flips (default: where orientation is arbitrary: PH2, BOWL).")
+@click.option("--stain-jitter", default=0.0, show_default=True,
+              help="H&E stain augmentation (Tellez et al.): each stain's density times U(1-s, 1+s), shifted; 0 off.")
+@click.option("--scale-jitter", default=0.0, show_default=True,
+              help="With --image-size 0: crops at a random scale in [1/(1+j), 1+j] (20x and 40x alike); 0 off.")
+@click.option("--input", "input_transform", type=click.Choice(["rgb", "hematoxylin"]), default="rgb", show_default=True,
+              help="What the network sees: the RGB image, or the hematoxylin density of colour deconvolution "
+                   "(one nuclear-stain channel; stains look alike). Recorded in the bundle.")
 @click.option("--multiclass", is_flag=True, help="KITTI / BDD: 19 classes instead of vehicle vs rest.")
 @click.option("--split-seed", default=0, show_default=True, help="Seed of the 70/30 split.")
 @click.option("--seed", default=0, show_default=True)

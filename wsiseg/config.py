@@ -192,6 +192,9 @@ class RunOptions:
         default: the halo, at most the tile size.
     table_format : {"parquet", "csv"}
         The objects table's format.
+    tissue : bool
+        Detect tissue on a thumbnail first (:mod:`wsiseg.tissue`): outside it
+        the mask is 0 and no tile is refined.
     tiles_per_task : int
         Selected tiles per Model 2 task (a task runs them in batches).
     max_in_flight : int or None
@@ -212,6 +215,7 @@ class RunOptions:
     objects: bool = False
     max_object_size: int | None = None
     table_format: str = "parquet"
+    tissue: bool = True
     tiles_per_task: int = 4
     max_in_flight: int | None = None
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from wsiseg.guard import RECORD_DIR
-from wsiseg.ngff import MAPS, MASK_GROUP, OBJECTS_GROUP
+from wsiseg.ngff import MAPS, MASK_GROUP, OBJECTS_GROUP, TISSUE_GROUP
 
 
 def is_output(path: Path) -> bool:
@@ -38,6 +38,10 @@ def describe_output(path: str | Path) -> list[str]:
     lines.append(f"mask:      {_group_line(root, MASK_GROUP)}; classes {names}")
     tiles = report["tiles"]
     lines.append(f"refined:   {tiles['refined']} of {tiles['total']} tiles")
+    tissue = report.get("tissue")
+    if tissue and TISSUE_GROUP in root:
+        lines.append(f"tissue:    {100 * tissue['fraction']:.1f} % of the slide, {tissue['tiles']} of {tiles['total']} "
+                     f"tiles ({_group_line(root, TISSUE_GROUP)})")
     objects = report["outputs"].get("objects")
     if objects and OBJECTS_GROUP in root:
         lines.append(f"objects:   {objects['count']} ({_group_line(root, OBJECTS_GROUP)}); table {objects['table']}")

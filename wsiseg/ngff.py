@@ -33,12 +33,13 @@ LABELS = "labels"
 MASK_GROUP = f"{LABELS}/mask"
 REFINED_GROUP = f"{LABELS}/refined"
 OBJECTS_GROUP = f"{LABELS}/objects"
+TISSUE_GROUP = f"{LABELS}/tissue"
 MAPS = "maps"
 PROBABILITY_GROUP = f"{MAPS}/probability"
 UNCERTAINTY_GROUP = f"{MAPS}/uncertainty"
 TILE_SCORES_GROUP = f"{MAPS}/tile_scores"
 #: Level-0 arrays of those groups (the maps a run writes tile by tile).
-MASK, REFINED, OBJECTS = f"{MASK_GROUP}/0", f"{REFINED_GROUP}/0", f"{OBJECTS_GROUP}/0"
+MASK, REFINED, OBJECTS, TISSUE = f"{MASK_GROUP}/0", f"{REFINED_GROUP}/0", f"{OBJECTS_GROUP}/0", f"{TISSUE_GROUP}/0"
 PROBABILITY, UNCERTAINTY, TILE_SCORES = f"{PROBABILITY_GROUP}/0", f"{UNCERTAINTY_GROUP}/0", f"{TILE_SCORES_GROUP}/0"
 
 #: Label colours (RGBA) for napari / QuPath: class 1, 2, ... (0 is transparent).

@@ -232,6 +232,37 @@ def pixel_centres(start: int, count: int, step: float, scale: float) -> np.ndarr
     return centres / scale - 0.5
 
 
+def scaled_size(size: int, factor: float) -> int:
+    """Pixels of a ``size``-pixel axis downsampled by ``factor``: ``ceil(size / factor)`` (exact for whole factors)."""
+    if float(factor).is_integer():
+        return -(-int(size) // int(factor))
+    return max(1, math.ceil(size / factor - 1e-9))
+
+
+def area_weights(start: int, stop: int, factor: float, size: int) -> tuple[int, np.ndarray]:
+    """Weights of area downsampling by a non-integer ``factor`` along one axis.
+
+    Output pixel ``i`` is the mean of the input over ``[i * factor, (i + 1) * factor)``
+    (clipped to the ``size`` input pixels), each input pixel weighted by how much
+    of it the interval covers. The weights of a pixel depend only on ``i``, so
+    windows read apart agree with one read of the whole image.
+
+    Returns
+    -------
+    first : int
+        The first input pixel used.
+    weights : np.ndarray
+        ``(stop - start, n)`` float64, each row summing to 1, over input pixels ``first .. first + n``.
+    """
+    low = np.arange(start, stop, dtype=np.float64) * factor
+    high = np.minimum(low + factor, size)
+    first, last = int(np.floor(low[0])), min(int(np.ceil(high[-1])), size)
+    edges = np.arange(first, last + 1, dtype=np.float64)
+    overlap = np.minimum(high[:, None], edges[None, 1:]) - np.maximum(low[:, None], edges[None, :-1])
+    overlap = np.clip(overlap, 0.0, None)
+    return first, overlap / overlap.sum(axis=1, keepdims=True)
+
+
 def downsample_mean(image: np.ndarray, ratio: int) -> np.ndarray:
     """Block-mean downsampling by an integer factor.
 

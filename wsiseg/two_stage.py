@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from wsiseg.ngff import IMAGE, MASK, PROBABILITY, REFINED, TILE_SCORES, UNCERTAINTY
+from wsiseg.ngff import IMAGE, MASK, PROBABILITY, REFINED, TILE_SCORES, TISSUE, UNCERTAINTY
 from wsiseg.output import CONTEXT_ARRAY
-from wsiseg.tiling import Box, blend_weights, downsample_mean, round_up, stage1_crop
+from wsiseg.tiling import Box, area_weights, blend_weights, downsample_mean, round_up, stage1_crop
 from wsiseg.uncertainty import probabilities_to_labels, tile_integrals, uniform_label, uncertainty_map
 
 if TYPE_CHECKING:
@@ -50,8 +50,9 @@ if TYPE_CHECKING:
 #: pixels (IMAGE, ``(3, h, w)``). Model 1's features projected for Model 2 are scratch,
 #: deleted when a slide run completes.
 CONTEXT = CONTEXT_ARRAY
-__all__ = ["CONTEXT", "COMPOSED", "IMAGE", "MASK", "PROBABILITY", "REFINED", "TILE_SCORES", "UNCERTAINTY",
-           "compose_tiles", "copy_image_band", "read_pieces", "read_scaled", "refine_tiles", "stage1_block"]
+__all__ = ["CONTEXT", "COMPOSED", "IMAGE", "MASK", "PROBABILITY", "REFINED", "TILE_SCORES", "TISSUE", "UNCERTAINTY",
+           "compose_tiles", "copy_image_band", "detect_tissue_task", "read_pieces", "read_scaled", "refine_tiles",
+           "stage1_block"]
 #: The composed probabilities ``(C, H, W)``: kept only when asked for (images in memory).
 COMPOSED = "composed"
 
@@ -59,12 +60,14 @@ COMPOSED = "composed"
 Piece = tuple[Box, np.ndarray]
 
 
-def read_scaled(source: Any, level: int, coarsen: int, box: Box) -> np.ndarray:
+def read_scaled(source: Any, level: int, coarsen: float, box: Box) -> np.ndarray:
     """Pixels of ``box`` in the coordinates of ``level`` coarsened by ``coarsen``.
 
     Coarsened reads go in strips, so that no large region of the finer level
     is ever held at once; strips start at multiples of ``coarsen``, so the
     result equals :func:`~wsiseg.tiling.downsample_mean` of the whole level.
+    A non-integer ``coarsen`` (a 0.25 um/pixel slide for a 0.4 um/pixel
+    model: 1.6) resamples by area (:func:`~wsiseg.tiling.area_weights`).
 
     Parameters
     ----------
@@ -79,12 +82,30 @@ def read_scaled(source: Any, level: int, coarsen: int, box: Box) -> np.ndarray:
     if coarsen == 1:
         return source.read_region(level, box)
     height, width = source.levels[level].shape
+    if not float(coarsen).is_integer():
+        return _read_area(source, level, float(coarsen), box, (height, width))
+    coarsen = int(coarsen)
     strip = max(1, 4096 // (coarsen * coarsen))
     pixels = np.empty((*box.shape, 3), np.uint8)
     for y in range(box.y0, box.y1, strip):
         y1 = min(y + strip, box.y1)
         region = Box(y * coarsen, min(y1 * coarsen, height), box.x0 * coarsen, min(box.x1 * coarsen, width))
         pixels[y - box.y0 : y1 - box.y0] = downsample_mean(source.read_region(level, region), coarsen)
+    return pixels
+
+
+def _read_area(source: Any, level: int, factor: float, box: Box, shape: tuple[int, int]) -> np.ndarray:
+    """``(h, w, 3)`` uint8: ``box`` of ``level`` downsampled by the non-integer ``factor``, in strips."""
+    strip = max(1, int(4096 // (factor * factor)))
+    x_first, x_weights = area_weights(box.x0, box.x1, factor, shape[1])
+    pixels = np.empty((*box.shape, 3), np.uint8)
+    for y in range(box.y0, box.y1, strip):
+        y1 = min(y + strip, box.y1)
+        y_first, y_weights = area_weights(y, y1, factor, shape[0])
+        region = Box(y_first, y_first + y_weights.shape[1], x_first, x_first + x_weights.shape[1])
+        values = source.read_region(level, region).astype(np.float64)
+        rows = np.einsum("ij,jwc->iwc", y_weights, values)
+        pixels[y - box.y0 : y1 - box.y0] = np.rint(np.einsum("iwc,kw->ikc", rows, x_weights)).clip(0, 255)
     return pixels
 
 
@@ -101,6 +122,20 @@ def copy_image_band(plan: Plan, y0: int, y1: int) -> None:
         box = Box(y0, y1, x0, min(x0 + step, target.shape[-1]))
         pixels = read_scaled(plan.source, plan.image_level, plan.image_coarsen, box)
         target[:, y0:y1, box.x0 : box.x1] = pixels.transpose(2, 0, 1)
+
+
+def detect_tissue_task(plan: Plan) -> dict[str, Any]:
+    """Detect tissue on the plan's thumbnail and store the mask (TISSUE, ``(th, tw)`` uint8 0/1).
+
+    Runs once, before stage 1. Returns :meth:`~wsiseg.tissue.TissueResult.summary`.
+    """
+    from wsiseg.tissue import detect_tissue
+
+    height, width = plan.tissue_shape
+    thumbnail = read_scaled(plan.source, plan.tissue_level, plan.tissue_coarsen, Box(0, height, 0, width))
+    result = detect_tissue(thumbnail)
+    plan.store.array(TISSUE)[...] = result.mask.astype(np.uint8)
+    return result.summary()
 
 
 def stage1_block(plan: Plan, row: int, col: int) -> dict[str, Any]:
@@ -221,7 +256,7 @@ def refine_tiles(
             probs = compose_tile(
                 lambda tile=tile: upsample_stage1(read_probs, plan.low_shape, plan.scale, tile), p2, weights
             )
-        counts[f"{row},{col}"] = _write_labels(plan, tile, probs)
+        counts[f"{row},{col}"] = _write_labels(plan, tile, probs, tissue=_tissue_in(plan, tile))
     timings.update(model=t1 - t0 - context_seconds[0], context=context_seconds[0], compose=time.perf_counter() - t1)
     return {"tiles": [list(t) for t in tiles], "counts": counts, "timings": timings, "gflop": {"stage2": work["gflop"]}}
 
@@ -243,11 +278,19 @@ def compose_tiles(plan: Plan, tiles: list[tuple[int, int]]) -> dict[str, Any]:
     counts = {}
     keep_probabilities = plan.store.has(COMPOSED)
     for (row, col), tile in zip(tiles, boxes):
+        tissue = _tissue_in(plan, tile)
+        if tissue is not None and not tissue.any():  # glass: background, the mask's fill value
+            counts[f"{row},{col}"] = [0] * max(2, plan.num_classes)
+            counts[f"{row},{col}"][0] = tile.shape[0] * tile.shape[1]
+            continue
         crop = np.asarray(read(stage1_crop(tile, plan.scale, plan.low_shape)))
         label = None if keep_probabilities else uniform_label(crop)
         if label is None:
             probs = upsample_stage1(read, plan.low_shape, plan.scale, tile).numpy()
-            counts[f"{row},{col}"] = _write_labels(plan, tile, probs)
+            counts[f"{row},{col}"] = _write_labels(plan, tile, probs, tissue=tissue)
+            continue
+        if tissue is not None and label != 0:
+            counts[f"{row},{col}"] = _write_labels(plan, tile, None, np.full(tile.shape, label, np.uint8), tissue)
             continue
         if label != 0:  # background is the mask's fill value: nothing to write
             plan.store.array(MASK)[tile.y0 : tile.y1, tile.x0 : tile.x1] = label
@@ -274,13 +317,29 @@ def _assemble(window: Box, reads: list[tuple[list[Piece], float]]) -> np.ndarray
     return out
 
 
-def _write_labels(plan: Plan, tile: Box, probs: np.ndarray) -> list[int]:
-    """Write a tile's labels (and its probabilities, when the store keeps them); return its label histogram."""
-    if plan.store.has(COMPOSED):
+def _write_labels(
+    plan: Plan, tile: Box, probs: np.ndarray | None, labels: np.ndarray | None = None, tissue: np.ndarray | None = None
+) -> list[int]:
+    """Write a tile's labels (from ``probs``, ``(C, h, w)``, unless given as ``(h, w)`` uint8), and its
+    probabilities when the store keeps them; where ``tissue`` (``(h, w)`` bool, see :func:`_tissue_in`)
+    is False the label is 0. Returns its label histogram."""
+    if probs is not None and plan.store.has(COMPOSED):
         plan.store.array(COMPOSED)[:, tile.y0 : tile.y1, tile.x0 : tile.x1] = probs
-    labels = probabilities_to_labels(probs)
+    if labels is None:
+        labels = probabilities_to_labels(probs)
+    if tissue is not None:
+        labels = np.where(tissue, labels, 0).astype(labels.dtype)
     plan.store.array(MASK)[tile.y0 : tile.y1, tile.x0 : tile.x1] = labels
     return np.bincount(labels.ravel(), minlength=max(2, plan.num_classes)).tolist()
+
+
+def _tissue_in(plan: Plan, tile: Box) -> np.ndarray | None:
+    """``(h, w)`` bool tissue mask over a tile (nearest-sampled), or None without a tissue mask."""
+    if plan.tissue_level is None:
+        return None
+    from wsiseg.tissue import sample_tissue
+
+    return sample_tissue(plan.store.array(TISSUE), tile.y0, tile.y1, tile.x0, tile.x1, plan.tissue_step, plan.tissue_shape)
 
 
 def _map_reader(plan: Plan, name: str) -> Callable[[Box], Any]:

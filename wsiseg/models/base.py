@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsiseg.errors import ModelConfigError
+from wsiseg.stain import InputTransform
 
 #: ImageNet channel statistics; models normalise their [0, 1] input with them.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -31,8 +32,10 @@ class SegmentationModel(nn.Module):
     ``feature_stride`` (the input-to-feature downsampling factor).
 
     Inputs are RGB float tensors of shape ``(N, 3, H, W)`` with values in
-    ``[0, 1]``; the model normalises them with ImageNet statistics itself, so
-    callers never need to know the normalisation.
+    ``[0, 1]``; the model applies its :class:`~wsiseg.stain.InputTransform`
+    (``input_transform``: RGB as it is, or a hematoxylin channel) and
+    normalises with ImageNet statistics itself, so callers never need to know
+    either.
 
     ``num_classes == 1`` means a binary task with one sigmoid logit;
     ``num_classes >= 2`` means softmax over that many classes.
@@ -50,6 +53,7 @@ class SegmentationModel(nn.Module):
                 f"num_classes must be 1 (binary) or an integer >= 2, got {num_classes!r}"
             )
         self.num_classes = num_classes
+        self.input_transform = InputTransform("rgb")
         self.register_buffer(
             "input_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False
         )
@@ -121,7 +125,7 @@ class SegmentationModel(nn.Module):
         """
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected an (N, 3, H, W) batch, got shape {tuple(x.shape)}")
-        features = self.extract_features((x - self.input_mean) / self.input_std)
+        features = self.extract_features((self.input_transform(x) - self.input_mean) / self.input_std)
         if context is not None:
             features = features + _same_shape("context", context, "the feature", features)
         logits = self.classifier(features)

@@ -9,6 +9,7 @@ from typing import TypeVar
 from wsiseg.errors import ModelConfigError
 from wsiseg.models.backbones import available_backbones
 from wsiseg.models.base import SegmentationModel
+from wsiseg.stain import INPUT_TRANSFORMS, InputTransform
 
 ModelClass = TypeVar("ModelClass", bound=type[SegmentationModel])
 
@@ -40,6 +41,7 @@ def build_model(
     num_classes: int,
     backbone: str = "resnet50",
     backbone_weights: str | Path | None = None,
+    input_transform: str = "rgb",
 ) -> SegmentationModel:
     """Build a segmentation model by name.
 
@@ -54,12 +56,14 @@ def build_model(
         One of :func:`~wsiseg.models.backbones.available_backbones`.
     backbone_weights : path, optional
         Local file of backbone weights; nothing is ever downloaded.
+    input_transform : str
+        ``"rgb"`` or ``"hematoxylin"`` (:class:`~wsiseg.stain.InputTransform`).
 
     Returns
     -------
     SegmentationModel
-        With ``model.spec == {"arch", "backbone", "num_classes"}`` recorded so
-        that a bundle can rebuild it.
+        With ``model.spec == {"arch", "backbone", "num_classes"}`` (and
+        ``"input"`` unless RGB) recorded so that a bundle can rebuild it.
     """
     if arch not in _REGISTRY:
         raise ModelConfigError(
@@ -69,6 +73,13 @@ def build_model(
         raise ModelConfigError(
             f"unknown backbone {backbone!r}; choose one of {', '.join(available_backbones())}"
         )
+    if input_transform not in INPUT_TRANSFORMS:
+        raise ModelConfigError(
+            f"unknown input transform {input_transform!r}; choose one of {', '.join(INPUT_TRANSFORMS)}"
+        )
     model = _REGISTRY[arch](num_classes, backbone=backbone, backbone_weights=backbone_weights)
     model.spec = {"arch": arch, "backbone": backbone, "num_classes": num_classes}
+    if input_transform != "rgb":
+        model.input_transform = InputTransform(input_transform)
+        model.spec["input"] = input_transform
     return model

@@ -23,7 +23,10 @@ import numpy as np
 
 from wsiseg.run.plan import Plan
 from wsiseg.tiling import Box, neighbourhood
-from wsiseg.two_stage import REFINED, TILE_SCORES, compose_tiles, read_pieces, refine_tiles, stage1_block
+from wsiseg.tissue import tile_tissue
+from wsiseg.two_stage import (
+    REFINED, TILE_SCORES, TISSUE, compose_tiles, detect_tissue_task, read_pieces, refine_tiles, stage1_block,
+)
 from wsiseg.uncertainty import TileSelection, scores_from_integrals
 
 #: ``progress(stage, done, total)``: stage ``"stage1"`` (blocks), ``"stage2"`` (tiles) or ``"finish"``.
@@ -63,6 +66,10 @@ class FlowResult:
         Seconds inside tasks, summed over threads, per stage and part.
     gflop : dict
         Model work per stage (not counting resumed work).
+    tissue : np.ndarray or None
+        ``(rows, cols)`` float64 fraction of each tile on tissue (None without a tissue mask).
+    tissue_summary : dict or None
+        How tissue was detected (:meth:`~wsiseg.tissue.TissueResult.summary`).
     """
 
     refined: np.ndarray
@@ -72,6 +79,8 @@ class FlowResult:
     timings: dict[str, float] = field(default_factory=dict)
     task_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
     gflop: dict[str, float] = field(default_factory=dict)
+    tissue: np.ndarray | None = None
+    tissue_summary: dict[str, Any] | None = None
 
 
 def run_flow(
@@ -112,11 +121,16 @@ def run_flow(
 
     try:
         mark = time.perf_counter()
+        tissue_summary, tissue = _tissue(plan, executor, record, done)
         scores = None if plan.full_resolution else _stage1(plan, executor, record, done, note, progress)
         timings["stage1"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
-        refined = np.ones(plan.grid.shape, bool) if scores is None else selection.select(scores)
+        on_tissue = np.ones(plan.grid.shape, bool) if tissue is None else tissue > 0
+        if scores is None:
+            refined = on_tissue
+        else:  # tiles off tissue are never refined, nor do they use up a top-n or budget selection
+            refined = selection.select(np.where(on_tissue, scores, 0.0)) & on_tissue
         if scores is not None:
             plan.store.array(TILE_SCORES)[...] = scores
         plan.store.array(REFINED)[...] = refined.astype(np.uint8)
@@ -144,7 +158,22 @@ def run_flow(
         refined=refined, scores=scores, counts=counts, resumed_tiles=len(finished), timings=timings,
         task_seconds={stage: dict(parts) for stage, parts in task_seconds.items()},
         gflop={key: math.fsum(values) for key, values in gflop.items()},
+        tissue=tissue, tissue_summary=tissue_summary,
     )
+
+
+def _tissue(
+    plan: Plan, executor: Any, record: Record, done: list[dict[str, Any]]
+) -> tuple[dict[str, Any] | None, np.ndarray | None]:
+    """Detect tissue (one task, unless an interrupted run did) and each tile's tissue fraction."""
+    if plan.tissue_level is None:
+        return None, None
+    summary = next((entry["tissue"] for entry in done if "tissue" in entry), None)
+    if summary is None:
+        ((_, summary),) = executor.run([(detect_tissue_task, (plan,), "tissue")])
+        record.append({"tissue": summary})
+    mask = np.asarray(plan.store.array(TISSUE)[...])
+    return summary, tile_tissue(mask, plan.grid, plan.tissue_step)
 
 
 def _stage1(

@@ -21,8 +21,9 @@ from wsiseg.config import AUTO_TILE_SIZE, TwoStageConfig
 from wsiseg.errors import InputError
 from wsiseg.output import ArraySpec
 from wsiseg.slide import Level
-from wsiseg.tiling import Box, TileGrid, round_up
-from wsiseg.two_stage import CONTEXT, IMAGE, MASK, PROBABILITY, REFINED, TILE_SCORES, UNCERTAINTY
+from wsiseg.tiling import Box, TileGrid, round_up, scaled_size
+from wsiseg.two_stage import CONTEXT, IMAGE, MASK, PROBABILITY, REFINED, TILE_SCORES, TISSUE, UNCERTAINTY
+from wsiseg.tissue import TISSUE_MAX_SIDE
 
 
 class Source(Protocol):
@@ -82,12 +83,13 @@ class Plan:
         ``model2``, or ``model`` for the full-resolution baseline.
     full_resolution : bool
         No stage 1: the baseline model on every tile.
-    work_level, work_coarsen : int
-        The working resolution: this level, block-averaged by this factor.
+    work_level, work_coarsen : int, int or float
+        The working resolution: this level, block-averaged by this factor
+        (area-resampled where it is not whole, see :func:`view_for`).
     tile_size, halo, blend : int
         Full-resolution tile side, Model 2's halo, blend ramp (working pixels).
-    level, coarsen : int
-        Model 1's input: this level, block-averaged by this factor.
+    level, coarsen : int, int or float
+        Model 1's input: this level, block-averaged (or area-resampled) by this factor.
     low_shape : (h, w)
         Size of Model 1's input and maps.
     scale : (sy, sx)
@@ -105,6 +107,9 @@ class Plan:
     image_level, image_coarsen : int
         The slide's pixels an output holds (:data:`~wsiseg.ngff.IMAGE`): this level,
         block-averaged by this factor (see :func:`make_plan`'s ``pixels``).
+    tissue_level, tissue_coarsen : int or None, int
+        The thumbnail tissue is detected on (:mod:`wsiseg.tissue`): this level,
+        block-averaged by this factor; None: no tissue mask (every tile counts).
     """
 
     source: Any
@@ -113,12 +118,12 @@ class Plan:
     stage2_role: str
     full_resolution: bool
     work_level: int
-    work_coarsen: int
+    work_coarsen: float
     tile_size: int
     halo: int
     blend: int
     level: int
-    coarsen: int
+    coarsen: float
     low_shape: tuple[int, int]
     scale: tuple[float, float]
     block: int
@@ -130,13 +135,15 @@ class Plan:
     num_classes: int
     batch_size: int | None
     image_level: int = 0
-    image_coarsen: int = 1
+    image_coarsen: float = 1
+    tissue_level: int | None = None
+    tissue_coarsen: int = 1
 
     @property
     def work_shape(self) -> tuple[int, int]:
         """Size of the working resolution."""
         h, w = self.source.levels[self.work_level].shape
-        return -(-h // self.work_coarsen), -(-w // self.work_coarsen)
+        return scaled_size(h, self.work_coarsen), scaled_size(w, self.work_coarsen)
 
     @property
     def work_downsample(self) -> tuple[float, float]:
@@ -148,13 +155,27 @@ class Plan:
     def image_shape(self) -> tuple[int, int]:
         """Size of the output's pixels (:data:`~wsiseg.ngff.IMAGE` is ``(3, *image_shape)``)."""
         h, w = self.source.levels[self.image_level].shape
-        return -(-h // self.image_coarsen), -(-w // self.image_coarsen)
+        return scaled_size(h, self.image_coarsen), scaled_size(w, self.image_coarsen)
 
     @property
     def image_step(self) -> tuple[float, float]:
         """Level-0 pixels per pixel of the output's pixels."""
         (h0, w0), (h, w) = self.source.levels[0].shape, self.source.levels[self.image_level].shape
         return h0 / h * self.image_coarsen, w0 / w * self.image_coarsen
+
+    @property
+    def tissue_shape(self) -> tuple[int, int]:
+        """Size of the tissue mask (:data:`~wsiseg.ngff.TISSUE`)."""
+        h, w = self.source.levels[self.tissue_level or 0].shape
+        return -(-h // self.tissue_coarsen), -(-w // self.tissue_coarsen)
+
+    @property
+    def tissue_step(self) -> tuple[float, float]:
+        """Working pixels per tissue-mask pixel."""
+        (wh, ww), (th, tw) = self.work_shape, self.tissue_shape
+        (h, w), (lh, lw) = self.source.levels[0].shape, self.source.levels[self.tissue_level or 0].shape
+        wy, wx = self.work_downsample
+        return h / lh * self.tissue_coarsen / wy, w / lw * self.tissue_coarsen / wx
 
     @property
     def image_from_stage1(self) -> bool:
@@ -185,6 +206,8 @@ class Plan:
         specs = [ArraySpec(MASK, self.work_shape, (t, t), "uint8"),
                  ArraySpec(REFINED, self.grid.shape, self.grid.shape, "uint8"),
                  ArraySpec(IMAGE, (3, *self.image_shape), (3, side, side), "uint8")]
+        if self.tissue_level is not None:
+            specs.append(ArraySpec(TISSUE, self.tissue_shape, (256, 256), "uint8"))
         if self.full_resolution:
             return specs
         b, (h, w), c = self.block, self.low_shape, self.num_classes
@@ -209,6 +232,7 @@ def make_plan(
     batch_size: int | None = None,
     working: tuple[int, int] = (0, 1),
     pixels: str = "low",
+    tissue: bool = False,
 ) -> Plan:
     """Decide the run's geometry.
 
@@ -226,6 +250,9 @@ def make_plan(
         The slide's pixels an output holds: ``low``, the view Model 1 reads
         (at 1/ratio; stage 1 writes it as it reads it, no extra decoding), or
         ``full``, a copy at the working resolution.
+    tissue : bool
+        Detect tissue on a thumbnail (:func:`tissue_view`) and keep the mask
+        and refinement to it.
 
     Raises
     ------
@@ -245,16 +272,16 @@ def make_plan(
     halo = round_up(config.halo, grid2)
     if pixels not in ("low", "full"):
         raise InputError(f"pixels must be 'low' or 'full', not {pixels!r}")
-    work_h, work_w = (-(-n // work_coarsen) for n in source.levels[work_level].shape)
+    work_h, work_w = (scaled_size(n, work_coarsen) for n in source.levels[work_level].shape)
     work_ds = float(np.mean(source.levels[work_level].downsample)) * work_coarsen
-    low_view = source.best_level_for(config.ratio * work_ds)
+    low_view = view_for(source, config.ratio * work_ds)
     image_view = low_view if pixels == "low" else (work_level, work_coarsen)
     if full_resolution:
         level, coarsen, low_shape, scale, block, stride1 = 0, 1, (1, 1), (1.0, 1.0), 1, 1
     else:
         level, coarsen = low_view
         lh, lw = source.levels[level].shape
-        low_shape = (-(-lh // coarsen), -(-lw // coarsen))
+        low_shape = (scaled_size(lh, coarsen), scaled_size(lw, coarsen))
         scale = (work_h / lh * coarsen, work_w / lw * coarsen)
         stride1 = facts.strides["model1"]
         block = round_up(config.stage1_block, stride1)
@@ -267,7 +294,23 @@ def make_plan(
         uncertainty=config.uncertainty, context=config.context and not full_resolution,
         num_classes=facts.num_classes, batch_size=batch_size,
         image_level=image_view[0], image_coarsen=image_view[1],
+        **(dict(zip(("tissue_level", "tissue_coarsen"), tissue_view(source, config.ratio * work_ds))) if tissue else {}),
     )
+
+
+def tissue_view(source: Any, finest: float, max_side: int = TISSUE_MAX_SIDE) -> tuple[int, int]:
+    """Level and whole coarsening factor of the thumbnail tissue is detected on.
+
+    Its downsample (level-0 pixels per pixel) is ``finest`` (Model 1's) or,
+    for large slides, what brings the longest side to ``max_side``; it is read
+    from the coarsest level at or below that downsample, so a slide with a
+    pyramid decodes little.
+    """
+    target = max(finest, max(source.levels[0].shape) / max_side)
+    level = max(
+        (i for i, lv in enumerate(source.levels) if float(np.mean(lv.downsample)) <= target * 1.01), default=0
+    )
+    return level, max(1, int(target / float(np.mean(source.levels[level].downsample)) + 0.01))
 
 
 def auto_tile_size(file_tile: tuple[int, int] | None, stride: int, target: int = AUTO_TILE_SIZE) -> int:
@@ -281,8 +324,31 @@ def auto_tile_size(file_tile: tuple[int, int] | None, stride: int, target: int =
     return round_up(target, stride)
 
 
-def working_scale(source: Any, model_mpp: float | None, rescale: bool) -> tuple[tuple[int, int], dict[str, Any]]:
-    """Level and whole coarsening factor at which the image matches the model's pixel size.
+#: Pixel-size ratios within this fraction of 1 are not resampled.
+SCALE_TOLERANCE = 0.05
+
+
+def view_for(source: Any, downsample: float) -> tuple[int, float]:
+    """Level and coarsening factor that give ``downsample`` (level-0 pixels per pixel).
+
+    A level whose downsample divides it (within 1 %, :meth:`~wsiseg.slide.Slide.best_level_for`)
+    gives a whole factor (block means); otherwise the coarsest level finer than
+    it is area-resampled by the remaining, non-integer factor.
+    """
+    level, whole = source.best_level_for(downsample)
+    if abs(downsample / float(np.mean(source.levels[level].downsample)) - whole) <= 0.01 * whole:
+        return level, whole
+    level = max(
+        (i for i, lv in enumerate(source.levels) if float(np.mean(lv.downsample)) <= downsample * 1.01), default=0
+    )
+    return level, downsample / float(np.mean(source.levels[level].downsample))
+
+
+def working_scale(source: Any, model_mpp: float | None, rescale: bool) -> tuple[tuple[int, float], dict[str, Any]]:
+    """Level and coarsening factor at which the image matches the model's pixel size.
+
+    Any factor above 1 (beyond :data:`SCALE_TOLERANCE`) is honoured, whole or
+    not (see :func:`view_for`); slides coarser than the model are not upsampled.
 
     Returns
     -------
@@ -295,13 +361,13 @@ def working_scale(source: Any, model_mpp: float | None, rescale: bool) -> tuple[
         note["decision"] = "native pixels" if rescale else "native pixels (rescaling off)"
         return (0, 1), note
     factor = float(model_mpp) / float(np.mean(mpp))
-    if factor < 1.5:
+    if factor <= 1 + SCALE_TOLERANCE:
         note["decision"] = "native pixels" + (
-            "" if factor > 1 / 1.5 else " (the slide's pixels are coarser than the model's; not upsampled)"
+            "" if factor >= 1 - SCALE_TOLERANCE else " (the slide's pixels are coarser than the model's; not upsampled)"
         )
         note["scale_mismatch"] = round(factor, 3)
         return (0, 1), note
-    level, coarsen = source.best_level_for(float(round(factor)))
+    level, coarsen = view_for(source, factor)
     done = float(np.mean(source.levels[level].downsample)) * coarsen
-    note.update(decision=f"downsampled by {done:.3g} to the model's pixel size", scale_mismatch=round(factor / done, 3))
+    note.update(decision=f"downsampled by {done:.4g} to the model's pixel size", scale_mismatch=round(factor / done, 3))
     return (level, coarsen), note

@@ -17,6 +17,12 @@ from wsiseg.config import RunOptions, TwoStageConfig
 from wsiseg.run.driver import FlowResult
 from wsiseg.run.plan import Plan
 
+#: A tile is uncertain when Model 1's mean uncertainty over it is at least this.
+UNCERTAIN_TILE = 0.5
+#: More than this fraction of uncertain tissue tiles and the run warns that the images look out of the
+#: model's domain (measured in benchmarks/RESULTS.md, "Domain check").
+OUT_OF_DOMAIN = 0.5
+
 VERSIONED_PACKAGES = (
     "torch", "torchvision", "dask", "distributed", "zarr", "tifffile", "openslide-python", "openslide-bin", "numpy",
 )
@@ -83,6 +89,11 @@ def build_report(
             "scale": list(plan.scale),
             "shape": list(plan.low_shape),
         },
+        "tissue": None if flow.tissue is None else {
+            **(flow.tissue_summary or {}),
+            "tiles": int((flow.tissue > 0).sum()),
+        },
+        "domain": domain_check(flow)[0],
         "tiles": {
             "total": int(flow.refined.size),
             "refined": int(flow.refined.sum()),
@@ -97,6 +108,36 @@ def build_report(
         "task_seconds": flow.task_seconds,
         "model_gflop": flow.gflop,  # work done in this session (not counting resumed tiles)
     }
+
+
+def domain_check(flow: FlowResult) -> tuple[dict[str, Any] | None, str | None]:
+    """How uncertain Model 1 was over the tissue tiles, and a warning line when most of them are uncertain.
+
+    Returns
+    -------
+    (summary, warning)
+        ``summary`` (None at full resolution): ``tissue_tiles``,
+        ``mean_uncertainty`` and ``uncertain_fraction`` (tiles scoring at least
+        :data:`UNCERTAIN_TILE`) over them, ``refined_fraction`` over them, ``limit``.
+    """
+    if flow.scores is None:
+        return None, None
+    on_tissue = np.ones(flow.scores.shape, bool) if flow.tissue is None else flow.tissue > 0
+    summary: dict[str, Any] = {"tissue_tiles": int(on_tissue.sum()), "limit": OUT_OF_DOMAIN}
+    if not on_tissue.any():
+        return summary, None
+    scores = flow.scores[on_tissue]
+    uncertain = float((scores >= UNCERTAIN_TILE).mean())
+    summary.update(mean_uncertainty=round(float(scores.mean()), 4), uncertain_fraction=round(uncertain, 4),
+                   refined_fraction=round(float(flow.refined[on_tissue].mean()), 4))
+    if uncertain <= OUT_OF_DOMAIN:
+        return summary, None
+    return summary, (
+        f"the model is uncertain on {100 * uncertain:.0f} % of the tissue tiles (more than "
+        f"{100 * OUT_OF_DOMAIN:.0f} %): these images look out of its domain, so its mask may be poor and the "
+        "two-stage run saves little; train a model on such images: wsiseg train --dataset folder "
+        "--data-root DIR (DIR/images, DIR/masks)"
+    )
 
 
 def versions() -> dict[str, str]:

@@ -40,7 +40,7 @@ from wsiseg.output import (
 from wsiseg.run.driver import ProgressCallback, run_flow
 from wsiseg.run.executors import DaskExecutor, total_threads
 from wsiseg.run.plan import ModelFacts, Plan, make_plan, working_scale
-from wsiseg.run.report import build_report
+from wsiseg.run.report import build_report, domain_check
 from wsiseg.run.worker import (
     BundleModels,
     default_malloc,
@@ -55,6 +55,7 @@ from wsiseg.ngff import (
     PROBABILITY_GROUP,
     REFINED_GROUP,
     TILE_SCORES_GROUP,
+    TISSUE_GROUP,
     UNCERTAINTY_GROUP,
     write_image_metadata,
     write_label_metadata,
@@ -137,12 +138,17 @@ def segment_slide(
     config = config or settings.for_slides()
     facts, model_info, warnings = _load_models_on_workers(client, model_ref, options.full_resolution)
     warnings += _bundle_warnings(settings)
+    if settings.mpp and not slide.mpp and options.rescale:
+        warnings.append(
+            f"the model was trained at {settings.mpp:g} um/pixel but {Path(slide.path).name} records no pixel "
+            "size, so it is segmented at its own pixels; give --mpp UM (micrometres per pixel) to match"
+        )
     working, scale_note = working_scale(slide, settings.mpp, options.rescale)
     from wsiseg.cluster import torch_threads_per_host
 
     models = BundleModels(model_ref, options.device, torch_threads_per_host(client))
     plan = make_plan(slide, ZarrStore(str(out)), models, facts, config, options.full_resolution,
-                     options.batch_size, working, options.pixels)
+                     options.batch_size, working, options.pixels, options.tissue)
     signature = _signature(slide, plan, model_info["checksum"], config)
     with OutputLock(out):
         record, resumed = prepare_output(out, signature, plan.arrays(), options.overwrite, options.resume,
@@ -156,8 +162,9 @@ def segment_slide(
             mark = time.perf_counter()
             classes = list(settings.classes or _default_classes(plan.num_classes))
             outputs = _finish(plan, out, flow.refined, classes, options, executor, client, progress)
+            domain_warning = domain_check(flow)[1]
             report = build_report(plan, config, options, flow, model_info, scale_note, classes, outputs,
-                                  _describe(client), warnings)
+                                  _describe(client), warnings + ([domain_warning] if domain_warning else []))
             report["timings"] = {**flow.timings, "finish": time.perf_counter() - mark,
                                  "total": time.perf_counter() - started}
             write_report(out, report)
@@ -284,9 +291,14 @@ def _finish(
     write_label_metadata(out, MASK_GROUP, mask_levels, (wy, wx), mpp, dict(enumerate(classes)))
     write_label_metadata(out, REFINED_GROUP, 1, tile_step, mpp, {0: "not refined", 1: "refined by Model 2"})
     labels = ["mask", "refined"]
+    if plan.tissue_level is not None:
+        ty, tx = plan.tissue_step
+        write_label_metadata(out, TISSUE_GROUP, 1, (ty * wy, tx * wx), mpp, {0: "background", 1: "tissue"})
+        labels.append("tissue")
     outputs: dict[str, Any] = {"image": {"pixels": options.pixels, "levels": image_levels,
                                          "shape_yx": list(plan.image_shape)},
                                "mask": MASK_GROUP, "levels": mask_levels, "refined": REFINED_GROUP,
+                               "tissue": TISSUE_GROUP if plan.tissue_level is not None else None,
                                "overlay": "overlay.png"}
     if options.objects:
         from wsiseg.run.objects import write_objects

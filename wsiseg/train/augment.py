@@ -8,12 +8,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wsiseg.stain import hed_jitter
 from wsiseg.train.datasets import IGNORE
 
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Random flips, brightness / contrast jitter and translation (paper §4.2).
+    """Random flips, brightness / contrast jitter and translation (paper §4.2),
+    and H&E stain jitter.
 
     Attributes
     ----------
@@ -27,6 +29,9 @@ class Augmentation:
     rotate : bool
         Also rotate by a multiple of 90 degrees and flip vertically (for data
         whose orientation is arbitrary: microscopy, dermoscopy).
+    stain : float
+        Strength of :func:`~wsiseg.stain.hed_jitter` (Tellez et al. 2018),
+        applied first; 0 turns it off.
     """
 
     hflip: bool = True
@@ -34,6 +39,7 @@ class Augmentation:
     contrast: float = 0.1
     translate: float = 0.1
     rotate: bool = False
+    stain: float = 0.0
 
     def __call__(
         self, image: torch.Tensor, mask: torch.Tensor, rng: np.random.Generator
@@ -53,6 +59,8 @@ class Augmentation:
         image, mask
             Same shapes and dtypes.
         """
+        if self.stain > 0:
+            image = hed_jitter(image, self.stain, rng)
         if self.hflip and rng.random() < 0.5:
             image, mask = image.flip(-1), mask.flip(-1)
         if self.rotate:
@@ -87,10 +95,23 @@ class Augmentation:
 
 
 def random_crop(
-    image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator
+    image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator, scale_jitter: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """A ``size x size`` crop at a random position; smaller images are padded
-    (image by reflection, mask with the ignore value)."""
+    (image by reflection, mask with the ignore value).
+
+    With ``scale_jitter`` j > 0 the crop is taken at a random scale s,
+    ``log s ~ U(-log(1 + j), log(1 + j))``: a ``size / s`` square resampled
+    to ``size`` (image bilinear, mask nearest), so that nuclei appear between
+    ``1 / (1 + j)`` and ``1 + j`` times their size (20x and 40x alike).
+    """
+    if scale_jitter > 0:
+        bound = float(np.log1p(scale_jitter))
+        scale = float(np.exp(rng.uniform(-bound, bound)))
+        source = max(2, round(size / scale))
+        if source != size:
+            image, mask = random_crop(image, mask, source, rng)
+            return _resize(image, mask, size)
     height, width = mask.shape
     pad_h, pad_w = max(0, size - height), max(0, size - width)
     if pad_h or pad_w:
@@ -99,3 +120,12 @@ def random_crop(
         height, width = mask.shape
     y, x = int(rng.integers(height - size + 1)), int(rng.integers(width - size + 1))
     return image[y : y + size, x : x + size], mask[y : y + size, x : x + size]
+
+
+def _resize(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(h, w, 3)`` uint8 image and ``(h, w)`` mask resampled to ``size x size``."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size)
+    y = torch.from_numpy(np.ascontiguousarray(mask))[None, None].float()
+    y = F.interpolate(y, size=(size, size), mode="nearest-exact")
+    return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy(), y[0, 0].numpy().astype(mask.dtype)

@@ -43,6 +43,7 @@ from wsiseg.errors import InputError, WsisegError
 from wsiseg.models import SegmentationModel, build_model
 from wsiseg.models.base import logits_to_probabilities
 from wsiseg.runtime import resolve_device
+from wsiseg.stain import INPUT_TRANSFORMS
 from wsiseg.tiling import Box, TileGrid, linear_resample, pixel_centres
 from wsiseg.train.augment import Augmentation, random_crop
 from wsiseg.train.datasets import SegmentationData, open_dataset
@@ -82,7 +83,11 @@ class TrainConfig:
     augment : the paper's augmentation: horizontal flips, ``brightness`` and
         ``contrast`` jitter, ``translate`` (upscale by up to this fraction, then
         crop) and rotations where ``rotate`` (None: where the data set's
-        orientation is arbitrary).
+        orientation is arbitrary); and, where non-zero, H&E ``stain_jitter``
+        (:func:`~wsiseg.stain.hed_jitter`) and ``scale_jitter`` (native-size
+        crops taken at a random scale, see :func:`~wsiseg.train.augment.random_crop`).
+    input_transform : ``rgb`` or ``hematoxylin`` (:class:`~wsiseg.stain.InputTransform`),
+        built into the models and so recorded in the bundle.
     split_seed, seed : the 70/30 split and the training randomness.
     mpp : micrometres per pixel of the training images, if known (recorded
         so that ``wsiseg segment`` can rescale slides to it).
@@ -125,6 +130,9 @@ class TrainConfig:
     contrast: float = 0.1
     translate: float = 0.1
     rotate: bool | None = None
+    stain_jitter: float = 0.0
+    scale_jitter: float = 0.0
+    input_transform: str = "rgb"
     split_seed: int = 0
     seed: int = 0
     mpp: float | None = None
@@ -144,6 +152,10 @@ class TrainConfig:
         side = self.image_size or self.crop_size
         if side % self.ratio:
             raise InputError(f"the training image side {side} must be a multiple of the ratio {self.ratio}")
+        if self.input_transform not in INPUT_TRANSFORMS:
+            raise InputError(f"unknown input {self.input_transform!r}; choose one of {', '.join(INPUT_TRANSFORMS)}")
+        if self.stain_jitter < 0 or self.scale_jitter < 0:
+            raise InputError("--stain-jitter and --scale-jitter must be >= 0")
         if self.patches < 1:
             raise InputError(f"--patches must be at least 1, got {self.patches}")
         if self.tile + 2 * self.halo > side:
@@ -197,7 +209,7 @@ class TrainingImages:
         rotate = data.rotation_invariant if config.rotate is None else config.rotate
         self.augmentation = Augmentation(
             brightness=config.brightness, contrast=config.contrast, translate=config.translate,
-            rotate=rotate,
+            rotate=rotate, stain=config.stain_jitter,
         ) if config.augment else None
 
     def batches(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -212,7 +224,8 @@ class TrainingImages:
             for index in chosen:
                 image, mask = self.items[index]
                 if not self.config.image_size:
-                    image, mask = random_crop(image, mask, self.config.crop_size, rng)
+                    scale_jitter = self.config.scale_jitter if self.config.augment else 0.0
+                    image, mask = random_crop(image, mask, self.config.crop_size, rng, scale_jitter)
                 x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
                 y = torch.from_numpy(np.ascontiguousarray(mask)).long()
                 if self.augmentation is not None:
@@ -340,7 +353,10 @@ def _epoch_rng(config: TrainConfig, phase: str, epoch: int) -> np.random.Generat
 def _new_model(config: TrainConfig, num_classes: int, role: str) -> SegmentationModel:
     """A freshly initialised model; its initial weights depend only on the seed and role."""
     torch.manual_seed(config.seed * 1_000_003 + ("model1", "model2", "model").index(role))
-    return build_model(config.arch, num_classes, backbone=config.backbone, backbone_weights=config.backbone_weights)
+    return build_model(
+        config.arch, num_classes, backbone=config.backbone, backbone_weights=config.backbone_weights,
+        input_transform=config.input_transform,
+    )
 
 
 def train(

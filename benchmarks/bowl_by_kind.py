@@ -1,0 +1,102 @@
+"""Dice per image kind on the BOWL test split, for one or more bundles.
+
+    python benchmarks/bowl_by_kind.py --data-root ../shared/data/bowl \
+        --model old=OLD.safetensors --model new=wsiseg/data/default.safetensors
+
+Kinds come from the data folder's ``SUMMARY.csv`` (``kind_guess``:
+fluorescence, color_brightfield, gray_brightfield). Each bundle is scored on
+the test split of its own training run (split seed from the bundle) with
+``wsiseg.evaluate.evaluate``: its full-resolution baseline, Model 1 alone
+(threshold 1), the two-stage pipeline at the bundle's default threshold, and
+Model 2 everywhere (threshold 0). Mean Dice over images, per kind and over
+all. Writes ``benchmarks/results/bowl_by_kind.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = ("fluorescence", "color_brightfield", "gray_brightfield")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-root", type=Path, required=True)
+    parser.add_argument("--model", action="append", required=True, metavar="NAME=BUNDLE")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--limit", type=int, default=0, help="first N test images only (0: all)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from wsiseg.bundle import load_bundle
+    from wsiseg.evaluate import evaluate
+    from wsiseg.train.datasets import open_dataset
+
+    summary = args.data_root / "SUMMARY.csv"
+    if not summary.is_file():
+        raise SystemExit(f"{summary} not found: this benchmark needs the kind of each BOWL image")
+    kind_of = {row["id"]: row["kind_guess"] for row in csv.DictReader(summary.open())}
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    data = open_dataset("bowl", args.data_root)
+    command = "python benchmarks/bowl_by_kind.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results = {"command": command, "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, "
+               f"torch {torch.__version__}", "models": {}}
+    for spec in args.model:
+        name, _, path = spec.partition("=")
+        bundle = load_bundle(path)
+        split_seed = int(bundle.config.get("training", {}).get("split_seed", 0))
+        test = data.split("test", split_seed)
+        if args.limit:
+            test = test[: args.limit]
+        threshold = float(bundle.config.get("threshold", 0.5))
+        thresholds = tuple(dict.fromkeys((1.0, threshold, 0.0)))
+        started = time.perf_counter()
+        per_kind = {}
+        for kind in ("all", *KINDS):
+            chosen = test if kind == "all" else [s for s in test if kind_of.get(s.id) == kind]
+            if not chosen:
+                continue
+            rows = evaluate(bundle, data, chosen, thresholds, device="cpu")
+            per_kind[kind] = {"images": len(chosen), "rows": [
+                {"method": r.method, "threshold": r.threshold, "dice": round(100 * r.dice, 2),
+                 "dice_pooled": round(100 * r.dice_pooled, 2), "refined": round(100 * r.refined_fraction, 1)}
+                for r in rows]}
+        results["models"][name] = {"bundle": str(path), "threshold": threshold, "input": _input(bundle),
+                                   "seconds": round(time.perf_counter() - started), "kinds": per_kind}
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "bowl_by_kind.json").write_text(json.dumps(results, indent=2))
+    (args.results / "bowl_by_kind.md").write_text("\n".join(table(results)) + "\n")
+    print("\n".join(table(results)))
+    return 0
+
+
+def _input(bundle) -> str:
+    return bundle.models["model1"].spec.get("input", "rgb")
+
+
+def table(results: dict) -> list[str]:
+    """Markdown: one row per model and method, Dice (%) per kind (image counts in the header)."""
+    first = next(iter(results["models"].values()))["kinds"]
+    kinds = list(first)
+    header = " | ".join(f"{kind} ({first[kind]['images']})" for kind in kinds)
+    lines = [f"`{results['command']}`  ", results["machine"], "",
+             f"| model | pipeline | {header} | refined (all) |", "|---" * (3 + len(kinds)) + "|"]
+    for name, model in results["models"].items():
+        for index, row in enumerate(model["kinds"]["all"]["rows"]):
+            method = "baseline" if row["method"] == "baseline" else f"two-stage t={row['threshold']:g}"
+            dice = " | ".join(f"{model['kinds'][k]['rows'][index]['dice']:.2f}" for k in kinds)
+            lines.append(f"| {name} ({model['input']}) | {method} | {dice} | {row['refined']:.1f} % |")
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Tissue detection: the thumbnail algorithm, tile fractions, and a slide run that keeps to tissue."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from conftest import structured_image, write_pyramid
+from wsiseg.config import RunOptions, TwoStageConfig
+from wsiseg.run.driver import FlowResult
+from wsiseg.run.report import OUT_OF_DOMAIN, domain_check
+from wsiseg.tiling import TileGrid
+from wsiseg.tissue import detect_tissue, sample_tissue, tile_tissue
+
+PINK, PURPLE, GLASS = (235, 160, 200), (120, 70, 150), (242, 242, 240)
+
+
+def _glass(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """White glass with a little noise (uint8 RGB)."""
+    noise = rng.normal(0, 2, (height, width, 3))
+    return np.clip(np.asarray(GLASS) + noise, 0, 255).astype(np.uint8)
+
+
+def _he_tissue(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Pink stroma with purple nuclei (uint8 RGB)."""
+    image = np.empty((height, width, 3), np.uint8)
+    image[:] = PINK
+    for _ in range(height * width // 200):
+        y, x = rng.integers(0, height - 4), rng.integers(0, width - 4)
+        image[y : y + 4, x : x + 4] = PURPLE
+    return image
+
+
+def test_glass_around_tissue_is_background_and_specks_are_dropped(rng) -> None:
+    image = _glass(rng, 200, 300)
+    image[50:150, 60:200] = _he_tissue(rng, 100, 140)
+    image[10:13, 280:283] = PURPLE  # a 9-pixel speck of dust
+    result = detect_tissue(image, min_area=64, margin=2)
+    assert result.background == "bright"
+    grown = np.zeros((200, 300), bool)
+    grown[48:152, 58:202] = True  # the tissue grown by the 2-pixel margin
+    assert result.mask[50:150, 60:200].all() and not result.mask[~grown].any()
+    assert result.mask[48, 100] and result.mask[100, 201] and not result.mask[48, 58]  # edges grown, corners round
+    # the rectangle grown by a radius-2 disk: 3 pixels short of the box at each corner
+    assert result.mask.sum() == grown.sum() - 4 * 3
+
+
+def test_an_image_that_is_all_tissue_keeps_all_of_it(rng) -> None:
+    """Otsu would split pink from purple; the cap on the threshold keeps both."""
+    result = detect_tissue(_he_tissue(rng, 128, 128))
+    assert result.mask.all()
+    assert result.threshold == pytest.approx(0.3)
+
+
+def test_an_image_that_is_all_glass_has_no_tissue(rng) -> None:
+    result = detect_tissue(_glass(rng, 128, 128))
+    assert not result.mask.any()
+
+
+def test_fluorescence_keeps_dim_and_bright_nuclei(rng) -> None:
+    """Dark background: intensity is the signal; a dim nucleus (grey 30) is kept, not blanked."""
+    image = np.clip(rng.normal(3, 1, (160, 160, 3)), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[:160, :160]
+    dim = (yy - 40) ** 2 + (xx - 40) ** 2 <= 100
+    bright = (yy - 110) ** 2 + (xx - 110) ** 2 <= 144
+    image[dim] = 30
+    image[bright] = 200
+    result = detect_tissue(image, min_area=16, margin=0)
+    assert result.background == "dark"
+    assert np.array_equal(result.mask, dim | bright)
+
+
+def test_tile_fractions_equal_the_sampled_mask(rng) -> None:
+    tissue = rng.random((37, 53)) > 0.6
+    grid = TileGrid(150, 211, 32)
+    step = (150 / 37, 211 / 53)  # non-integer steps
+    fractions = tile_tissue(tissue, grid, step)
+    for row, col in grid.tiles():
+        box = grid.tile(row, col)
+        sampled = sample_tissue(tissue, box.y0, box.y1, box.x0, box.x1, step, tissue.shape)
+        assert fractions[row, col] == pytest.approx(sampled.mean(), abs=1e-12)
+    assert sample_tissue(tissue, 0, 150, 0, 211, step, tissue.shape).shape == (150, 211)
+
+
+def test_domain_check_counts_uncertain_tissue_tiles_only() -> None:
+    scores = np.array([[0.9, 0.8, 0.1], [0.7, 0.6, 0.2]])
+    tissue = np.array([[1.0, 0.5, 0.0], [0.2, 0.0, 1.0]])
+    refined = scores >= 0.5
+    flow = FlowResult(refined=refined & (tissue > 0), scores=scores, counts={}, resumed_tiles=0, tissue=tissue)
+    summary, warning = domain_check(flow)
+    assert summary["tissue_tiles"] == 4
+    assert summary["uncertain_fraction"] == 0.75  # 0.9, 0.8, 0.7 of 0.9, 0.8, 0.7, 0.2
+    assert summary["mean_uncertainty"] == pytest.approx(0.65)
+    assert summary["refined_fraction"] == 0.75
+    assert OUT_OF_DOMAIN < 0.75 and "out of its domain" in warning and "wsiseg train" in warning
+    calm = FlowResult(refined=refined, scores=scores * 0.5, counts={}, resumed_tiles=0, tissue=tissue)
+    assert domain_check(calm)[1] is None
+
+
+# --------------------------------------------------------------------------- a slide run
+
+
+@pytest.fixture(scope="module")
+def margin_slide(tmp_path_factory) -> Path:
+    """768 x 1000: tissue-like texture on the left 600 columns, white glass on the rest."""
+    rng = np.random.default_rng(7)
+    image = _glass(rng, 768, 1000)
+    image[:, :600] = structured_image(rng, 768, 600) // 2 + 60  # darker than glass everywhere
+    return write_pyramid(tmp_path_factory.mktemp("tissue") / "margin.tif", image)
+
+
+CONFIG = TwoStageConfig(tile_size=128, halo=32)
+
+
+def test_glass_margin_gets_no_foreground_and_no_refinement(tmp_path, margin_slide, test_bundle, local_client) -> None:
+    from wsiseg.run.slides import segment_slide
+
+    options = RunOptions(model=str(test_bundle))
+    report = segment_slide(margin_slide, tmp_path / "on.zarr", local_client, CONFIG, options)
+    bare = segment_slide(margin_slide, tmp_path / "off.zarr", local_client, CONFIG,
+                         RunOptions(model=str(test_bundle), tissue=False))
+    mask = np.asarray(zarr.open_array(str(tmp_path / "on.zarr/labels/mask/0"), mode="r")[...])
+    plain = np.asarray(zarr.open_array(str(tmp_path / "off.zarr/labels/mask/0"), mode="r")[...])
+    tissue = np.asarray(zarr.open_array(str(tmp_path / "on.zarr/labels/tissue/0"), mode="r")[...])
+    refined = np.asarray(zarr.open_array(str(tmp_path / "on.zarr/labels/refined/0"), mode="r")[...])
+    # The tissue mask (Model 1's 1/4 view) ends where the texture does, plus its 2-pixel margin.
+    assert tissue.shape == (192, 250)
+    assert tissue[:, :150].all() and not tissue[:, 153:].any()
+    # Past the margin nothing is foreground and no tile is refined; the model alone marks glass.
+    assert not mask[:, 612:].any() and plain[:, 612:].any()
+    assert np.array_equal(mask[:, :600], plain[:, :600])
+    assert not refined[:, 5:].any()  # tiles from column 640 on are glass
+    assert report["tissue"]["fraction"] == pytest.approx(tissue.mean(), abs=1e-4)
+    assert report["tissue"]["tiles"] == 6 * 5  # 6 rows x tile columns 0-4 (the fifth holds columns 512-612)
+    assert report["domain"]["tissue_tiles"] == 30
+    assert bare["tissue"] is None and "tissue" not in json.loads(
+        (tmp_path / "off.zarr/labels/.zattrs").read_text())["labels"]
+    labels = json.loads((tmp_path / "on.zarr/labels/.zattrs").read_text())["labels"]
+    assert labels == ["mask", "refined", "tissue"]
+
+
+def test_a_bundle_with_a_pixel_size_warns_on_a_slide_without_one(tmp_path, test_bundle, local_client, slide_image) -> None:
+    from wsiseg.bundle import load_bundle, save_bundle
+    from wsiseg.run.slides import segment_slide
+
+    bundle = load_bundle(test_bundle)
+    with_mpp = save_bundle(tmp_path / "mpp.safetensors", bundle.models, {**bundle.config, "mpp": 0.5})
+    slide = write_pyramid(tmp_path / "nompp.tif", slide_image, mpp=None)
+    report = segment_slide(slide, tmp_path / "out.zarr", local_client, CONFIG, RunOptions(model=str(with_mpp)))
+    assert [w for w in report["warnings"] if "pixel size" in w] == [
+        "the model was trained at 0.5 um/pixel but nompp.tif records no pixel size, so it is segmented at its "
+        "own pixels; give --mpp UM (micrometres per pixel) to match"
+    ]
+    given = segment_slide(slide, tmp_path / "given.zarr", local_client, CONFIG,
+                          RunOptions(model=str(with_mpp), mpp=0.5))
+    assert not [w for w in given["warnings"] if "pixel size" in w]
+
+
+def test_the_example_slides_glass_gets_no_foreground(tmp_path, local_client) -> None:
+    """The shipped model on the example H&E slide: the white glass right of the tissue (where
+    Model 1 alone marked the last columns as nuclei) is background; nuclei remain on tissue."""
+    from wsiseg.run.slides import segment_slide
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "data" / "CMU-1-Small-Region.svs"
+    out = tmp_path / "example.zarr"
+    report = segment_slide(example, out, local_client, None, RunOptions())
+    mask = np.asarray(zarr.open_array(str(out / "labels/mask/0"), mode="r")[...])
+    tissue = np.asarray(zarr.open_array(str(out / "labels/tissue/0"), mode="r")[...])
+    assert mask.shape == (2967, 2220) and tissue.shape == (742, 555)
+    assert report["tissue"]["background"] == "bright"
+    assert report["tissue"]["fraction"] == pytest.approx(0.385, abs=0.01)
+    assert not mask[:, -40:].any()  # glass at the right edge
+    assert not tissue[:, -10:].any()
+    assert mask[tissue.repeat(4, 0).repeat(4, 1)[:2967, :2220] == 0].sum() == 0
+    assert 0.02 < (mask == 1).mean() < 0.3  # nuclei found on the tissue
