@@ -4,6 +4,7 @@
     python benchmarks/bench_segment.py memory  SLIDE [SLIDE ...]
     python benchmarks/bench_segment.py scaling SLIDE
     python benchmarks/bench_segment.py peer    SLIDE [--region 4096]
+    python benchmarks/bench_segment.py wsi-peer SLIDE
     [--model BUNDLE] [--out benchmarks/results] [--scratch DIR]
 
 Every run is a real ``wsiseg segment`` process with its own local Dask
@@ -25,6 +26,10 @@ summed proportional memory (PSS, which splits them among the processes).
             workers on 2 cores (the process tree pinned with CPU affinity, so
             that the 1-worker run cannot use the second core through torch's
             threads), and 1 worker with 2 torch threads for reference.
+``wsi-peer`` the whole slide through MONAI's patch inferer (patches read with
+            OpenSlide, merged into Zarr; every patch, MONAI has no tissue
+            mask) with the bundle's full-resolution network, against wsiseg's
+            full-resolution and two-stage runs (their tissue mask on).
 ``peer``    MONAI's ``sliding_window_inference`` (the optional ``bench``
             extra) with the bundle's full-resolution model over a region of
             the slide held in memory, against wsiseg's full-resolution and
@@ -354,6 +359,84 @@ def run_monai(region: Path, model: str, tile: int, halo: int, out: Path) -> None
     print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def study_wsi_peer(slide: Path, workers: int, model: str | None, scratch: Path) -> dict[str, Any]:
+    """The whole slide through MONAI's patch inferer (``WSISlidingWindowSplitter`` reading with
+    OpenSlide, ``PatchInferer``, ``ZarrAvgMerger``) with the bundle's full-resolution network, against
+    wsiseg's full-resolution and two-stage runs (both with their tissue mask)."""
+    import numpy as np
+    import zarr
+
+    from wsiseg.metrics import confusion, dice_iou
+
+    full = run_segment(slide, scratch / "wsi-full.zarr", ["--full-resolution"], workers, model)
+    two = run_segment(slide, scratch / "wsi-two.zarr", [], workers, model)
+    halo, tile_size = full["settings"]["halo"], full["settings"]["tile_size"]
+    merged = scratch / "monai-merged.zarr"
+    start = time.perf_counter()
+    child = subprocess.run(
+        [sys.executable, __file__, "_monai_wsi", str(slide), "--model", model or "wsiseg:default",
+         "--tile", str(tile_size), "--halo", str(halo), "--out", str(merged)],
+        capture_output=True, text=True,
+    )
+    if child.returncode != 0:
+        raise RuntimeError(f"the MONAI run failed: {child.stderr.strip()[-2000:]}")
+    monai = json.loads(child.stdout.strip().splitlines()[-1])
+    monai["process_seconds"] = time.perf_counter() - start
+    theirs = zarr.open_array(str(merged), mode="r")
+    ours = zarr.open_array(str(scratch / "wsi-full.zarr" / "labels/mask/0"), mode="r")
+    counts = np.zeros((2, 2), np.int64)
+    step = 2048
+    for y in range(0, ours.shape[0], step):
+        mask = (np.asarray(theirs[0, 0, y : y + step, : ours.shape[1]]) >= 0.5).astype(np.uint8)  # (1, C, H, W)
+        counts += confusion(mask, (np.asarray(ours[y : y + step]) > 0).astype(np.uint8), 2)
+    return {
+        "slide": str(slide),
+        "rows": [
+            {"run": "MONAI PatchInferer + WSISlidingWindowSplitter (OpenSlide) + ZarrAvgMerger, every patch",
+             "seconds": monai["seconds"], "process_seconds": monai["process_seconds"],
+             "peak_rss_mb": monai["peak_rss_mb"], "patches": monai["patches"]},
+            {"run": "wsiseg --full-resolution (tissue tiles)", "seconds": full["timings"]["total"],
+             "process_seconds": full["bench"]["process_seconds"], "peak_rss_mb": full["bench"]["peak_tree_rss_mb"]},
+            {"run": f"wsiseg two-stage (default threshold {bundle_threshold(model):g})", "seconds": two["timings"]["total"],
+             "process_seconds": two["bench"]["process_seconds"], "peak_rss_mb": two["bench"]["peak_tree_rss_mb"],
+             "refined_of_tissue": (two.get("domain") or {}).get("refined_fraction")},
+        ],
+        "dice_monai_vs_wsiseg_full": dice_iou(counts)[0],
+        "dice_two_stage_vs_full": mask_dice(scratch / "wsi-two.zarr", scratch / "wsi-full.zarr"),
+    }
+
+
+def run_monai_wsi(slide: Path, model: str, tile: int, halo: int, out: Path) -> None:
+    """(In a child process.) MONAI's whole-slide patch inference, patches read from the file."""
+    import resource
+
+    import torch
+    from monai.inferers import PatchInferer, WSISlidingWindowSplitter
+    from monai.inferers.merger import ZarrAvgMerger
+
+    from wsiseg.bundle import load_bundle, resolve_model
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    net = load_bundle(resolve_model(model)).model.eval()
+    window = tile + 2 * halo
+    splitter = WSISlidingWindowSplitter(patch_size=window, overlap=2 * halo, reader="OpenSlide")
+    inferer = PatchInferer(splitter=splitter, merger_cls=ZarrAvgMerger, batch_size=4, store=str(out),
+                           preprocessing=lambda batch: batch.float() / 255.0)
+    count = [0]
+
+    def network(batch: torch.Tensor) -> torch.Tensor:
+        count[0] += batch.shape[0]
+        logits = net(batch)[0]
+        return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, 1)
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        inferer(str(slide), network)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "patches": count[0],
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
 # --------------------------------------------------------------------------- printing
 
 
@@ -403,6 +486,12 @@ def print_markdown(study: str, result: dict[str, Any], command: str) -> None:
             print(f"| {row['workers']} | {row['cores']} | {row['process_seconds']:.1f} | {stages} |")
         print(f"\nspeed-up from 1 worker on 1 core to 2 workers on 2 cores: {result['speedup_1_to_2_workers']:.2f}x "
               f"(process), {result['speedup_stages']:.2f}x (planning to report)")
+    elif study == "wsi-peer":
+        print("| run | seconds | process seconds | peak RSS MB |\n|---|---|---|---|")
+        for row in result["rows"]:
+            print(f"| {row['run']} | {row['seconds']:.1f} | {row['process_seconds']:.1f} | {row['peak_rss_mb']:.0f} |")
+        print(f"\nDice of MONAI's mask vs wsiseg's full-resolution mask: {result['dice_monai_vs_wsiseg_full']:.4f}; "
+              f"two-stage vs full resolution: {result['dice_two_stage_vs_full']:.4f}")
     elif study == "peer":
         print(f"region {result['region']} x {result['region']} pixels\n\n| run | seconds | process seconds | peak RSS MB |\n|---|---|---|---|")
         for row in result["rows"]:
@@ -412,6 +501,16 @@ def print_markdown(study: str, result: dict[str, Any], command: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_monai_wsi":
+        parser = argparse.ArgumentParser()
+        parser.add_argument("slide", type=Path)
+        for flag in ("--model", "--out"):
+            parser.add_argument(flag, required=True)
+        parser.add_argument("--tile", type=int, required=True)
+        parser.add_argument("--halo", type=int, required=True)
+        args = parser.parse_args(argv[1:])
+        run_monai_wsi(args.slide, args.model, args.tile, args.halo, Path(args.out))
+        return 0
     if argv and argv[0] == "_monai":
         parser = argparse.ArgumentParser()
         parser.add_argument("region", type=Path)
@@ -423,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         run_monai(args.region, args.model, args.tile, args.halo, Path(args.out))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("study", choices=["speed", "memory", "scaling", "peer"])
+    parser.add_argument("study", choices=["speed", "memory", "scaling", "peer", "wsi-peer"])
     parser.add_argument("slides", nargs="+", type=Path)
     parser.add_argument("--model", default=None)
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
@@ -446,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
             result = study_memory(args.slides, args.workers, args.model, scratch)
         elif args.study == "scaling":
             result = study_scaling(args.slides[0], args.model, scratch)
+        elif args.study == "wsi-peer":
+            result = study_wsi_peer(args.slides[0], args.workers, args.model, scratch)
         else:
             result = study_peer(args.slides[0], args.region, args.workers, args.model, scratch)
     finally:

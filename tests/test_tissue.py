@@ -142,6 +142,14 @@ def test_glass_margin_gets_no_foreground_and_no_refinement(tmp_path, margin_slid
     labels = json.loads((tmp_path / "on.zarr/labels/.zattrs").read_text())["labels"]
     assert labels == ["mask", "refined", "tissue"]
 
+    # --full-resolution with the same tissue mask: the baseline runs on the tissue tiles only.
+    full = segment_slide(margin_slide, tmp_path / "full.zarr", local_client, CONFIG,
+                         RunOptions(model=str(test_bundle), full_resolution=True))
+    full_mask = np.asarray(zarr.open_array(str(tmp_path / "full.zarr/labels/mask/0"), mode="r")[...])
+    full_refined = np.asarray(zarr.open_array(str(tmp_path / "full.zarr/labels/refined/0"), mode="r")[...])
+    assert full_refined[:, :5].all() and not full_refined[:, 5:].any()
+    assert full["tiles"]["refined"] == 30 and not full_mask[:, 612:].any() and full_mask[:, :600].any()
+
 
 def test_a_bundle_with_a_pixel_size_warns_on_a_slide_without_one(tmp_path, test_bundle, local_client, slide_image) -> None:
     from wsiseg.bundle import load_bundle, save_bundle

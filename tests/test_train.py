@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import TinyFCN
+from wsiseg.errors import InputError
 from wsiseg.metrics import confusion, dice, dice_iou
 from wsiseg.tiling import linear_resample
 from wsiseg.train.datasets import DatasetError, open_dataset
@@ -210,6 +211,28 @@ def test_ifbfnet_trains_as_a_two_stage_pair(tmp_path) -> None:
     rows = bundle.config["validation"]["rows"]
     assert {r["method"] for r in rows} == {"two-stage"} and all(0.0 <= r["dice"] <= 1.0 for r in rows)
     assert len(bundle.config["training"]["history"]["stage2"]) == 1
+
+
+@pytest.mark.training
+def test_a_hematoxylin_model_trains_with_stain_and_scale_jitter_and_keeps_its_input(tmp_path) -> None:
+    """The input transform is built into every model of the bundle; evaluation and segmentation
+    of the loaded bundle apply it (the models' outputs differ from RGB models with the same weights)."""
+    from wsiseg.bundle import load_bundle
+
+    make_folder(tmp_path / "d", n=4, size=64)
+    config = _tiny_config(tmp_path / "d", image_size=0, crop_size=32, tile_size=16, input_transform="hematoxylin",
+                          stain_jitter=0.2, scale_jitter=0.5, stage="all")
+    bundle = load_bundle(train(config, tmp_path / "h.safetensors"))
+    assert {m.spec.get("input") for m in bundle.models.values()} == {"hematoxylin"}
+    assert {m.input_transform.name for m in bundle.models.values()} == {"hematoxylin"}
+    training = bundle.config["training"]
+    assert (training["input_transform"], training["stain_jitter"], training["scale_jitter"]) == ("hematoxylin", 0.2, 0.5)
+    rows = bundle.config["validation"]["rows"]
+    assert [r["method"] for r in rows] == ["baseline", "two-stage", "two-stage", "two-stage"]
+    with pytest.raises(InputError, match="unknown input"):
+        _tiny_config(tmp_path / "d", input_transform="eosin")
+    with pytest.raises(InputError, match="jitter"):
+        _tiny_config(tmp_path / "d", scale_jitter=-1)
 
 
 def test_one_optimisation_step_lowers_the_loss_on_a_fixed_batch() -> None:

@@ -274,15 +274,17 @@ def compose_tiles(plan: Plan, tiles: list[tuple[int, int]]) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     boxes = [plan.grid.tile(row, col) for row, col in tiles]
-    read = _stage1_reader(plan, boxes)
+    tissues = [_tissue_in(plan, tile) for tile in boxes]
     counts = {}
-    keep_probabilities = plan.store.has(COMPOSED)
-    for (row, col), tile in zip(tiles, boxes):
-        tissue = _tissue_in(plan, tile)
+    for (row, col), tile, tissue in zip(tiles, boxes, tissues):
         if tissue is not None and not tissue.any():  # glass: background, the mask's fill value
             counts[f"{row},{col}"] = [0] * max(2, plan.num_classes)
             counts[f"{row},{col}"][0] = tile.shape[0] * tile.shape[1]
-            continue
+    # The rest take Model 1's probabilities (a full-resolution run composes glass tiles only).
+    rest = [(rc, tile, tissue) for rc, tile, tissue in zip(tiles, boxes, tissues) if f"{rc[0]},{rc[1]}" not in counts]
+    read = _stage1_reader(plan, [tile for _, tile, _ in rest]) if rest else None
+    keep_probabilities = plan.store.has(COMPOSED)
+    for (row, col), tile, tissue in rest:
         crop = np.asarray(read(stage1_crop(tile, plan.scale, plan.low_shape)))
         label = None if keep_probabilities else uniform_label(crop)
         if label is None:
