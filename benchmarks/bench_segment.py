@@ -299,16 +299,7 @@ def study_peer(slide: Path, region: int, workers: int, model: str | None, scratc
     two = run_segment(region_path, scratch / "region-two.zarr", [], workers, model)
     halo, tile_size = full["settings"]["halo"], full["settings"]["tile_size"]
     monai_mask = scratch / "monai-mask.npy"
-    start = time.perf_counter()
-    child = subprocess.run(
-        [sys.executable, __file__, "_monai", str(region_path), "--model", model or "wsiseg:default",
-         "--tile", str(tile_size), "--halo", str(halo), "--out", str(monai_mask)],
-        capture_output=True, text=True,
-    )
-    if child.returncode != 0:
-        raise RuntimeError(f"the MONAI run failed: {child.stderr.strip()}")
-    monai = json.loads(child.stdout.strip().splitlines()[-1])
-    monai["process_seconds"] = time.perf_counter() - start
+    monai = _monai_child("_monai", region_path, model, tile_size, halo, monai_mask)
     import numpy as np
     import zarr
 
@@ -331,6 +322,22 @@ def study_peer(slide: Path, region: int, workers: int, model: str | None, scratc
         ],
         "dice_monai_vs_wsiseg_full": agreement,
     }
+
+
+def _monai_child(mode: str, source: Path, model: str | None, tile: int, halo: int, out: Path) -> dict[str, Any]:
+    """Run this file's MONAI ``mode`` (``_monai`` or ``_monai_wsi``) in a child process; its JSON line
+    plus the child's process seconds."""
+    start = time.perf_counter()
+    child = subprocess.run(
+        [sys.executable, __file__, mode, str(source), "--model", model or "wsiseg:default",
+         "--tile", str(tile), "--halo", str(halo), "--out", str(out)],
+        capture_output=True, text=True,
+    )
+    if child.returncode != 0:
+        raise RuntimeError(f"the MONAI run failed: {child.stderr.strip()[-2000:]}")
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    result["process_seconds"] = time.perf_counter() - start
+    return result
 
 
 def run_monai(region: Path, model: str, tile: int, halo: int, out: Path) -> None:
@@ -372,16 +379,7 @@ def study_wsi_peer(slide: Path, workers: int, model: str | None, scratch: Path) 
     two = run_segment(slide, scratch / "wsi-two.zarr", [], workers, model)
     halo, tile_size = full["settings"]["halo"], full["settings"]["tile_size"]
     merged = scratch / "monai-merged.zarr"
-    start = time.perf_counter()
-    child = subprocess.run(
-        [sys.executable, __file__, "_monai_wsi", str(slide), "--model", model or "wsiseg:default",
-         "--tile", str(tile_size), "--halo", str(halo), "--out", str(merged)],
-        capture_output=True, text=True,
-    )
-    if child.returncode != 0:
-        raise RuntimeError(f"the MONAI run failed: {child.stderr.strip()[-2000:]}")
-    monai = json.loads(child.stdout.strip().splitlines()[-1])
-    monai["process_seconds"] = time.perf_counter() - start
+    monai = _monai_child("_monai_wsi", slide, model, tile_size, halo, merged)
     theirs = zarr.open_array(str(merged), mode="r")
     ours = zarr.open_array(str(scratch / "wsi-full.zarr" / "labels/mask/0"), mode="r")
     counts = np.zeros((2, 2), np.int64)
@@ -501,25 +499,16 @@ def print_markdown(study: str, result: dict[str, Any], command: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "_monai_wsi":
+    children = {"_monai": run_monai, "_monai_wsi": run_monai_wsi}
+    if argv and argv[0] in children:  # a MONAI run in its own process (see _monai_child)
         parser = argparse.ArgumentParser()
-        parser.add_argument("slide", type=Path)
+        parser.add_argument("source", type=Path)
         for flag in ("--model", "--out"):
             parser.add_argument(flag, required=True)
         parser.add_argument("--tile", type=int, required=True)
         parser.add_argument("--halo", type=int, required=True)
         args = parser.parse_args(argv[1:])
-        run_monai_wsi(args.slide, args.model, args.tile, args.halo, Path(args.out))
-        return 0
-    if argv and argv[0] == "_monai":
-        parser = argparse.ArgumentParser()
-        parser.add_argument("region", type=Path)
-        for flag in ("--model", "--out"):
-            parser.add_argument(flag, required=True)
-        parser.add_argument("--tile", type=int, required=True)
-        parser.add_argument("--halo", type=int, required=True)
-        args = parser.parse_args(argv[1:])
-        run_monai(args.region, args.model, args.tile, args.halo, Path(args.out))
+        children[argv[0]](args.source, args.model, args.tile, args.halo, Path(args.out))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study", choices=["speed", "memory", "scaling", "peer", "wsi-peer"])
