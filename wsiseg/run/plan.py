@@ -172,7 +172,6 @@ class Plan:
     @property
     def tissue_step(self) -> tuple[float, float]:
         """Working pixels per tissue-mask pixel."""
-        (wh, ww), (th, tw) = self.work_shape, self.tissue_shape
         (h, w), (lh, lw) = self.source.levels[0].shape, self.source.levels[self.tissue_level or 0].shape
         wy, wx = self.work_downsample
         return h / lh * self.tissue_coarsen / wy, w / lw * self.tissue_coarsen / wx
