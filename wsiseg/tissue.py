@@ -139,32 +139,34 @@ def tile_tissue(tissue: np.ndarray, grid: TileGrid, step: tuple[float, float]) -
 
 def _coverage(edges: np.ndarray, step: float, size: int) -> np.ndarray:
     """``(tiles, size)``: how many working pixels of each tile fall on each tissue row (or column)."""
-    pixels = np.arange(int(edges[-1]))
-    tissue_index = np.clip(np.floor((pixels + 0.5) / step).astype(np.int64), 0, size - 1)
+    tissue_index = _tissue_index(0, int(edges[-1]), step, size)
     tile_index = np.repeat(np.arange(len(edges) - 1), np.diff(edges))
     counts = np.zeros((len(edges) - 1, size))
     np.add.at(counts, (tile_index, tissue_index), 1.0)
     return counts
 
 
-def sample_tissue(read: Any, y0: int, y1: int, x0: int, x1: int, step: tuple[float, float], shape: tuple[int, int]) -> np.ndarray:
+def _tissue_index(start: int, stop: int, step: float, size: int) -> np.ndarray:
+    """Tissue row (or column) of working pixels ``start .. stop``: ``floor((y + 0.5) / step)``, clipped."""
+    return np.clip(np.floor((np.arange(start, stop) + 0.5) / step).astype(np.int64), 0, size - 1)
+
+
+def sample_tissue(tissue: Any, y0: int, y1: int, x0: int, x1: int, step: tuple[float, float]) -> np.ndarray:
     """The tissue mask over working pixels ``[y0, y1) x [x0, x1)``, nearest-sampled.
 
     Parameters
     ----------
-    read : array-like
+    tissue : array-like
         The ``(th, tw)`` tissue mask (a zarr array: only the rows and columns needed are read).
     step : (sy, sx)
         Working pixels per tissue pixel.
-    shape : (th, tw)
-        The mask's shape.
 
     Returns
     -------
     np.ndarray
         ``(y1 - y0, x1 - x0)`` bool.
     """
-    rows = np.clip(np.floor((np.arange(y0, y1) + 0.5) / step[0]).astype(np.int64), 0, shape[0] - 1)
-    cols = np.clip(np.floor((np.arange(x0, x1) + 0.5) / step[1]).astype(np.int64), 0, shape[1] - 1)
-    block = np.asarray(read[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+    rows = _tissue_index(y0, y1, step[0], tissue.shape[0])
+    cols = _tissue_index(x0, x1, step[1], tissue.shape[1])
+    block = np.asarray(tissue[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
     return block[np.ix_(rows - rows[0], cols - cols[0])].astype(bool)

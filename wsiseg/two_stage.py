@@ -341,7 +341,7 @@ def _tissue_in(plan: Plan, tile: Box) -> np.ndarray | None:
         return None
     from wsiseg.tissue import sample_tissue
 
-    return sample_tissue(plan.store.array(TISSUE), tile.y0, tile.y1, tile.x0, tile.x1, plan.tissue_step, plan.tissue_shape)
+    return sample_tissue(plan.store.array(TISSUE), tile.y0, tile.y1, tile.x0, tile.x1, plan.tissue_step)
 
 
 def _map_reader(plan: Plan, name: str) -> Callable[[Box], Any]:

@@ -43,17 +43,18 @@ def build_report(
     """The report of a finished slide run (timings are added by the caller).
 
     ``warnings`` are the run's own (one line each: the workers' setup, the
-    bundle); the slide's are under ``input``.
+    bundle); the domain check's is added to them; the slide's are under ``input``.
     """
     slide = plan.source
     label_totals = np.zeros(max(2, plan.num_classes), np.int64)
     for histogram in flow.counts.values():
         label_totals[: len(histogram)] += np.asarray(histogram, np.int64)
     wy, wx = plan.work_downsample
+    domain, domain_warning = domain_check(flow)
     return {
         "status": "complete",
         "wsiseg_version": __version__,
-        "warnings": list(warnings),
+        "warnings": [*warnings, *([domain_warning] if domain_warning else [])],
         "input": {
             "path": slide.path,
             "format": slide.format,
@@ -93,7 +94,7 @@ def build_report(
             **(flow.tissue_summary or {}),
             "tiles": int((flow.tissue > 0).sum()),
         },
-        "domain": domain_check(flow)[0],
+        "domain": domain,
         "tiles": {
             "total": int(flow.refined.size),
             "refined": int(flow.refined.sum()),

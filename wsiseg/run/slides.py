@@ -40,7 +40,7 @@ from wsiseg.output import (
 from wsiseg.run.driver import ProgressCallback, run_flow
 from wsiseg.run.executors import DaskExecutor, total_threads
 from wsiseg.run.plan import ModelFacts, Plan, make_plan, working_scale
-from wsiseg.run.report import build_report, domain_check
+from wsiseg.run.report import build_report
 from wsiseg.run.worker import (
     BundleModels,
     default_malloc,
@@ -162,9 +162,8 @@ def segment_slide(
             mark = time.perf_counter()
             classes = list(settings.classes or _default_classes(plan.num_classes))
             outputs = _finish(plan, out, flow.refined, classes, options, executor, client, progress)
-            domain_warning = domain_check(flow)[1]
             report = build_report(plan, config, options, flow, model_info, scale_note, classes, outputs,
-                                  _describe(client), warnings + ([domain_warning] if domain_warning else []))
+                                  _describe(client), warnings)
             report["timings"] = {**flow.timings, "finish": time.perf_counter() - mark,
                                  "total": time.perf_counter() - started}
             write_report(out, report)
