@@ -9,6 +9,7 @@ import pytest
 
 import csv
 import importlib.util
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,31 +18,72 @@ ROOT = Path(__file__).resolve().parents[1]
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "pipelines" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
     return module
 
 
 @pytest.mark.training
-def test_paper_tables_grid_runs_and_writes_both_tables(tmp_path) -> None:
-    from test_train import make_folder
+def test_paper_tables_write_table3_table4_and_losses_and_reuse_their_runs(tmp_path) -> None:
+    import torch
 
-    make_folder(tmp_path / "d", n=4, size=32)
+    from test_train import make_bowl
+    from wsiseg.bundle import load_bundle
+
+    make_bowl(tmp_path / "bowl", n=4, size=64)
     tables = _load("paper_tables")
-    out = tmp_path / "tables"
-    code = tables.main(["--dataset", f"folder={tmp_path / 'd'}", "--out", str(out), "--archs", "unet",
-                        "--backbone", "resnet_lite", "--ablation-arch", "unet", "--epochs", "0",
-                        "--image-size", "32", "--batch-size", "2", "--ratio", "2", "--device", "cpu"])
-    assert code == 0
-    table3 = list(csv.DictReader(open(out / "table3.csv")))
-    assert [(r["dataset"], r["arch"]) for r in table3] == [("folder", "unet")]
-    table4 = list(csv.DictReader(open(out / "table4.csv")))
+    work, results = tmp_path / "work", tmp_path / "results"
+    argv = ["--data-root", str(tmp_path / "bowl"), "--work", str(work), "--results", str(results),
+            "--archs", "unet,fcn", "--patches", "4,16", "--epochs", "1", "--crop-size", "64", "--batch-size", "2", "--device", "cpu"]
+    assert tables.main(argv) == 0
+
+    table3 = list(csv.DictReader(open(results / "paper_table3.csv")))
+    methods = ["baseline, whole image", "baseline, tiles 128", "two-stage t=0.5", "two-stage t=0.25"]
+    assert [(r["arch"], r["method"]) for r in table3] == [(a, m) for a in ("unet", "fcn") for m in methods]
+    unet = {r["method"]: r for r in table3 if r["arch"] == "unet"}
+    whole = unet["baseline, whole image"]
+    assert (whole["paper_dice"], unet["two-stage t=0.5"]["paper_dice"]) == ("82.9", "83.2")
+    assert whole["dice_change"] == "0.0" and whole["speedup"] == "1.0"
+    # 64-pixel images: a 128-pixel tile is the whole image, so both baselines give the same masks.
+    assert unet["baseline, tiles 128"]["dice"] == whole["dice"]
+    for row in table3:
+        assert float(row["train_s"]) >= 0 and 0 <= float(row["dice"]) <= 100
+    text = (results / "paper_table3.md").read_text()
+    assert text.startswith("# Table 3") and "Deviations from the paper" in text and "64-pixel crops" in text
+
+    table4 = list(csv.DictReader(open(results / "paper_table4.csv")))
     studies = [r["study"] for r in table4]
-    assert studies.count("patches") == 4 and studies.count("sampling") == 3
-    assert studies.count("threshold") == 5 and studies.count("finetune-context") == 4
-    assert {r["setting"] for r in table4 if r["study"] == "threshold"} == {"t=1", "t=0.75", "t=0.5", "t=0.25", "t=0"}
-    assert (out / "table4.md").read_text().startswith("# Table 4")
-    bundles = sorted(p.name for p in (out / "bundles").iterdir())
-    assert len(bundles) == 1 + 4 + 3 + 1 + 4  # one per configuration, reused when run again
+    assert studies.count("patches") == 4 and studies.count("sampling") == 6  # two thresholds each
+    assert studies.count("threshold") == 5 and studies.count("finetune-context") == 8
+    assert [r["setting"] for r in table4 if r["study"] == "patches"][::2] == ["4 (tile 32)", "16 (tile 16)"]
+    assert [tables.patch_tile(256, p, 4) for p in tables.PATCHES] == [128, 64, 32, 24]  # the BOWL run's tiles
+    assert [float(r["threshold"]) for r in table4 if r["study"] == "threshold"] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    shared = load_bundle(work / "bundles" / "t3-unet.safetensors").model1.state_dict()
+    for name in ("t4-tile32", "t4-highest", "t4-ft0-ctx0"):  # stage-2 ablations keep Table 3's Model 1
+        ablation = load_bundle(work / "bundles" / f"{name}.safetensors")
+        assert all(torch.equal(v, ablation.model1.state_dict()[k]) for k, v in shared.items()), name
+        assert set(ablation.config["training"]["seconds"]) == {"stage2"}
+    assert load_bundle(work / "bundles" / "t4-tile32.safetensors").config["tile_size"] == 32
+
+    losses = list(csv.DictReader(open(results / "paper_losses.csv")))
+    assert [(r["loss"], r["method"]) for r in losses] == [
+        (loss, m) for loss in ("focal", "ce", "ohem", "lad")
+        for m in ("Model 1 alone (t=1)", "two-stage t=0.5", "two-stage t=0.25")]
+
+    # Run again: every bundle and score is reused, so the tables come out identical.
+    stamps = {p.name: p.stat().st_mtime_ns for p in (work / "bundles").iterdir()}
+    before = {name: (results / name).read_text() for name in ("paper_table3.csv", "paper_table4.csv", "paper_losses.csv")}
+    assert tables.main(argv) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (work / "bundles").iterdir()} == stamps
+    assert {name: (results / name).read_text() for name in before} == before
+    assert len([n for n in stamps if n.endswith(".safetensors")]) == 2 + 1 + 2 + 3 + 3
+
+    # A finished bundle scored beside the runs: the U-Net run itself gives the U-Net's rows.
+    given = f"again={work / 'bundles' / 't3-unet.safetensors'}"
+    assert tables.main([*argv, "--tables", "3", "--reference", given]) == 0
+    table3 = list(csv.DictReader(open(results / "paper_table3.csv")))
+    again = [(r["method"], r["dice"], r["refined"]) for r in table3 if r["arch"] == "again"]
+    assert again == [(r["method"], r["dice"], r["refined"]) for r in table3 if r["arch"] == "unet"] and len(again) == 4
 
 
 def test_default_threshold_rule_picks_the_fewest_refinements_within_half_a_point() -> None:

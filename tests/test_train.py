@@ -38,13 +38,13 @@ def make_ph2(root, n: int = 3) -> None:
         _save(case / f"IMD{i:03d}_lesion" / f"IMD{i:03d}_lesion.bmp", lesion)
 
 
-def make_bowl(root, n: int = 3) -> None:
+def make_bowl(root, n: int = 3, size: int = 32) -> None:
     for i in range(n):
         case = root / "stage1_train" / f"id{i}"
-        rgba = np.dstack([_rgb(32, 32), np.full((32, 32), 255, np.uint8)])
+        rgba = np.dstack([_rgb(size, size), np.full((size, size), 255, np.uint8)])
         _save(case / "images" / f"id{i}.png", rgba)
         for k in range(2):
-            nucleus = np.zeros((32, 32), np.uint8)
+            nucleus = np.zeros((size, size), np.uint8)
             nucleus[4 + 10 * k : 8 + 10 * k, 3 : 9 + i] = 255
             _save(case / "masks" / f"m{k}.png", nucleus)
 
@@ -374,6 +374,41 @@ def test_no_finetune_and_no_context_change_exactly_what_they_say(tmp_path) -> No
     assert seen and all(c is None and k is None for c, k in seen)  # context off: Model 2 runs alone
     seen = contexts_seen(tuned)
     assert seen and all(c is None and k is not None and k.shape[1] == 1 for c, k in seen)  # on: projected context
+
+
+@pytest.mark.training
+def test_model1_from_skips_stage1_and_trains_the_same_model2(tmp_path) -> None:
+    """Stage 2 on another run's Model 1 equals that run's own stage 2; seconds are recorded per phase."""
+    from click.testing import CliRunner
+
+    from wsiseg.bundle import load_bundle
+    from wsiseg.cli import main
+
+    make_folder(tmp_path / "d", n=4)
+    first = load_bundle(train(_tiny_config(tmp_path / "d"), tmp_path / "first.safetensors"))
+    assert set(first.config["training"]["seconds"]) == {"stage1", "stage2"}
+    assert all(s > 0 for s in first.config["training"]["seconds"].values())
+    source = str(tmp_path / "first.safetensors")
+    second = load_bundle(train(_tiny_config(tmp_path / "d", model1_from=source), tmp_path / "second.safetensors"))
+    assert set(second.config["training"]["seconds"]) == {"stage2"}
+    assert "stage1" not in second.config["training"]["history"]
+    assert second.config["training"]["history"]["stage2"] == first.config["training"]["history"]["stage2"]
+    for role in ("model1", "model2"):
+        ours, theirs = getattr(second, role).state_dict(), getattr(first, role).state_dict()
+        for key, value in theirs.items():
+            torch.testing.assert_close(ours[key], value, rtol=0, atol=0, msg=f"{role} {key}")
+
+    with pytest.raises(InputError, match="arch 'unet', this run 'fcn'"):
+        train(_tiny_config(tmp_path / "d", model1_from=source, arch="fcn"), tmp_path / "x.safetensors")
+    with pytest.raises(InputError, match="needs a stage that trains Model 2"):
+        _tiny_config(tmp_path / "d", model1_from=source, stage="baseline")
+    missing = CliRunner().invoke(main, [
+        "train", "--dataset", "folder", "--data-root", str(tmp_path / "d"), "--out", str(tmp_path / "y.safetensors"),
+        "--model1-from", str(tmp_path / "nothing.safetensors"), "--image-size", "32", "--patches", "4", "--halo", "4",
+        "--ratio", "2", "--epochs", "0"])
+    assert missing.exit_code != 0 and len(missing.stderr.strip().splitlines()) == 1
+    assert "nothing.safetensors" in missing.stderr and "Traceback" not in missing.output
+    assert not (tmp_path / "y.safetensors").exists()
 
 
 @pytest.mark.training

@@ -429,6 +429,9 @@ TRAIN_LABELS = {"loading": "images  ", "stage1": "Model 1 ", "stage2": "Model 2 
 @click.option("--finetune/--no-finetune", default=True, show_default=True, help="Start Model 2 from Model 1.")
 @click.option("--context/--no-context", default=True, show_default=True, help="Give Model 2 Model 1's features.")
 @click.option("--stage", type=click.Choice(["two-stage", "baseline", "all"]), default="two-stage", show_default=True)
+@click.option("--model1-from", type=click.Path(path_type=Path), default=None,
+              help="Skip stage 1 and use this bundle's Model 1 (same --arch, --backbone, --ratio, --input): "
+                   "stage-2 settings compared on one Model 1.")
 @click.option("--augment/--no-augment", default=True, show_default=True, help="The paper's augmentation (the next four).")
 @click.option("--brightness", default=0.1, show_default=True, help="Brightness jitter: multiply by U(1-b, 1+b).")
 @click.option("--contrast", default=0.1, show_default=True, help="Contrast jitter: scale deviations from the mean by U(1-c, 1+c).")

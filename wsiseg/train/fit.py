@@ -80,6 +80,9 @@ class TrainConfig:
     finetune : start Model 2 from Model 1 (else from scratch).
     context : give Model 2 Model 1's features.
     stage : ``two-stage``, ``baseline`` or ``all``.
+    model1_from : a bundle whose Model 1 (same arch, backbone, ratio and input)
+        is used as it is: stage 1 is skipped, so several stage-2 settings can
+        share one Model 1 (the paper's Table 4 ablations).
     augment : the paper's augmentation: horizontal flips, ``brightness`` and
         ``contrast`` jitter, ``translate`` (upscale by up to this fraction, then
         crop) and rotations where ``rotate`` (None: where the data set's
@@ -125,6 +128,7 @@ class TrainConfig:
     finetune: bool = True
     context: bool = True
     stage: str = "two-stage"
+    model1_from: str | None = None
     augment: bool = True
     brightness: float = 0.1
     contrast: float = 0.1
@@ -156,6 +160,8 @@ class TrainConfig:
             raise InputError(f"unknown input {self.input_transform!r}; choose one of {', '.join(INPUT_TRANSFORMS)}")
         if self.stain_jitter < 0 or self.scale_jitter < 0:
             raise InputError("--stain-jitter and --scale-jitter must be >= 0")
+        if self.model1_from is not None and "stage1" not in PHASES[self.stage]:
+            raise InputError(f"--model1-from needs a stage that trains Model 2, not {self.stage!r}")
         if self.patches < 1:
             raise InputError(f"--patches must be at least 1, got {self.patches}")
         if self.tile + 2 * self.halo > side:
@@ -384,19 +390,25 @@ def train(
     out.parent.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     data = open_dataset(config.dataset, config.data_root, config.multiclass)
+    given_model1 = _model1_from(config, data.num_classes) if config.model1_from is not None else None
     images = TrainingImages(data, config, progress)
     loss_fn = config.loss_function()
     ckpt_path = checkpoint_path(out)
     state = _load_checkpoint(ckpt_path, config)
     models: dict[str, SegmentationModel] = {}
     history: dict[str, list[float]] = {}
+    seconds: dict[str, float] = {}
     done_phases: list[str] = []
     if state:
         history = {k: list(v) for k, v in state["history"].items()}
+        seconds = {k: float(v) for k, v in state.get("seconds", {}).items()}
         done_phases = list(state["done_phases"])
         for role, weights in state["models"].items():
             models[role] = _new_model(config, data.num_classes, role)
             models[role].load_state_dict(weights)
+    elif given_model1 is not None:
+        models["model1"] = given_model1
+        done_phases = ["stage1"]
     roles = {"stage1": "model1", "stage2": "model2", "baseline": "model"}
     steps = images.steps_per_epoch()
     channels_last = torch.channels_last if device.type == "cpu" else torch.contiguous_format
@@ -421,6 +433,7 @@ def train(
         model1 = models["model1"].to(device, memory_format=channels_last) if phase == "stage2" else None
         history.setdefault(phase, [])
         for epoch in range(start_epoch, config.epochs):
+            epoch_started = time.perf_counter()
             rng = _epoch_rng(config, phase, epoch)
             model.train()
             if config.freeze_bn_after is not None and epoch >= config.freeze_bn_after:
@@ -455,6 +468,7 @@ def train(
                 if progress:
                     progress(phase, epoch * steps + step, config.epochs * steps, {"epoch": epoch + 1, "loss": total / count})
             history[phase].append(total / max(count, 1))
+            seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - epoch_started
             _save_checkpoint(ckpt_path, {
                 "format": CHECKPOINT_FORMAT,
                 "config": config.signature(),
@@ -464,13 +478,14 @@ def train(
                 "models": {r: m.state_dict() for r, m in models.items()},
                 "optimizer": optimiser.state_dict(),
                 "history": history,
+                "seconds": seconds,
             })
         model.eval()
         done_phases.append(phase)
         _save_checkpoint(ckpt_path, {
             "format": CHECKPOINT_FORMAT, "config": config.signature(), "phase": None, "epoch": 0,
             "done_phases": done_phases, "models": {r: m.state_dict() for r, m in models.items()},
-            "optimizer": {}, "history": history,
+            "optimizer": {}, "history": history, "seconds": seconds,
         })
     for model in models.values():
         model.to("cpu", memory_format=torch.contiguous_format).eval()
@@ -486,13 +501,39 @@ def train(
         "image_size": config.image_size or None,
         "mpp": config.mpp,
         "dataset": config.dataset,
-        "training": {**asdict(config), "history": history, "train_images": len(images.items)},
+        "training": {
+            **asdict(config), "history": history, "train_images": len(images.items),
+            "seconds": {phase: round(value, 1) for phase, value in seconds.items()},
+        },
     }
     validation = _validate(Bundle(dict(models), bundle_config), data, config, evaluate_progress)
     bundle_config["validation"] = validation
     path = save_bundle(out, models, bundle_config)
     ckpt_path.unlink(missing_ok=True)
     return path
+
+
+def _model1_from(config: TrainConfig, num_classes: int) -> SegmentationModel:
+    """``config.model1_from``'s Model 1, checked to be the network ``config`` describes."""
+    from wsiseg.bundle import load_bundle
+
+    source = load_bundle(config.model1_from)
+    training = source.config.get("training", {})
+    if "model1" not in source.models:
+        raise InputError(f"{config.model1_from} holds no Model 1; give a bundle trained with stage two-stage or all")
+    for name in ("arch", "backbone", "ratio", "input_transform"):
+        theirs = training.get(name, source.config.get(name))
+        if theirs is not None and theirs != getattr(config, name):
+            raise InputError(
+                f"{config.model1_from}'s Model 1 has {name} {theirs!r}, this run {getattr(config, name)!r}; "
+                "train with the same setting or without --model1-from"
+            )
+    model = _new_model(config, num_classes, "model1")
+    try:
+        model.load_state_dict(source.models["model1"].state_dict())
+    except RuntimeError as exc:
+        raise InputError(f"{config.model1_from}'s Model 1 does not fit this run's network ({exc})") from exc
+    return model
 
 
 def _validate(bundle: Any, data: SegmentationData, config: TrainConfig, progress: Callable[[int, int], None] | None) -> dict[str, Any]:
