@@ -72,11 +72,18 @@ def patch_tile(crop: int, patches: int, ratio: int) -> int:
     return max(ratio, ratio * round(crop / math.sqrt(patches) / ratio))
 
 
+def table3_run(base: Any, arch: str) -> tuple[str, Any]:
+    """Name and settings of ``arch``'s Table 3 run (Model 1, Model 2 and the baseline), which
+    Table 4 and the losses table reuse for the U-Net."""
+    return f"t3-{arch}", replace(base, arch=arch, stage="all")
+
+
 def deviations(base: Any) -> str:
     return (f"Deviations from the paper: `resnet_lite` backbones trained from scratch (no ImageNet weights here), "
             f"native-size {base.crop_size}-pixel crops instead of images resized to 768, {base.tile_size}-pixel "
             f"tiles, {base.epochs} epochs per "
-            "phase (paper: 20), Adam lr 1e-3 (paper: 1e-4), BatchNorm frozen after 3 epochs, BOWL's 664 images "
+            f"phase (paper: 20), Adam lr {base.lr:g} (paper: 1e-4), BatchNorm frozen after {base.freeze_bn_after} "
+            "epochs, BOWL's 664 images "
             "(70/30 split, 199 test images), one run per row (seed 0), timed on this machine's CPU.")
 
 
@@ -148,7 +155,7 @@ class GivenBundle:
 
 def table3(runs: Runs, base: Any, archs: list[str], references: dict[str, str] | None = None) -> list[dict[str, Any]]:
     rows = []
-    runs_to_score = [(arch, f"t3-{arch}", replace(base, arch=arch, stage="all"), arch) for arch in archs]
+    runs_to_score = [(arch, *table3_run(base, arch), arch) for arch in archs]
     for label, path in (references or {}).items():
         from wsiseg.bundle import load_bundle
 
@@ -181,8 +188,8 @@ def table3(runs: Runs, base: Any, archs: list[str], references: dict[str, str] |
 def table4(runs: Runs, base: Any, patch_counts: tuple[int, ...] = PATCHES) -> list[dict[str, Any]]:
     from wsiseg.evaluate import PAPER_THRESHOLDS
 
-    reference = replace(base, arch="unet", stage="all")
-    model1 = runs.bundle("t3-unet", reference)
+    reference_name, reference = table3_run(base, "unet")
+    model1 = runs.bundle(reference_name, reference)
     stage2 = replace(reference, stage="two-stage", model1_from=str(model1))
     rows = []
 
@@ -199,20 +206,22 @@ def table4(runs: Runs, base: Any, patch_counts: tuple[int, ...] = PATCHES) -> li
                 "stage2_train_s": round(seconds.get("stage2", 0)),
             })
 
+    def ablation(name: str, **changes: Any) -> tuple[str, Any]:
+        """The reference run where ``changes`` are its own settings, else a stage-2 run ``name``."""
+        if all(getattr(reference, k) == v for k, v in changes.items()):
+            return reference_name, reference
+        return name, replace(stage2, **changes)
+
     for patches in patch_counts:
         tile = patch_tile(base.crop_size, patches, base.ratio)
-        name = "t3-unet" if tile == base.tile_size else f"t4-tile{tile}"
-        add("patches", f"{patches} (tile {tile})", name,
-            reference if name == "t3-unet" else replace(stage2, tile_size=tile), tile=None)  # trained = scored tile
+        add("patches", f"{patches} (tile {tile})", *ablation(f"t4-tile{tile}", tile_size=tile), tile=None)
     for sampling in ("random", "weighted", "highest"):
-        name = "t3-unet" if sampling == base.sampling else f"t4-{sampling}"
-        add("sampling", sampling, name, reference if name == "t3-unet" else replace(stage2, sampling=sampling))
-    add("threshold", "sweep", "t3-unet", reference, PAPER_THRESHOLDS)
+        add("sampling", sampling, *ablation(f"t4-{sampling}", sampling=sampling))
+    add("threshold", "sweep", reference_name, reference, PAPER_THRESHOLDS)
     for finetune, context in ((True, True), (False, True), (True, False), (False, False)):
         setting = f"finetune {'on' if finetune else 'off'}, context {'on' if context else 'off'}"
-        name = "t3-unet" if finetune and context else f"t4-ft{int(finetune)}-ctx{int(context)}"
-        add("finetune-context", setting, name,
-            reference if name == "t3-unet" else replace(stage2, finetune=finetune, context=context))
+        add("finetune-context", setting,
+            *ablation(f"t4-ft{int(finetune)}-ctx{int(context)}", finetune=finetune, context=context))
     return rows
 
 
@@ -220,7 +229,7 @@ def losses_table(runs: Runs, base: Any) -> list[dict[str, Any]]:
     rows = []
     for loss in ("focal", "ce", "ohem", "lad"):
         if loss == "focal":
-            name, config = "t3-unet", replace(base, arch="unet", stage="all")
+            name, config = table3_run(base, "unet")
         else:
             name, config = f"loss-{loss}", replace(base, arch="unet", stage="two-stage", loss=loss)
         scores, seconds = runs.scores(name, config, (1.0, *THRESHOLDS), INFERENCE_TILE)

@@ -503,7 +503,7 @@ def train(
         "dataset": config.dataset,
         "training": {
             **asdict(config), "history": history, "train_images": len(images.items),
-            "seconds": {phase: round(value, 1) for phase, value in seconds.items()},
+            "seconds": {phase: round(value, 3) for phase, value in seconds.items()},
         },
     }
     validation = _validate(Bundle(dict(models), bundle_config), data, config, evaluate_progress)
