@@ -36,9 +36,15 @@ ROOT = Path(__file__).resolve().parents[1]
 THRESHOLDS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.1, 0.0)
 TRAINING = dict(dataset="bowl", arch="unet", backbone="resnet_lite", ratio=4, epochs=40, lr=1e-3, image_size=0,
                 crop_size=256, tile_size=64, halo=32, stage="all", freeze_bn_after=3, val_images=0)
-#: ``--variant``: the shipped model's settings, or the stain-robust candidate measured in
-#: benchmarks/RESULTS.md ("A stain-robust default model: tried, not shipped").
-VARIANTS = {"shipped": {}, "hematoxylin": dict(input_transform="hematoxylin", stain_jitter=0.2, scale_jitter=0.5)}
+#: ``--variant``: the shipped model's settings, or a stain-robust candidate measured in
+#: benchmarks/RESULTS.md ("A stain-robust default model"). ``finetuned`` starts every model from
+#: the bundle at ``--init-from`` (the shipped model) and trains 10 more epochs with H&E stain
+#: jitter, scale jitter and bright-field images drawn 4 times per epoch.
+VARIANTS = {
+    "shipped": {},
+    "hematoxylin": dict(input_transform="hematoxylin", stain_jitter=0.2, scale_jitter=0.5),
+    "finetuned": dict(epochs=10, lr=3e-4, stain_jitter=0.2, scale_jitter=0.25, brightfield_repeats=4),
+}
 INFERENCE = {"tile_size": 128, "halo": 32}
 MPP = 0.4
 MPP_NOTE = ("estimated: BOWL publishes no pixel size; its brightfield nuclei have a median equivalent diameter "
@@ -65,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="shipped",
                         help="shipped: RGB input (the model wsiseg ships); hematoxylin: the stain-robust candidate")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="with --variant finetuned: the bundle to fine-tune (a copy of the shipped model)")
     parser.add_argument("--evaluation", type=Path, default=None,
                         help="reuse the rows of an earlier run's default_model.json instead of evaluating again")
     args = parser.parse_args(argv)
@@ -80,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     trained = args.bundle
     if trained is None:
         settings = {**TRAINING, **VARIANTS[args.variant]}
+        if args.variant == "finetuned":
+            if args.init_from is None:
+                parser.error("--variant finetuned needs --init-from (a copy of the shipped model)")
+            settings["init_from"] = str(args.init_from)
         trained = train(TrainConfig(data_root=str(args.data_root), **settings), args.work / "bowl.safetensors")
     bundle = load_bundle(trained)
     bundle.config.update(INFERENCE)

@@ -96,7 +96,7 @@ def test_domain_check_counts_uncertain_tissue_tiles_only() -> None:
     assert summary["uncertain_fraction"] == 0.75  # 0.9, 0.8, 0.7 of 0.9, 0.8, 0.7, 0.2
     assert summary["mean_uncertainty"] == pytest.approx(0.65)
     assert summary["refined_fraction"] == 0.75
-    assert OUT_OF_DOMAIN < 0.75 and "out of its domain" in warning and "wsiseg train" in warning
+    assert OUT_OF_DOMAIN < 0.75 and "out of its domain" in warning and "wsiseg train" in warning and "--init-from" in warning
     calm = FlowResult(refined=refined, scores=scores * 0.5, counts={}, resumed_tiles=0, tissue=tissue)
     assert domain_check(calm)[1] is None
 

@@ -411,6 +411,67 @@ def test_model1_from_skips_stage1_and_trains_the_same_model2(tmp_path) -> None:
     assert not (tmp_path / "y.safetensors").exists()
 
 
+def test_brightfield_repeats_draws_light_background_images_that_many_times_per_epoch(tmp_path) -> None:
+    from wsiseg.train.fit import TrainingImages
+
+    make_folder(tmp_path / "d", n=6)
+    for i in (0, 3, 5):  # bright-field: light glass, dark nuclei
+        image = np.asarray(Image.open(tmp_path / "d" / "images" / f"s{i}.png"))
+        _save(tmp_path / "d" / "images" / f"s{i}.png", (255 - image).astype(np.uint8))
+    data = open_dataset("folder", tmp_path / "d")
+    train_ids = [s.id for s in data.split("train")]
+    bright = {i for i, name in enumerate(train_ids) if name in {"s0", "s3", "s5"}}
+    assert 0 < len(bright) < len(train_ids)
+
+    images = TrainingImages(data, _tiny_config(tmp_path / "d", brightfield_repeats=3, batch_size=100))
+    assert images.repeats.tolist() == [3 if i in bright else 1 for i in range(len(train_ids))]
+    (x, y), = list(images.batches(np.random.default_rng(0)))
+    assert x.shape[0] == 3 * len(bright) + len(train_ids) - len(bright) and images.steps_per_epoch() == 1
+    dark_share = float((x.mean(dim=(1, 2, 3)) < 0.5).float().mean())
+    assert dark_share == pytest.approx((len(train_ids) - len(bright)) / x.shape[0])
+
+    plain = TrainingImages(data, _tiny_config(tmp_path / "d", batch_size=2))
+    assert plain.repeats.tolist() == [1] * len(train_ids) and plain.steps_per_epoch() == len(train_ids) // 2
+    with pytest.raises(InputError, match="at least 1"):
+        _tiny_config(tmp_path / "d", brightfield_repeats=0)
+
+
+@pytest.mark.training
+def test_init_from_starts_every_model_from_the_bundles_model_of_its_role(tmp_path) -> None:
+    """--init-from: Model 2 starts from the bundle's Model 2 (not a copy of Model 1); missing roles are one error line."""
+    from click.testing import CliRunner
+
+    from wsiseg.bundle import load_bundle
+    from wsiseg.cli import main
+
+    make_folder(tmp_path / "d", n=4)
+    source_path = train(_tiny_config(tmp_path / "d"), tmp_path / "source.safetensors")
+    source = load_bundle(source_path)
+    assert any(not torch.equal(v, source.model2.state_dict()[k]) for k, v in source.model1.state_dict().items())
+    started = load_bundle(train(_tiny_config(tmp_path / "d", epochs=0, init_from=str(source_path)),
+                                tmp_path / "started.safetensors"))
+    for role in ("model1", "model2"):
+        ours, theirs = getattr(started, role).state_dict(), getattr(source, role).state_dict()
+        for key, value in theirs.items():
+            torch.testing.assert_close(ours[key], value, rtol=0, atol=0, msg=f"{role} {key}")
+    tuned = load_bundle(train(_tiny_config(tmp_path / "d", epochs=1, init_from=str(source_path)),
+                              tmp_path / "tuned.safetensors"))
+    assert any(not torch.equal(v, source.model1.state_dict()[k]) for k, v in tuned.model1.state_dict().items())
+    assert tuned.config["training"]["init_from"] == str(source_path)
+
+    with pytest.raises(InputError, match="holds no full-resolution baseline"):
+        train(_tiny_config(tmp_path / "d", epochs=0, init_from=str(source_path), stage="all"), tmp_path / "x.safetensors")
+    with pytest.raises(InputError, match="not both"):
+        _tiny_config(tmp_path / "d", init_from=str(source_path), model1_from=str(source_path))
+    wrong = CliRunner().invoke(main, [
+        "train", "--dataset", "folder", "--data-root", str(tmp_path / "d"), "--out", str(tmp_path / "y.safetensors"),
+        "--init-from", str(source_path), "--arch", "fcn", "--image-size", "32", "--patches", "4", "--halo", "4",
+        "--ratio", "2", "--epochs", "0"])
+    assert wrong.exit_code != 0 and len(wrong.stderr.strip().splitlines()) == 1
+    assert "arch 'unet', this run 'fcn'" in wrong.stderr and "--init-from" in wrong.stderr
+    assert not (tmp_path / "y.safetensors").exists()
+
+
 @pytest.mark.training
 def test_interrupted_training_resumes_from_its_checkpoint(tmp_path) -> None:
     from wsiseg.bundle import load_bundle

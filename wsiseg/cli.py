@@ -432,6 +432,9 @@ TRAIN_LABELS = {"loading": "images  ", "stage1": "Model 1 ", "stage2": "Model 2 
 @click.option("--model1-from", type=click.Path(path_type=Path), default=None,
               help="Skip stage 1 and use this bundle's Model 1 (same --arch, --backbone, --ratio, --input): "
                    "stage-2 settings compared on one Model 1.")
+@click.option("--init-from", type=click.Path(path_type=Path), default=None,
+              help="Fine-tune a bundle: each model starts from this bundle's model of the same role (same --arch, "
+                   "--backbone, --ratio, --input), e.g. wsiseg/data/default.safetensors on your own images.")
 @click.option("--augment/--no-augment", default=True, show_default=True, help="The paper's augmentation (the next four).")
 @click.option("--brightness", default=0.1, show_default=True, help="Brightness jitter: multiply by U(1-b, 1+b).")
 @click.option("--contrast", default=0.1, show_default=True, help="Contrast jitter: scale deviations from the mean by U(1-c, 1+c).")
@@ -442,6 +445,9 @@ TRAIN_LABELS = {"loading": "images  ", "stage1": "Model 1 ", "stage2": "Model 2 
               help="H&E stain augmentation (Tellez et al.): each stain's density times U(1-s, 1+s), shifted; 0 off.")
 @click.option("--scale-jitter", default=0.0, show_default=True,
               help="With --image-size 0: crops at a random scale in [1/(1+j), 1+j] (20x and 40x alike); 0 off.")
+@click.option("--brightfield-repeats", default=1, show_default=True,
+              help="Draw bright-field images (light background) this many times per epoch, fluorescence once: "
+                   "more weight for stained tissue where a data set holds little of it.")
 @click.option("--input", "input_transform", type=click.Choice(["rgb", "hematoxylin"]), default="rgb", show_default=True,
               help="What the network sees: the RGB image, or the hematoxylin density of colour deconvolution "
                    "(one nuclear-stain channel; stains look alike). Recorded in the bundle.")

@@ -61,6 +61,11 @@ class TissueResult:
                 "threshold": round(self.threshold, 4), "shape": list(self.mask.shape)}
 
 
+def has_dark_background(rgb: np.ndarray) -> bool:
+    """Whether an ``(h, w, 3)`` uint8 image is dark-field / fluorescence: median grey below :data:`DARK_BACKGROUND`."""
+    return float(np.median(rgb.astype(np.float32).mean(axis=-1))) / 255.0 < DARK_BACKGROUND
+
+
 def detect_tissue(rgb: np.ndarray, min_area: int = 64, margin: int = 2) -> TissueResult:
     """Tissue mask of a thumbnail.
 
@@ -82,7 +87,7 @@ def detect_tissue(rgb: np.ndarray, min_area: int = 64, margin: int = 2) -> Tissu
 
     pixels = rgb.astype(np.float32) / 255.0
     grey = pixels.mean(axis=-1)
-    if float(np.median(grey)) < DARK_BACKGROUND:
+    if has_dark_background(rgb):
         background, signal, (low, high) = "dark", grey, DARKFIELD_THRESHOLD
     else:
         background, (low, high) = "bright", BRIGHTFIELD_THRESHOLD

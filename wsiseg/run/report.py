@@ -136,8 +136,8 @@ def domain_check(flow: FlowResult) -> tuple[dict[str, Any] | None, str | None]:
     return summary, (
         f"the model is uncertain on {100 * uncertain:.0f} % of the tissue tiles (more than "
         f"{100 * OUT_OF_DOMAIN:.0f} %): these images look out of its domain, so its mask may be poor and the "
-        "two-stage run saves little; train a model on such images: wsiseg train --dataset folder "
-        "--data-root DIR (DIR/images, DIR/masks)"
+        "two-stage run saves little; fine-tune it on such images: wsiseg train --dataset folder "
+        "--data-root DIR (DIR/images, DIR/masks) --init-from MODEL --stage all --image-size 0"
     )
 
 

@@ -45,6 +45,7 @@ from wsiseg.models.base import logits_to_probabilities
 from wsiseg.runtime import resolve_device
 from wsiseg.stain import INPUT_TRANSFORMS
 from wsiseg.tiling import Box, TileGrid, linear_resample, pixel_centres
+from wsiseg.tissue import has_dark_background
 from wsiseg.train.augment import Augmentation, random_crop
 from wsiseg.train.datasets import SegmentationData, open_dataset
 from wsiseg.train.losses import get_loss
@@ -83,12 +84,20 @@ class TrainConfig:
     model1_from : a bundle whose Model 1 (same arch, backbone, ratio and input)
         is used as it is: stage 1 is skipped, so several stage-2 settings can
         share one Model 1 (the paper's Table 4 ablations).
+    init_from : a bundle (same arch, backbone, ratio and input) whose models
+        start this run's models of the same role: Model 1, Model 2 and the
+        baseline are fine-tuned from it, e.g. the shipped model on one's own
+        images. It must hold every model the stage trains.
     augment : the paper's augmentation: horizontal flips, ``brightness`` and
         ``contrast`` jitter, ``translate`` (upscale by up to this fraction, then
         crop) and rotations where ``rotate`` (None: where the data set's
         orientation is arbitrary); and, where non-zero, H&E ``stain_jitter``
         (:func:`~wsiseg.stain.hed_jitter`) and ``scale_jitter`` (native-size
         crops taken at a random scale, see :func:`~wsiseg.train.augment.random_crop`).
+    brightfield_repeats : bright-field images (light background, see
+        :func:`~wsiseg.tissue.has_dark_background`) are drawn this many times
+        per epoch, fluorescence and dark-field images once: more weight for
+        the stained tissue a data set like BOWL holds few of.
     input_transform : ``rgb`` or ``hematoxylin`` (:class:`~wsiseg.stain.InputTransform`),
         built into the models and so recorded in the bundle.
     split_seed, seed : the 70/30 split and the training randomness.
@@ -129,6 +138,7 @@ class TrainConfig:
     context: bool = True
     stage: str = "two-stage"
     model1_from: str | None = None
+    init_from: str | None = None
     augment: bool = True
     brightness: float = 0.1
     contrast: float = 0.1
@@ -137,6 +147,7 @@ class TrainConfig:
     stain_jitter: float = 0.0
     scale_jitter: float = 0.0
     input_transform: str = "rgb"
+    brightfield_repeats: int = 1
     split_seed: int = 0
     seed: int = 0
     mpp: float | None = None
@@ -158,10 +169,14 @@ class TrainConfig:
             raise InputError(f"the training image side {side} must be a multiple of the ratio {self.ratio}")
         if self.input_transform not in INPUT_TRANSFORMS:
             raise InputError(f"unknown input {self.input_transform!r}; choose one of {', '.join(INPUT_TRANSFORMS)}")
+        if self.brightfield_repeats < 1:
+            raise InputError(f"--brightfield-repeats must be at least 1, got {self.brightfield_repeats}")
         if self.stain_jitter < 0 or self.scale_jitter < 0:
             raise InputError("--stain-jitter and --scale-jitter must be >= 0")
         if self.model1_from is not None and "stage1" not in PHASES[self.stage]:
             raise InputError(f"--model1-from needs a stage that trains Model 2, not {self.stage!r}")
+        if self.model1_from is not None and self.init_from is not None:
+            raise InputError("give --model1-from or --init-from, not both")
         if self.patches < 1:
             raise InputError(f"--patches must be at least 1, got {self.patches}")
         if self.tile + 2 * self.halo > side:
@@ -187,9 +202,20 @@ class TrainConfig:
         return get_loss(self.loss)
 
     def signature(self) -> dict[str, Any]:
-        """The settings that must match for a checkpoint to be resumed."""
+        """The settings that must match for a checkpoint to be resumed.
+
+        Settings added after checkpoints were first written are left out while
+        at their defaults, so that those checkpoints still resume.
+        """
         ignored = {"device", "val_images"}
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ignored}
+        return {
+            f.name: getattr(self, f.name) for f in fields(self)
+            if f.name not in ignored and not (f.name in _ADDED_LATER and getattr(self, f.name) == f.default)
+        }
+
+
+#: TrainConfig fields newer than the checkpoint format (see :meth:`TrainConfig.signature`).
+_ADDED_LATER = frozenset({"init_from", "brightfield_repeats"})
 
 
 # --------------------------------------------------------------------------- data
@@ -212,6 +238,11 @@ class TrainingImages:
         if len(self.items) < 1:
             raise InputError("the training split is empty")
         self.config = config
+        #: How many times each image is drawn per epoch.
+        self.repeats = np.array([
+            1 if config.brightfield_repeats == 1 or has_dark_background(image) else config.brightfield_repeats
+            for image, _ in self.items
+        ])
         rotate = data.rotation_invariant if config.rotate is None else config.rotate
         self.augmentation = Augmentation(
             brightness=config.brightness, contrast=config.contrast, translate=config.translate,
@@ -220,7 +251,7 @@ class TrainingImages:
 
     def batches(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of ``(x (N, 3, S, S) float in [0, 1], y (N, S, S) int64)`` batches."""
-        order = rng.permutation(len(self.items))
+        order = rng.permutation(np.repeat(np.arange(len(self.items)), self.repeats))
         size = self.config.batch_size
         for start in range(0, len(order), size):
             chosen = order[start : start + size]
@@ -241,7 +272,7 @@ class TrainingImages:
             yield torch.stack(xs), torch.stack(ys)
 
     def steps_per_epoch(self) -> int:
-        n, size = len(self.items), self.config.batch_size
+        n, size = int(self.repeats.sum()), self.config.batch_size
         full, rest = divmod(n, size)
         return full + (1 if rest >= 2 or (rest and n < 2) else 0)
 
@@ -390,7 +421,14 @@ def train(
     out.parent.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     data = open_dataset(config.dataset, config.data_root, config.multiclass)
-    given_model1 = _model1_from(config, data.num_classes) if config.model1_from is not None else None
+    roles = {"stage1": "model1", "stage2": "model2", "baseline": "model"}
+    if config.model1_from is not None:
+        given = _models_from(config.model1_from, "--model1-from", config, data.num_classes, ["model1"])
+    elif config.init_from is not None:
+        needed = [roles[phase] for phase in PHASES[config.stage]]
+        given = _models_from(config.init_from, "--init-from", config, data.num_classes, needed)
+    else:
+        given = {}
     images = TrainingImages(data, config, progress)
     loss_fn = config.loss_function()
     ckpt_path = checkpoint_path(out)
@@ -406,10 +444,9 @@ def train(
         for role, weights in state["models"].items():
             models[role] = _new_model(config, data.num_classes, role)
             models[role].load_state_dict(weights)
-    elif given_model1 is not None:
-        models["model1"] = given_model1
+    elif config.model1_from is not None:
+        models["model1"] = given["model1"]
         done_phases = ["stage1"]
-    roles = {"stage1": "model1", "stage2": "model2", "baseline": "model"}
     steps = images.steps_per_epoch()
     channels_last = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     for phase in PHASES[config.stage]:
@@ -418,7 +455,9 @@ def train(
         role = roles[phase]
         start_epoch = 0
         if role not in models:
-            if phase == "stage2" and config.finetune:
+            if role in given:
+                models[role] = given[role]
+            elif phase == "stage2" and config.finetune:
                 # A fresh model holding Model 1's weights (a deepcopy would also copy tensors a
                 # model keeps from its last forward pass, such as IFBFNet's auxiliary logits).
                 models[role] = _new_model(config, data.num_classes, role)
@@ -513,27 +552,37 @@ def train(
     return path
 
 
-def _model1_from(config: TrainConfig, num_classes: int) -> SegmentationModel:
-    """``config.model1_from``'s Model 1, checked to be the network ``config`` describes."""
+def _models_from(path: str, flag: str, config: TrainConfig, num_classes: int, roles: list[str]) -> dict[str, SegmentationModel]:
+    """``path``'s models of ``roles``, each checked to be the network ``config`` describes.
+
+    ``flag`` names the option in the errors (``--model1-from``, ``--init-from``).
+    """
     from wsiseg.bundle import load_bundle
 
-    source = load_bundle(config.model1_from)
+    source = load_bundle(path)
     training = source.config.get("training", {})
-    if "model1" not in source.models:
-        raise InputError(f"{config.model1_from} holds no Model 1; give a bundle trained with stage two-stage or all")
+    missing = [role for role in roles if role not in source.models]
+    if missing:
+        names = {"model1": "Model 1", "model2": "Model 2", "model": "full-resolution baseline"}
+        raise InputError(
+            f"{path} holds no {' and no '.join(names[r] for r in missing)}; give {flag} a bundle trained with a "
+            f"stage that has it, or train --stage {'two-stage' if 'model' in missing else 'baseline'}"
+        )
     for name in ("arch", "backbone", "ratio", "input_transform"):
         theirs = training.get(name, source.config.get(name))
         if theirs is not None and theirs != getattr(config, name):
             raise InputError(
-                f"{config.model1_from}'s Model 1 has {name} {theirs!r}, this run {getattr(config, name)!r}; "
-                "train with the same setting or without --model1-from"
+                f"{path}'s models have {name} {theirs!r}, this run {getattr(config, name)!r}; "
+                f"train with the same setting or without {flag}"
             )
-    model = _new_model(config, num_classes, "model1")
-    try:
-        model.load_state_dict(source.models["model1"].state_dict())
-    except RuntimeError as exc:
-        raise InputError(f"{config.model1_from}'s Model 1 does not fit this run's network ({exc})") from exc
-    return model
+    models = {}
+    for role in roles:
+        models[role] = _new_model(config, num_classes, role)
+        try:
+            models[role].load_state_dict(source.models[role].state_dict())
+        except RuntimeError as exc:
+            raise InputError(f"{path}'s {role} does not fit this run's network ({exc})") from exc
+    return models
 
 
 def _validate(bundle: Any, data: SegmentationData, config: TrainConfig, progress: Callable[[int, int], None] | None) -> dict[str, Any]:
