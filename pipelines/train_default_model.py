@@ -2,6 +2,7 @@
 
     python pipelines/train_default_model.py --data-root ../shared/data/bowl
         [--bundle trained.safetensors] [--out wsiseg/data/default.safetensors]
+        [--variant shipped|hematoxylin|finetuned [--init-from COPY_OF_SHIPPED]]
 
 1. Trains (unless ``--bundle`` names a finished run) a U-Net on the
    ``resnet_lite`` backbone on the 2018 Data Science Bowl (BOWL, CC0): Model 1
@@ -36,10 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 THRESHOLDS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.1, 0.0)
 TRAINING = dict(dataset="bowl", arch="unet", backbone="resnet_lite", ratio=4, epochs=40, lr=1e-3, image_size=0,
                 crop_size=256, tile_size=64, halo=32, stage="all", freeze_bn_after=3, val_images=0)
-#: ``--variant``: the shipped model's settings, or a stain-robust candidate measured in
-#: benchmarks/RESULTS.md ("A stain-robust default model"). ``finetuned`` starts every model from
-#: the bundle at ``--init-from`` (the shipped model) and trains 10 more epochs with H&E stain
-#: jitter, scale jitter and bright-field images drawn 4 times per epoch.
+#: ``--variant``: the shipped model's settings, or one of the two stain-robust candidates measured
+#: (and not shipped) in benchmarks/RESULTS.md ("A stain-robust default model: tried, not shipped").
+#: ``finetuned`` starts every model from the bundle at ``--init-from`` (a copy of the shipped model)
+#: and trains 10 more epochs with H&E stain jitter, scale jitter and bright-field images drawn 4
+#: times per epoch.
 VARIANTS = {
     "shipped": {},
     "hematoxylin": dict(input_transform="hematoxylin", stain_jitter=0.2, scale_jitter=0.5),

@@ -99,3 +99,12 @@ def test_default_threshold_rule_picks_the_fewest_refinements_within_half_a_point
     assert rule(rows) == 0.5  # the first threshold (from the top) that matches the baseline
     assert rule(rows, floor=0.865) == 0.4
     assert rule([row("baseline", None, 0.95), row("two-stage", 1.0, 0.70), row("two-stage", 0.0, 0.80)]) == 0.0
+
+
+def test_default_model_finetuned_variant_needs_the_bundle_to_start_from(tmp_path, capsys) -> None:
+    pipeline = _load("train_default_model")
+    assert pipeline.VARIANTS["finetuned"]["brightfield_repeats"] == 4
+    with pytest.raises(SystemExit) as stop:
+        pipeline.main(["--data-root", str(tmp_path), "--variant", "finetuned", "--work", str(tmp_path / "w")])
+    assert stop.value.code == 2 and "needs --init-from" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
