@@ -4,7 +4,7 @@
     python benchmarks/bench_segment.py memory  SLIDE [SLIDE ...]
     python benchmarks/bench_segment.py scaling SLIDE
     python benchmarks/bench_segment.py peer    SLIDE [--region 4096]
-    python benchmarks/bench_segment.py wsi-peer SLIDE
+    python benchmarks/bench_segment.py wsi-peer SLIDE [--peers monai,tiatoolbox --tiatoolbox-python PY]
     [--model BUNDLE] [--out benchmarks/results] [--scratch DIR]
 
 Every run is a real ``wsiseg segment`` process with its own local Dask
@@ -26,10 +26,13 @@ summed proportional memory (PSS, which splits them among the processes).
             workers on 2 cores (the process tree pinned with CPU affinity, so
             that the 1-worker run cannot use the second core through torch's
             threads), and 1 worker with 2 torch threads for reference.
-``wsi-peer`` the whole slide through MONAI's patch inferer (patches read with
-            OpenSlide, merged into Zarr; every patch, MONAI has no tissue
-            mask) with the bundle's full-resolution network, against wsiseg's
-            full-resolution and two-stage runs (their tissue mask on).
+``wsi-peer`` the whole slide through peers (``--peers monai,tiatoolbox``) with
+            the bundle's full-resolution network, against wsiseg's
+            full-resolution and two-stage runs (their tissue mask on): MONAI's
+            patch inferer (patches read with OpenSlide, merged into Zarr;
+            every patch, MONAI has no tissue mask), and TIAToolbox 2.x's
+            SemanticSegmentor with its tissue mask, in a separate environment
+            (``--tiatoolbox-python``, see ``benchmarks/peers/tiatoolbox_wsi.py``).
 ``peer``    MONAI's ``sliding_window_inference`` (the optional ``bench``
             extra) with the bundle's full-resolution model over a region of
             the slide held in memory, against wsiseg's full-resolution and
@@ -366,10 +369,17 @@ def run_monai(region: Path, model: str, tile: int, halo: int, out: Path) -> None
     print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def study_wsi_peer(slide: Path, workers: int, model: str | None, scratch: Path) -> dict[str, Any]:
-    """The whole slide through MONAI's patch inferer (``WSISlidingWindowSplitter`` reading with
-    OpenSlide, ``PatchInferer``, ``ZarrAvgMerger``) with the bundle's full-resolution network, against
-    wsiseg's full-resolution and two-stage runs (both with their tissue mask)."""
+def study_wsi_peer(
+    slide: Path, workers: int, model: str | None, scratch: Path, peers: list[str], tiatoolbox_python: str | None
+) -> dict[str, Any]:
+    """The whole slide through each of ``peers`` with the bundle's full-resolution network, against
+    wsiseg's full-resolution and two-stage runs (both with their tissue mask):
+
+    - ``monai``: MONAI's patch inferer (``WSISlidingWindowSplitter`` reading with OpenSlide,
+      ``PatchInferer``, ``ZarrAvgMerger``), every patch (MONAI has no tissue mask);
+    - ``tiatoolbox``: TIAToolbox 2.x's ``SemanticSegmentor`` with its tissue mask, run by
+      ``benchmarks/peers/tiatoolbox_wsi.py`` under ``tiatoolbox_python`` (a separate environment).
+    """
     import numpy as np
     import zarr
 
@@ -378,28 +388,51 @@ def study_wsi_peer(slide: Path, workers: int, model: str | None, scratch: Path) 
     full = run_segment(slide, scratch / "wsi-full.zarr", ["--full-resolution"], workers, model)
     two = run_segment(slide, scratch / "wsi-two.zarr", [], workers, model)
     halo, tile_size = full["settings"]["halo"], full["settings"]["tile_size"]
-    merged = scratch / "monai-merged.zarr"
-    monai = _monai_child("_monai_wsi", slide, model, tile_size, halo, merged)
-    theirs = zarr.open_array(str(merged), mode="r")
     ours = zarr.open_array(str(scratch / "wsi-full.zarr" / "labels/mask/0"), mode="r")
-    counts = np.zeros((2, 2), np.int64)
-    step = 2048
-    for y in range(0, ours.shape[0], step):
-        mask = (np.asarray(theirs[0, 0, y : y + step, : ours.shape[1]]) >= 0.5).astype(np.uint8)  # (1, C, H, W)
-        counts += confusion(mask, (np.asarray(ours[y : y + step]) > 0).astype(np.uint8), 2)
+
+    def dice_vs_full(read_rows: Any) -> float:
+        """Dice of a peer's mask (``read_rows(y0, y1)``: ``(rows, W)`` 0/1) against wsiseg's full-resolution mask."""
+        counts = np.zeros((2, 2), np.int64)
+        for y in range(0, ours.shape[0], 2048):
+            theirs = read_rows(y, min(y + 2048, ours.shape[0]))
+            counts += confusion(theirs.astype(np.uint8), (np.asarray(ours[y : y + 2048]) > 0).astype(np.uint8), 2)
+        return float(dice_iou(counts)[0])
+
+    rows, agreement = [], {}
+    if "monai" in peers:
+        merged = scratch / "monai-merged.zarr"
+        monai = _monai_child("_monai_wsi", slide, model, tile_size, halo, merged)
+        probabilities = zarr.open_array(str(merged), mode="r")  # (1, C, H, W)
+        rows.append({"run": "MONAI PatchInferer + WSISlidingWindowSplitter (OpenSlide) + ZarrAvgMerger, every patch",
+                     "seconds": monai["seconds"], "process_seconds": monai["process_seconds"],
+                     "peak_rss_mb": monai["peak_rss_mb"], "patches": monai["patches"]})
+        agreement["monai"] = dice_vs_full(
+            lambda y0, y1: np.asarray(probabilities[0, 0, y0:y1, : ours.shape[1]]) >= 0.5)
+    if "tiatoolbox" in peers:
+        start = time.perf_counter()
+        child = subprocess.run(
+            [tiatoolbox_python, str(ROOT / "benchmarks" / "peers" / "tiatoolbox_wsi.py"), str(slide),
+             model or "wsiseg:default", str(scratch / "tiatoolbox"), "--tile", str(tile_size), "--halo", str(halo)],
+            capture_output=True, text=True)
+        if child.returncode != 0:
+            raise RuntimeError(f"the TIAToolbox run failed: {child.stderr.strip()[-2000:]}")
+        tia = json.loads(child.stdout.strip().splitlines()[-1])
+        predictions = zarr.open_group(tia["zarr"], mode="r")["predictions"]  # (H, W)
+        rows.append({"run": "TIAToolbox SemanticSegmentor (its tissue mask), OpenSlide", "seconds": tia["seconds"],
+                     "process_seconds": time.perf_counter() - start, "peak_rss_mb": tia["peak_rss_mb"],
+                     "patches": tia["patches"]})
+        agreement["tiatoolbox"] = dice_vs_full(lambda y0, y1: np.asarray(predictions[y0:y1, : ours.shape[1]]) > 0)
+    rows += [
+        {"run": "wsiseg --full-resolution (tissue tiles)", "seconds": full["timings"]["total"],
+         "process_seconds": full["bench"]["process_seconds"], "peak_rss_mb": full["bench"]["peak_tree_rss_mb"]},
+        {"run": f"wsiseg two-stage (default threshold {bundle_threshold(model):g})", "seconds": two["timings"]["total"],
+         "process_seconds": two["bench"]["process_seconds"], "peak_rss_mb": two["bench"]["peak_tree_rss_mb"],
+         "refined_of_tissue": (two.get("domain") or {}).get("refined_fraction")},
+    ]
     return {
         "slide": str(slide),
-        "rows": [
-            {"run": "MONAI PatchInferer + WSISlidingWindowSplitter (OpenSlide) + ZarrAvgMerger, every patch",
-             "seconds": monai["seconds"], "process_seconds": monai["process_seconds"],
-             "peak_rss_mb": monai["peak_rss_mb"], "patches": monai["patches"]},
-            {"run": "wsiseg --full-resolution (tissue tiles)", "seconds": full["timings"]["total"],
-             "process_seconds": full["bench"]["process_seconds"], "peak_rss_mb": full["bench"]["peak_tree_rss_mb"]},
-            {"run": f"wsiseg two-stage (default threshold {bundle_threshold(model):g})", "seconds": two["timings"]["total"],
-             "process_seconds": two["bench"]["process_seconds"], "peak_rss_mb": two["bench"]["peak_tree_rss_mb"],
-             "refined_of_tissue": (two.get("domain") or {}).get("refined_fraction")},
-        ],
-        "dice_monai_vs_wsiseg_full": dice_iou(counts)[0],
+        "rows": rows,
+        "dice_peer_vs_wsiseg_full": agreement,
         "dice_two_stage_vs_full": mask_dice(scratch / "wsi-two.zarr", scratch / "wsi-full.zarr"),
     }
 
@@ -488,8 +521,9 @@ def print_markdown(study: str, result: dict[str, Any], command: str) -> None:
         print("| run | seconds | process seconds | peak RSS MB |\n|---|---|---|---|")
         for row in result["rows"]:
             print(f"| {row['run']} | {row['seconds']:.1f} | {row['process_seconds']:.1f} | {row['peak_rss_mb']:.0f} |")
-        print(f"\nDice of MONAI's mask vs wsiseg's full-resolution mask: {result['dice_monai_vs_wsiseg_full']:.4f}; "
-              f"two-stage vs full resolution: {result['dice_two_stage_vs_full']:.4f}")
+        for peer, value in result["dice_peer_vs_wsiseg_full"].items():
+            print(f"\nDice of {peer}'s mask vs wsiseg's full-resolution mask: {value:.4f}")
+        print(f"\nDice of two-stage vs full resolution: {result['dice_two_stage_vs_full']:.4f}")
     elif study == "peer":
         print(f"region {result['region']} x {result['region']} pixels\n\n| run | seconds | process seconds | peak RSS MB |\n|---|---|---|---|")
         for row in result["rows"]:
@@ -517,10 +551,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--region", type=int, default=4096)
+    parser.add_argument("--peers", default="monai", help="wsi-peer: comma-separated, from monai and tiatoolbox")
+    parser.add_argument("--tiatoolbox-python", default=None,
+                        help="wsi-peer: the Python of a separate environment holding TIAToolbox 2.x")
     parser.add_argument("--no-tissue-mask", action="store_true", help="speed: runs without the tissue mask (the old behaviour)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--scratch", type=Path, default=None, help="folder for the runs' outputs (default: a temporary one)")
     args = parser.parse_args(argv)
+    unknown = set(args.peers.split(",")) - {"monai", "tiatoolbox"}
+    if unknown:
+        parser.error(f"unknown --peers {', '.join(sorted(unknown))}; choose from monai and tiatoolbox")
+    if "tiatoolbox" in args.peers.split(",") and not args.tiatoolbox_python:
+        parser.error("--peers tiatoolbox needs --tiatoolbox-python (see benchmarks/peers/tiatoolbox_wsi.py)")
     command = "python benchmarks/bench_segment.py " + " ".join(argv)
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="wsiseg-bench-"))
     scratch.mkdir(parents=True, exist_ok=True)
@@ -535,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.study == "scaling":
             result = study_scaling(args.slides[0], args.model, scratch)
         elif args.study == "wsi-peer":
-            result = study_wsi_peer(args.slides[0], args.workers, args.model, scratch)
+            result = study_wsi_peer(args.slides[0], args.workers, args.model, scratch, args.peers.split(","),
+                                    args.tiatoolbox_python)
         else:
             result = study_peer(args.slides[0], args.region, args.workers, args.model, scratch)
     finally:

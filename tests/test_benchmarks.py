@@ -169,3 +169,17 @@ def test_seam_study_matches_one_pass_once_the_halo_covers_the_receptive_field(tm
         assert 100 < needed <= 160  # five stride-2 stages and a decoder: about 155 pixels
         # A halo on the stride grid that covers the receptive field gives the one-pass result.
         assert rows[160]["differ_pixels"] == 0 and rows[160]["dice"] == 1.0 and rows[160]["max_prob_diff"] < 1e-5
+
+
+def test_wsi_peer_study_scores_monai_against_wsiseg_on_a_tiny_slide(tmp_path, test_bundle) -> None:
+    """The whole-slide peer study: MONAI's patch inferer over every 576-pixel window (stride 512: 2 x 2 on
+    704 x 640), with the same network as wsiseg's full-resolution run, so their masks agree."""
+    peer = _bench(tmp_path, "wsi-peer", str(_tiny_slide(tmp_path)), "--model", str(test_bundle), "--workers", "1",
+                  "--peers", "monai")
+    assert peer.returncode == 0, peer.stderr
+    data = json.loads((tmp_path / "results" / "wsi-peer-tiny.json").read_text())
+    assert [r["run"].split()[0] for r in data["rows"]] == ["MONAI", "wsiseg", "wsiseg"]
+    assert data["rows"][0]["patches"] == 4
+    assert set(data["dice_peer_vs_wsiseg_full"]) == {"monai"} and data["dice_peer_vs_wsiseg_full"]["monai"] > 0.9
+    missing = _bench(tmp_path, "wsi-peer", str(_tiny_slide(tmp_path)), "--model", str(test_bundle), "--peers", "tiatoolbox")
+    assert missing.returncode != 0 and "--tiatoolbox-python" in missing.stderr
