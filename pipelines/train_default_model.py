@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "wsiseg" / "data" / "default.safetensors")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="shipped",
-                        help="shipped: RGB input (the model wsiseg ships); hematoxylin: the stain-robust candidate")
+                        help="shipped: RGB input (the model wsiseg ships); hematoxylin, finetuned: the stain-robust "
+                             "candidates measured in benchmarks/RESULTS.md")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="with --variant finetuned: the bundle to fine-tune (a copy of the shipped model)")
     parser.add_argument("--evaluation", type=Path, default=None,

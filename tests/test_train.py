@@ -434,6 +434,9 @@ def test_brightfield_repeats_draws_light_background_images_that_many_times_per_e
     assert plain.repeats.tolist() == [1] * len(train_ids) and plain.steps_per_epoch() == len(train_ids) // 2
     with pytest.raises(InputError, match="at least 1"):
         _tiny_config(tmp_path / "d", brightfield_repeats=0)
+    # Checkpoints written before these settings existed still resume: at their defaults they are not in the signature.
+    assert not {"brightfield_repeats", "init_from"} & set(_tiny_config(tmp_path / "d").signature())
+    assert _tiny_config(tmp_path / "d", brightfield_repeats=3).signature()["brightfield_repeats"] == 3
 
 
 @pytest.mark.training
