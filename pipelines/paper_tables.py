@@ -118,7 +118,7 @@ class Runs:
         """Test-split rows (baseline first when the bundle has one; only it when ``thresholds`` is
         empty), scored with tiles of ``tile`` pixels (None: the bundle's own), and training
         seconds per phase."""
-        from wsiseg.bundle import load_bundle
+        from wsiseg.bundle import inspect_bundle, load_bundle
         from wsiseg.evaluate import MethodScores, evaluate
         from wsiseg.train.datasets import open_dataset
 
@@ -127,15 +127,15 @@ class Runs:
         key = ",".join(f"{t:g}" for t in thresholds) or "baseline"
         key += (f"/tile {tile}" if tile else "") + (f"/first {self.limit}" if self.limit else "")
         cached = json.loads(cache.read_text()) if cache.exists() else {}
-        bundle = load_bundle(path)
-        if key not in cached:
+        if key not in cached:  # the weights are loaded only to score; a cached score needs the header alone
             print(f"{time.strftime('%H:%M:%S')} scoring {name} at {key}", flush=True)
             data = open_dataset(config.dataset, config.data_root)
             samples = data.split("test", config.split_seed)[: self.limit or None]
-            rows = evaluate(bundle, data, samples, thresholds, device="cpu", overrides={"tile_size": tile})
+            rows = evaluate(load_bundle(path), data, samples, thresholds, device="cpu", overrides={"tile_size": tile})
             cached[key] = [asdict(r) for r in rows]
             cache.write_text(json.dumps(cached, indent=2))
-        seconds = {k: float(v) for k, v in bundle.config["training"].get("seconds", {}).items()}
+        training = inspect_bundle(path)["config"]["training"]
+        seconds = {k: float(v) for k, v in training.get("seconds", {}).items()}
         return [MethodScores(**row) for row in cached[key]], seconds
 
 
@@ -157,9 +157,9 @@ def table3(runs: Runs, base: Any, archs: list[str], references: dict[str, str] |
     rows = []
     runs_to_score = [(arch, *table3_run(base, arch), arch) for arch in archs]
     for label, path in (references or {}).items():
-        from wsiseg.bundle import load_bundle
+        from wsiseg.bundle import inspect_bundle
 
-        training = load_bundle(path).config["training"]
+        training = inspect_bundle(path)["config"]["training"]
         given = GivenBundle(path, training["dataset"], base.data_root, int(training["split_seed"]))
         runs_to_score.append((label, f"ref-{label}", given, training["arch"]))
     for label, name, config, arch in runs_to_score:
