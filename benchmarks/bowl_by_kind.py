@@ -7,8 +7,8 @@ Kinds come from the data folder's ``SUMMARY.csv`` (``kind_guess``:
 fluorescence, color_brightfield, gray_brightfield). Each bundle is scored on
 the test split of its own training run (split seed from the bundle) with
 ``wsiseg.evaluate.evaluate``: its full-resolution baseline, Model 1 alone
-(threshold 1), the two-stage pipeline at the bundle's default threshold, and
-Model 2 everywhere (threshold 0). Mean Dice over images, per kind and over
+(threshold 1), the two-stage pipeline at the bundle's default threshold (and
+at each ``--also-threshold``), and Model 2 everywhere (threshold 0). Mean Dice over images, per kind and over
 all (the kinds' means weighted by their image counts). Writes ``benchmarks/results/bowl_by_kind.{json,md}``.
 """
 
@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="append", required=True, metavar="NAME=BUNDLE")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--limit", type=int, default=0, help="first N test images only (0: all)")
+    parser.add_argument("--also-threshold", type=float, action="append", default=[], metavar="T",
+                        help="score two-stage at this threshold too, for every model (repeatable)")
     args = parser.parse_args(argv)
 
     import torch
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.limit:
             test = test[: args.limit]
         threshold = float(bundle.config.get("threshold", 0.5))
-        thresholds = tuple(dict.fromkeys((1.0, threshold, 0.0)))
+        thresholds = tuple(dict.fromkeys(sorted({1.0, threshold, *args.also_threshold, 0.0}, reverse=True)))
         started = time.perf_counter()
         per_kind = {}
         for kind in KINDS:

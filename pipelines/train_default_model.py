@@ -2,7 +2,7 @@
 
     python pipelines/train_default_model.py --data-root ../shared/data/bowl
         [--bundle trained.safetensors] [--out wsiseg/data/default.safetensors]
-        [--variant shipped|hematoxylin|finetuned [--init-from COPY_OF_SHIPPED]]
+        [--variant shipped|hematoxylin|finetuned|synthetic [--init-from COPY_OF_SHIPPED]]
 
 1. Trains (unless ``--bundle`` names a finished run) a U-Net on the
    ``resnet_lite`` backbone on the 2018 Data Science Bowl (BOWL, CC0): Model 1
@@ -41,12 +41,19 @@ TRAINING = dict(dataset="bowl", arch="unet", backbone="resnet_lite", ratio=4, ep
 #: (and not shipped) in benchmarks/RESULTS.md ("A stain-robust default model: tried, not shipped").
 #: ``finetuned`` starts every model from the bundle at ``--init-from`` (a copy of the shipped model)
 #: and trains 10 more epochs with H&E stain jitter, scale jitter and bright-field images drawn 4
-#: times per epoch.
+#: times per epoch; ``synthetic`` does the same and also replaces 30 % of the crops by H&E-like
+#: renderings of their masks (``wsiseg train --synthetic-he``).
 VARIANTS = {
     "shipped": {},
     "hematoxylin": dict(input_transform="hematoxylin", stain_jitter=0.2, scale_jitter=0.5),
     "finetuned": dict(epochs=10, lr=3e-4, stain_jitter=0.2, scale_jitter=0.25, brightfield_repeats=4),
+    "synthetic": dict(epochs=10, lr=3e-4, stain_jitter=0.2, scale_jitter=0.25, brightfield_repeats=4,
+                      synthetic_he=0.3),
+    "synthetic-more": dict(epochs=10, lr=3e-4, stain_jitter=0.2, scale_jitter=0.25, brightfield_repeats=4,
+                           synthetic_he=0.5),
 }
+#: The variants that fine-tune the bundle given by ``--init-from``.
+FINE_TUNED = ("finetuned", "synthetic", "synthetic-more")
 INFERENCE = {"tile_size": 128, "halo": 32}
 MPP = 0.4
 MPP_NOTE = ("estimated: BOWL publishes no pixel size; its brightfield nuclei have a median equivalent diameter "
@@ -72,10 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "wsiseg" / "data" / "default.safetensors")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="shipped",
-                        help="shipped: RGB input (the model wsiseg ships); hematoxylin, finetuned: the stain-robust "
+                        help="shipped: RGB input (the model wsiseg ships); hematoxylin, finetuned, synthetic: the stain-robust "
                              "candidates measured in benchmarks/RESULTS.md")
     parser.add_argument("--init-from", type=Path, default=None,
-                        help="with --variant finetuned: the bundle to fine-tune (a copy of the shipped model)")
+                        help="with --variant finetuned or synthetic: the bundle to fine-tune (a copy of the shipped model)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="package this default threshold instead of the one choose_threshold picks")
     parser.add_argument("--evaluation", type=Path, default=None,
                         help="reuse the rows of an earlier run's default_model.json instead of evaluating again")
     args = parser.parse_args(argv)
@@ -91,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     trained = args.bundle
     if trained is None:
         settings = {**TRAINING, **VARIANTS[args.variant]}
-        if args.variant == "finetuned":
+        if args.variant in FINE_TUNED:
             if args.init_from is None:
-                parser.error("--variant finetuned needs --init-from (a copy of the shipped model)")
+                parser.error(f"--variant {args.variant} needs --init-from (the bundle it fine-tunes)")
             settings["init_from"] = str(args.init_from)
         trained = train(TrainConfig(data_root=str(args.data_root), **settings), args.work / "bowl.safetensors")
     bundle = load_bundle(trained)
@@ -114,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows = evaluate(bundle, data, test, THRESHOLDS, device="cpu")
         measured = {"command": command, "seconds": round(time.perf_counter() - started)}
-    threshold = choose_threshold(rows)
+    threshold = choose_threshold(rows) if args.threshold is None else args.threshold
     table = format_table(rows)
     print("\n".join(table))
     print(f"default threshold: {threshold:g}")

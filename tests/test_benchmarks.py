@@ -183,3 +183,23 @@ def test_wsi_peer_study_scores_monai_against_wsiseg_on_a_tiny_slide(tmp_path, te
     assert set(data["dice_peer_vs_wsiseg_full"]) == {"monai"} and data["dice_peer_vs_wsiseg_full"]["monai"] > 0.9
     missing = _bench(tmp_path, "wsi-peer", str(_tiny_slide(tmp_path)), "--model", str(test_bundle), "--peers", "tiatoolbox")
     assert missing.returncode != 0 and "--tiatoolbox-python" in missing.stderr
+
+
+def test_he_proxy_figures_relate_a_mask_to_the_hematoxylin_density() -> None:
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("he_proxy", ROOT / "benchmarks" / "he_proxy.py")
+    he_proxy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(he_proxy)
+
+    density = np.tile(np.arange(100, dtype=float), (10, 1))  # (10, 100): columns 0..99, the darkest 10 % are 90..99
+    tissue = np.ones((10, 100), bool)
+    tissue[:, :20] = False  # tissue is columns 20..99; its darkest 10 % are columns 92..99
+    mask = np.zeros((10, 100), bool)
+    mask[:, 88:96] = True  # 8 columns marked, 4 of them (92..95) among the darkest
+    figures = he_proxy.stain_figures(density, mask, tissue)
+    assert figures["marked"] == pytest.approx(8 / 80)
+    assert figures["h_marked"] == pytest.approx(91.5) and figures["h_unmarked"] == pytest.approx((sum(range(20, 100)) - 732) / 72)
+    assert figures["darkest_marked"] == pytest.approx(4 / 8) and figures["marked_darkest"] == pytest.approx(4 / 8)

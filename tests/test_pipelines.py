@@ -101,10 +101,37 @@ def test_default_threshold_rule_picks_the_fewest_refinements_within_half_a_point
     assert rule([row("baseline", None, 0.95), row("two-stage", 1.0, 0.70), row("two-stage", 0.0, 0.80)]) == 0.0
 
 
-def test_default_model_finetuned_variant_needs_the_bundle_to_start_from(tmp_path, capsys) -> None:
+@pytest.mark.parametrize("variant", ["finetuned", "synthetic", "synthetic-more"])
+def test_default_model_fine_tuned_variants_need_the_bundle_to_start_from(tmp_path, capsys, variant) -> None:
     pipeline = _load("train_default_model")
-    assert pipeline.VARIANTS["finetuned"]["brightfield_repeats"] == 4
+    assert pipeline.VARIANTS[variant]["brightfield_repeats"] == 4
+    assert pipeline.VARIANTS[variant].get("synthetic_he", 0.0) == {"finetuned": 0.0, "synthetic": 0.3}.get(variant, 0.5)
     with pytest.raises(SystemExit) as stop:
-        pipeline.main(["--data-root", str(tmp_path), "--variant", "finetuned", "--work", str(tmp_path / "w")])
+        pipeline.main(["--data-root", str(tmp_path), "--variant", variant, "--work", str(tmp_path / "w")])
     assert stop.value.code == 2 and "needs --init-from" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.training
+def test_default_model_packaging_keeps_the_rules_threshold_unless_one_is_given(tmp_path) -> None:
+    """--bundle packages a finished run: scored on its test split; --threshold overrides the rule's choice."""
+    from test_train import make_bowl
+
+    from wsiseg.bundle import load_bundle
+    from wsiseg.evaluate import MethodScores
+    from wsiseg.train.fit import TrainConfig, train
+
+    make_bowl(tmp_path / "bowl", n=6)
+    run = train(TrainConfig(dataset="bowl", data_root=str(tmp_path / "bowl"), image_size=32, patches=4, halo=4, ratio=2,
+                            epochs=0, batch_size=2, stage="all", val_images=1), tmp_path / "run.safetensors")
+    pipeline = _load("train_default_model")
+    common = ["--data-root", str(tmp_path / "bowl"), "--bundle", str(run)]
+    assert pipeline.main([*common, "--out", str(tmp_path / "rule.safetensors"), "--results", str(tmp_path / "r1")]) == 0
+    rows = [MethodScores(**row) for row in load_bundle(tmp_path / "rule.safetensors").config["evaluation"]["rows"]]
+    assert load_bundle(tmp_path / "rule.safetensors").config["threshold"] == pipeline.choose_threshold(rows) != 0.45
+
+    assert pipeline.main([*common, "--out", str(tmp_path / "given.safetensors"), "--results", str(tmp_path / "r2"),
+                          "--threshold", "0.45", "--evaluation", str(tmp_path / "r1" / "default_model.json")]) == 0
+    given = load_bundle(tmp_path / "given.safetensors").config
+    assert given["threshold"] == 0.45 and given["evaluation"]["rows"] == [r.__dict__ for r in rows]
+    assert "default threshold: 0.45" in (tmp_path / "r2" / "default_model.md").read_text()

@@ -87,3 +87,30 @@ def test_scale_jittered_crops_resample_image_and_mask_together(rng) -> None:
     draws = np.random.default_rng(0)
     y, x = int(draws.integers(145)), int(draws.integers(145))
     assert np.array_equal(plain, image[y : y + 256, x : x + 256]) and np.array_equal(plain_mask, disc[y : y + 256, x : x + 256])
+
+
+def test_render_he_paints_the_masks_nuclei_darkest_in_hematoxylin_and_keeps_the_mask() -> None:
+    """Synthetic H&E: over many draws, every nucleus core is denser in hematoxylin than the scene around it."""
+    from scipy import ndimage
+    from skimage.color import rgb2hed
+
+    from wsiseg.train.synthetic_he import render_he
+
+    mask = np.zeros((128, 128), np.uint8)
+    yy, xx = np.mgrid[:128, :128]
+    for cy, cx, r in ((30, 30, 9), (90, 40, 6), (60, 100, 12)):
+        mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1
+    mask[:, 120:] = 255  # ignored pixels are rendered as background
+    before = mask.copy()
+    cores = ndimage.binary_erosion(mask == 1, iterations=2)
+    far = ~ndimage.binary_dilation(mask == 1, iterations=4)
+    for seed in range(12):
+        image = render_he(mask, np.random.default_rng(seed))
+        assert image.shape == (128, 128, 3) and image.dtype == np.uint8
+        hematoxylin = rgb2hed(image)[..., 0]
+        assert hematoxylin[cores].mean() > hematoxylin[far].mean() + 0.03, seed
+        # a nucleus core is darker than 90 % of the scene outside the nuclei, fibres and cytoplasm included
+        assert np.median(hematoxylin[cores]) > np.percentile(hematoxylin[far], 90), seed
+    np.testing.assert_array_equal(mask, before)
+    np.testing.assert_array_equal(render_he(mask, np.random.default_rng(3)), render_he(mask, np.random.default_rng(3)))
+    assert not np.array_equal(render_he(mask, np.random.default_rng(3)), render_he(mask, np.random.default_rng(4)))

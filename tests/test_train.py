@@ -439,6 +439,33 @@ def test_brightfield_repeats_draws_light_background_images_that_many_times_per_e
     assert _tiny_config(tmp_path / "d", brightfield_repeats=3).signature()["brightfield_repeats"] == 3
 
 
+def test_synthetic_he_replaces_that_fraction_of_crops_by_renderings_of_their_masks(tmp_path) -> None:
+    from wsiseg.train.fit import TrainingImages
+
+    make_folder(tmp_path / "d", n=6)
+    data = open_dataset("folder", tmp_path / "d")
+    plain = TrainingImages(data, _tiny_config(tmp_path / "d", batch_size=100, augment=False))
+    (x0, y0), = list(plain.batches(np.random.default_rng(0)))
+
+    everything = TrainingImages(data, _tiny_config(tmp_path / "d", batch_size=100, synthetic_he=1.0, translate=0.0,
+                                                   brightness=0.0, contrast=0.0, rotate=False))
+    # every crop rendered: the masks kept (up to a flip), no image the original or its mirror
+    rng = np.random.default_rng(0)
+    (x1, y1), = list(everything.batches(rng))
+    assert x1.shape == x0.shape and y1.shape == y0.shape
+    assert sorted(map(int, y1.sum(dim=(1, 2)))) == sorted(map(int, y0.sum(dim=(1, 2))))
+    for image, mask in zip(x1, y1):
+        assert not any(torch.equal(image, original) or torch.equal(image, original.flip(-1)) for original in x0)
+        nuclei = mask == 1
+        darkness = 1.0 - image.mean(0)
+        assert darkness[nuclei].mean() > darkness[~nuclei].mean()  # rendered nuclei are the dark stain
+
+    with pytest.raises(InputError, match="between 0 and 1"):
+        _tiny_config(tmp_path / "d", synthetic_he=1.5)
+    assert "synthetic_he" not in _tiny_config(tmp_path / "d").signature()
+    assert _tiny_config(tmp_path / "d", synthetic_he=0.3).signature()["synthetic_he"] == 0.3
+
+
 @pytest.mark.training
 def test_init_from_starts_every_model_from_the_bundles_model_of_its_role(tmp_path) -> None:
     """--init-from: Model 2 starts from the bundle's Model 2 (not a copy of Model 1); missing roles are one error line."""

@@ -448,6 +448,9 @@ TRAIN_LABELS = {"loading": "images  ", "stage1": "Model 1 ", "stage2": "Model 2 
 @click.option("--brightfield-repeats", default=1, show_default=True,
               help="Draw bright-field images (light background) this many times per epoch, fluorescence once: "
                    "more weight for stained tissue where a data set holds little of it.")
+@click.option("--synthetic-he", default=0.0, show_default=True,
+              help="Replace this fraction of training crops by an H&E-like rendering of their nucleus mask "
+                   "(stroma, fibres, cytoplasm, glass; binary nucleus masks); 0 off.")
 @click.option("--input", "input_transform", type=click.Choice(["rgb", "hematoxylin"]), default="rgb", show_default=True,
               help="What the network sees: the RGB image, or the hematoxylin density of colour deconvolution "
                    "(one nuclear-stain channel; stains look alike). Recorded in the bundle.")

@@ -47,6 +47,7 @@ from wsiseg.stain import INPUT_TRANSFORMS
 from wsiseg.tiling import Box, TileGrid, linear_resample, pixel_centres
 from wsiseg.tissue import has_dark_background
 from wsiseg.train.augment import Augmentation, random_crop
+from wsiseg.train.synthetic_he import render_he
 from wsiseg.train.datasets import SegmentationData, open_dataset
 from wsiseg.train.losses import get_loss
 from wsiseg.uncertainty import SAMPLING_STRATEGIES, sample_tiles, tile_scores, uncertainty_map
@@ -98,6 +99,10 @@ class TrainConfig:
         :func:`~wsiseg.tissue.has_dark_background`) are drawn this many times
         per epoch, fluorescence and dark-field images once: more weight for
         the stained tissue a data set like BOWL holds few of.
+    synthetic_he : this fraction of training crops (with ``augment``) has its
+        image replaced by an H&E-like rendering of its mask
+        (:func:`~wsiseg.train.synthetic_he.render_he`): nuclei among stroma,
+        fibres, cytoplasm and glass. Binary nucleus masks only.
     input_transform : ``rgb`` or ``hematoxylin`` (:class:`~wsiseg.stain.InputTransform`),
         built into the models and so recorded in the bundle.
     split_seed, seed : the 70/30 split and the training randomness.
@@ -148,6 +153,7 @@ class TrainConfig:
     scale_jitter: float = 0.0
     input_transform: str = "rgb"
     brightfield_repeats: int = 1
+    synthetic_he: float = 0.0
     split_seed: int = 0
     seed: int = 0
     mpp: float | None = None
@@ -173,6 +179,10 @@ class TrainConfig:
             raise InputError(f"--brightfield-repeats must be at least 1, got {self.brightfield_repeats}")
         if self.stain_jitter < 0 or self.scale_jitter < 0:
             raise InputError("--stain-jitter and --scale-jitter must be >= 0")
+        if not 0.0 <= self.synthetic_he <= 1.0:
+            raise InputError(f"--synthetic-he is a fraction of the crops, between 0 and 1, got {self.synthetic_he}")
+        if self.synthetic_he and self.multiclass:
+            raise InputError("--synthetic-he renders nuclei from binary masks; it does not apply with --multiclass")
         if self.model1_from is not None and "stage1" not in PHASES[self.stage]:
             raise InputError(f"--model1-from needs a stage that trains Model 2, not {self.stage!r}")
         if self.model1_from is not None and self.init_from is not None:
@@ -215,7 +225,7 @@ class TrainConfig:
 
 
 #: TrainConfig fields newer than the checkpoint format (see :meth:`TrainConfig.signature`).
-_ADDED_LATER = frozenset({"init_from", "brightfield_repeats"})
+_ADDED_LATER = frozenset({"init_from", "brightfield_repeats", "synthetic_he"})
 
 
 # --------------------------------------------------------------------------- data
@@ -263,6 +273,8 @@ class TrainingImages:
                 if not self.config.image_size:
                     scale_jitter = self.config.scale_jitter if self.config.augment else 0.0
                     image, mask = random_crop(image, mask, self.config.crop_size, rng, scale_jitter)
+                if self.augmentation is not None and self.config.synthetic_he and rng.random() < self.config.synthetic_he:
+                    image = render_he(mask, rng)
                 x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
                 y = torch.from_numpy(np.ascontiguousarray(mask)).long()
                 if self.augmentation is not None:
