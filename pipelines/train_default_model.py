@@ -2,7 +2,8 @@
 
     python pipelines/train_default_model.py --data-root ../shared/data/bowl
         [--bundle trained.safetensors] [--out wsiseg/data/default.safetensors]
-        [--variant shipped|hematoxylin|finetuned|synthetic [--init-from COPY_OF_SHIPPED]]
+        [--variant shipped|hematoxylin|finetuned|synthetic|synthetic-more|synthetic-long
+         [--init-from COPY_OF_SHIPPED]] [--workers N]
 
 1. Trains (unless ``--bundle`` names a finished run) a U-Net on the
    ``resnet_lite`` backbone on the 2018 Data Science Bowl (BOWL, CC0): Model 1
@@ -32,6 +33,10 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from wsiseg.train.fit import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 THRESHOLDS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.1, 0.0)
@@ -42,7 +47,8 @@ TRAINING = dict(dataset="bowl", arch="unet", backbone="resnet_lite", ratio=4, ep
 #: ``finetuned`` starts every model from the bundle at ``--init-from`` (a copy of the shipped model)
 #: and trains 10 more epochs with H&E stain jitter, scale jitter and bright-field images drawn 4
 #: times per epoch; ``synthetic`` does the same and also replaces 30 % of the crops by H&E-like
-#: renderings of their masks (``wsiseg train --synthetic-he``).
+#: renderings of their masks (``wsiseg train --synthetic-he``); ``synthetic-more`` renders half of
+#: the crops; ``synthetic-long`` trains that 50 epochs (a GPU job: ``--workers`` about the CPU cores).
 VARIANTS = {
     "shipped": {},
     "hematoxylin": dict(input_transform="hematoxylin", stain_jitter=0.2, scale_jitter=0.5),
@@ -51,13 +57,25 @@ VARIANTS = {
                       synthetic_he=0.3),
     "synthetic-more": dict(epochs=10, lr=3e-4, stain_jitter=0.2, scale_jitter=0.25, brightfield_repeats=4,
                            synthetic_he=0.5),
+    "synthetic-long": dict(epochs=50, lr=3e-4, stain_jitter=0.2, scale_jitter=0.25, brightfield_repeats=4,
+                           synthetic_he=0.5),
 }
 #: The variants that fine-tune the bundle given by ``--init-from``.
-FINE_TUNED = ("finetuned", "synthetic", "synthetic-more")
+FINE_TUNED = ("finetuned", "synthetic", "synthetic-more", "synthetic-long")
 INFERENCE = {"tile_size": 128, "halo": 32}
 MPP = 0.4
 MPP_NOTE = ("estimated: BOWL publishes no pixel size; its brightfield nuclei have a median equivalent diameter "
             "of 21 pixels, about 8.5 um for human nuclei")
+
+
+def training_config(data_root: Path, variant: str, init_from: Path | None = None, workers: int = 0) -> TrainConfig:
+    """The ``wsiseg train`` settings of ``variant`` (fine-tuning ``init_from`` where it fine-tunes)."""
+    from wsiseg.train.fit import TrainConfig
+
+    settings = {**TRAINING, **VARIANTS[variant], "workers": workers}
+    if variant in FINE_TUNED:
+        settings["init_from"] = str(init_from)
+    return TrainConfig(data_root=str(data_root), **settings)
 
 
 def choose_threshold(rows: list, floor: float = 0.82) -> float:
@@ -85,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --variant finetuned or synthetic: the bundle to fine-tune (a copy of the shipped model)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="package this default threshold instead of the one choose_threshold picks")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes making training batches (wsiseg train --workers): about the CPU cores on a GPU machine")
     parser.add_argument("--evaluation", type=Path, default=None,
                         help="reuse the rows of an earlier run's default_model.json instead of evaluating again")
     args = parser.parse_args(argv)
@@ -94,17 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     from wsiseg.bundle import load_bundle, save_bundle
     from wsiseg.evaluate import evaluate, format_table
     from wsiseg.train.datasets import open_dataset
-    from wsiseg.train.fit import TrainConfig, train
+    from wsiseg.train.fit import train
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     trained = args.bundle
     if trained is None:
-        settings = {**TRAINING, **VARIANTS[args.variant]}
-        if args.variant in FINE_TUNED:
-            if args.init_from is None:
-                parser.error(f"--variant {args.variant} needs --init-from (the bundle it fine-tunes)")
-            settings["init_from"] = str(args.init_from)
-        trained = train(TrainConfig(data_root=str(args.data_root), **settings), args.work / "bowl.safetensors")
+        if args.variant in FINE_TUNED and args.init_from is None:
+            parser.error(f"--variant {args.variant} needs --init-from (the bundle it fine-tunes)")
+        config = training_config(args.data_root, args.variant, args.init_from, args.workers)
+        trained = train(config, args.work / "bowl.safetensors")
     bundle = load_bundle(trained)
     bundle.config.update(INFERENCE)
     data = open_dataset("bowl", args.data_root)

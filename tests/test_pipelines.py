@@ -101,11 +101,14 @@ def test_default_threshold_rule_picks_the_fewest_refinements_within_half_a_point
     assert rule([row("baseline", None, 0.95), row("two-stage", 1.0, 0.70), row("two-stage", 0.0, 0.80)]) == 0.0
 
 
-@pytest.mark.parametrize("variant", ["finetuned", "synthetic", "synthetic-more"])
+@pytest.mark.parametrize("variant", ["finetuned", "synthetic", "synthetic-more", "synthetic-long"])
 def test_default_model_fine_tuned_variants_need_the_bundle_to_start_from(tmp_path, capsys, variant) -> None:
     pipeline = _load("train_default_model")
     assert pipeline.VARIANTS[variant]["brightfield_repeats"] == 4
     assert pipeline.VARIANTS[variant].get("synthetic_he", 0.0) == {"finetuned": 0.0, "synthetic": 0.3}.get(variant, 0.5)
+    config = pipeline.training_config(tmp_path, variant, tmp_path / "start.safetensors", workers=3)
+    assert (config.init_from, config.workers, config.stage) == (str(tmp_path / "start.safetensors"), 3, "all")
+    assert config.epochs == {"synthetic-long": 50}.get(variant, 10) and config.lr == 3e-4 and config.image_size == 0
     with pytest.raises(SystemExit) as stop:
         pipeline.main(["--data-root", str(tmp_path), "--variant", variant, "--work", str(tmp_path / "w")])
     assert stop.value.code == 2 and "needs --init-from" in capsys.readouterr().err

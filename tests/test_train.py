@@ -466,6 +466,37 @@ def test_synthetic_he_replaces_that_fraction_of_crops_by_renderings_of_their_mas
     assert _tiny_config(tmp_path / "d", synthetic_he=0.3).signature()["synthetic_he"] == 0.3
 
 
+def test_worker_processes_make_the_same_batches_for_any_count_and_in_process_batches_keep_their_stream(tmp_path) -> None:
+    from wsiseg.train.fit import TrainingImages
+
+    make_folder(tmp_path / "d", n=7)
+    data = open_dataset("folder", tmp_path / "d")
+    settings = dict(image_size=0, crop_size=16, tile_size=8, halo=4, batch_size=2, synthetic_he=0.5, scale_jitter=0.25)
+
+    def epoch(workers: int, seed: int = 5) -> list:
+        images = TrainingImages(data, _tiny_config(tmp_path / "d", workers=workers, **settings))
+        return list(images.batches(np.random.default_rng(seed)))
+
+    one, two = epoch(1), epoch(2)  # real worker processes
+    n_train = len(data.split("train"))
+    assert len(one) == n_train // 2  # an odd last image is dropped: BatchNorm wants two samples
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(one, two))
+    assert not torch.equal(one[0][0], epoch(2, seed=6)[0][0])
+
+    # In this process, batches are made in turn from the epoch's generator, as before workers existed.
+    images = TrainingImages(data, _tiny_config(tmp_path / "d", **settings))
+    rng = np.random.default_rng(5)
+    order = rng.permutation(len(images.items))
+    expected = [images.make_batch(order[i : i + 2], rng) for i in range(0, len(order) - 1, 2)]
+    got = epoch(0)
+    assert len(got) == len(expected) == images.steps_per_epoch()
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, expected))
+
+    with pytest.raises(InputError, match="--workers"):
+        _tiny_config(tmp_path / "d", workers=-1)
+    assert "workers" not in _tiny_config(tmp_path / "d", workers=3).signature()  # how, not what: resumes either way
+
+
 @pytest.mark.training
 def test_init_from_starts_every_model_from_the_bundles_model_of_its_role(tmp_path) -> None:
     """--init-from: Model 2 starts from the bundle's Model 2 (not a copy of Model 1); missing roles are one error line."""

@@ -465,6 +465,9 @@ TRAIN_LABELS = {"loading": "images  ", "stage1": "Model 1 ", "stage2": "Model 2 
                    "(for data mixing very different images, e.g. fluorescence and brightfield).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--val-images", default=0, show_default=True, help="Test images scored at the end (0: all).")
+@click.option("--workers", default=0, show_default=True,
+              help="Processes that make training batches ahead of the step (0: in this process); on a GPU, "
+                   "about the number of CPU cores. N >= 1 gives the same batches for every N, not those of 0.")
 def train(out: Path, **opts: Any) -> None:
     """Train Model 1 and Model 2 (and/or the full-resolution baseline) with the paper's protocol.
 
