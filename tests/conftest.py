@@ -82,6 +82,15 @@ def _torch_threads_restored():
 
 
 @pytest.fixture
+def interruptible():
+    """Children started in the test take Ctrl-C as from a terminal, also when the test run
+    itself ignores SIGINT (as a background job of a non-interactive shell does, and passes on)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
 

@@ -48,7 +48,8 @@ def test_real_cluster_equals_local_run(tmp_path, pyramid_slide, test_bundle, rea
     np.testing.assert_array_equal(np.asarray(zarr.open_array(str(out / "labels/mask/0"), mode="r")[...]), local_mask)
 
 
-def test_interrupted_cli_run_resumes_on_the_cluster(tmp_path, pyramid_slide, test_bundle, real_cluster) -> None:
+def test_interrupted_cli_run_resumes_on_the_cluster(tmp_path, pyramid_slide, test_bundle, real_cluster,
+                                                    interruptible) -> None:
     """Ctrl-C in the middle of ``wsiseg segment --scheduler``; ``--resume`` finishes the mask an
     uninterrupted run of the same command gives."""
     import json

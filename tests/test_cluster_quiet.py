@@ -50,7 +50,7 @@ def test_local_clusters_never_bind_8787_nor_warn_about_it(caplog) -> None:
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-def test_ctrl_c_in_a_terminal_prints_wsiseg_line_only(tmp_path, pyramid_slide, test_bundle) -> None:
+def test_ctrl_c_in_a_terminal_prints_wsiseg_line_only(tmp_path, pyramid_slide, test_bundle, interruptible) -> None:
     """Ctrl-C reaches the whole process group (the command and its local workers): one line, no traceback."""
     out = tmp_path / "run.zarr"
     command = [sys.executable, "-m", "wsiseg.cli", "segment", str(pyramid_slide), "--model", str(test_bundle),
