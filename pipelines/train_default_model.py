@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="shipped: RGB input (the model wsiseg ships); hematoxylin, finetuned, synthetic: the stain-robust "
                              "candidates measured in benchmarks/RESULTS.md")
     parser.add_argument("--init-from", type=Path, default=None,
-                        help="with --variant finetuned or synthetic: the bundle to fine-tune (a copy of the shipped model)")
+                        help="with a fine-tuning --variant (finetuned, synthetic, synthetic-more, synthetic-long): the bundle to "
+                             "fine-tune (a copy of the shipped model)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="package this default threshold instead of the one choose_threshold picks")
     parser.add_argument("--workers", type=int, default=0,
