@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "wsiseg" / "data" / "default.safetensors")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="shipped",
-                        help="shipped: RGB input (the model wsiseg ships); hematoxylin, finetuned, synthetic: the stain-robust "
-                             "candidates measured in benchmarks/RESULTS.md")
+                        help="shipped: the first default model, from scratch; synthetic, then synthetic-long (each with "
+                             "--init-from the last): the rounds that made the model wsiseg ships; hematoxylin, finetuned, "
+                             "synthetic-more: candidates measured in benchmarks/RESULTS.md")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="with a fine-tuning --variant (finetuned, synthetic, synthetic-more, synthetic-long): the bundle to "
                              "fine-tune (a copy of the shipped model)")
