@@ -142,6 +142,37 @@ def test_local_cluster_workers_get_malloc_settings() -> None:
         client.close()
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_a_cluster_without_workers_is_waited_for_then_one_clear_error(tmp_path, monkeypatch, pyramid_slide,
+                                                                       test_bundle) -> None:
+    """A run on a scheduler whose workers have not joined waits for the first one; with none, one
+    error line and no output (this was an IndexError traceback)."""
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    from wsiseg.errors import InputError
+    from wsiseg.run import slides
+
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+        monkeypatch.setattr(slides, "WORKER_WAIT_S", 1.0)
+        out = tmp_path / "none.zarr"
+        with pytest.raises(InputError, match="has no workers after 1 s; start some with 'dask worker ADDRESS'"):
+            segment_slide(pyramid_slide, out, client, None, RunOptions(model=str(test_bundle)))
+        assert not (out / "report.json").exists()
+
+        monkeypatch.setattr(slides, "WORKER_WAIT_S", 60.0)
+        joining = threading.Timer(0.5, cluster.scale, args=(1,))
+        joining.start()
+        try:
+            workers = slides._connected_workers(client)
+        finally:
+            joining.join()
+        assert workers == list(cluster.scheduler.workers)
+        assert len(workers) == 1
+
+
 @pytest.mark.parametrize("gpu, cores, expected", [(False, 16, 16), (True, 16, 4), (True, 2, 2), (False, 1, 1)])
 def test_default_local_workers(monkeypatch, gpu, cores, expected) -> None:
     """One worker per core on the CPU; GPU_WORKERS share a visible GPU, never more than the cores."""

@@ -187,7 +187,7 @@ def _load_models_on_workers(
     (facts, model info, warnings)
         The warnings (one line each) say what of the workers' setup slows the run.
     """
-    workers = list(client.scheduler_info(n_workers=-1)["workers"])
+    workers = _connected_workers(client)
     described = client.gather([
         client.submit(describe_bundle, model_ref, workers=[worker], allow_other_workers=True, pure=False)
         for worker in workers
@@ -208,6 +208,26 @@ def _load_models_on_workers(
     info = {"bundle": model_ref, "checksum": described["checksum"],
             "roles": {role: facts["spec"] for role, facts in roles.items()}}
     return facts, info, _malloc_warnings(client)
+
+
+#: Seconds a run waits for a first worker to join a cluster that has none yet.
+WORKER_WAIT_S = 60.0
+
+
+def _connected_workers(client: Any) -> list[str]:
+    """The addresses of the cluster's workers, waiting up to ``WORKER_WAIT_S`` for a first one
+    (a scheduler started before its workers; a local cluster's workers still registering)."""
+    workers = list(client.scheduler_info(n_workers=-1)["workers"])
+    if workers:
+        return workers
+    try:
+        client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+    except TimeoutError:
+        raise InputError(
+            f"the Dask cluster at {client.scheduler.address} has no workers after {WORKER_WAIT_S:g} s; "
+            "start some with 'dask worker ADDRESS'"
+        ) from None
+    return list(client.scheduler_info(n_workers=-1)["workers"])
 
 
 def _malloc_warnings(client: Any) -> list[str]:
