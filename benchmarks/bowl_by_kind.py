@@ -9,7 +9,9 @@ the test split of its own training run (split seed from the bundle) with
 ``wsiseg.evaluate.evaluate``: its full-resolution baseline, Model 1 alone
 (threshold 1), the two-stage pipeline at the bundle's default threshold (and
 at each ``--also-threshold``), and Model 2 everywhere (threshold 0). Mean Dice over images, per kind and over
-all (the kinds' means weighted by their image counts). Writes ``benchmarks/results/bowl_by_kind.{json,md}``.
+all (the kinds' means weighted by their image counts), against the truth and,
+for each two-stage row, against the baseline's mask ("agreement": how closely
+two-stage reproduces full resolution). Writes ``benchmarks/results/bowl_by_kind.{json,md}``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("fluorescence", "color_brightfield", "gray_brightfield")
+#: How many of the lowest-scoring images the table lists per model.
+WORST = 6
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,10 +71,14 @@ def main(argv: list[str] | None = None) -> int:
             chosen = [s for s in test if kind_of.get(s.id) == kind]
             if not chosen:
                 continue
-            rows = evaluate(bundle, data, chosen, thresholds, device="cpu")
-            per_kind[kind] = {"images": len(chosen), "rows": [
+            # One image at a time, so that the per-image Dice is kept (the kind's means are the same).
+            per_image = {sample.id: {"images": 1, "rows": [
                 {"method": r.method, "threshold": r.threshold, "dice": 100 * r.dice,
-                 "refined": 100 * r.refined_fraction} for r in rows]}
+                 "refined": 100 * r.refined_fraction,
+                 "agreement": None if r.agreement is None else 100 * r.agreement}
+                for r in evaluate(bundle, data, [sample], thresholds, device="cpu")]} for sample in chosen}
+            per_kind[kind] = {**_all_images(per_image),
+                              "per_image": {i: [row["dice"] for row in v["rows"]] for i, v in per_image.items()}}
         per_kind = {"all": _all_images(per_kind), **per_kind}
         results["models"][name] = {"bundle": str(path), "threshold": threshold, "input": _input(bundle),
                                    "seconds": round(time.perf_counter() - started), "kinds": per_kind}
@@ -82,14 +90,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _all_images(per_kind: dict) -> dict:
-    """Mean Dice and refined fraction over all images: the kinds' means weighted by their image counts."""
+    """Mean Dice, refined fraction and agreement over all images: the groups' means weighted by their image counts."""
     total = sum(k["images"] for k in per_kind.values())
     first = next(iter(per_kind.values()))["rows"]
     rows = []
     for index, row in enumerate(first):
         rows.append({"method": row["method"], "threshold": row["threshold"], **{
-            key: sum(k["images"] * k["rows"][index][key] for k in per_kind.values()) / total
-            for key in ("dice", "refined")}})
+            key: None if row.get(key) is None else
+            sum(k["images"] * k["rows"][index][key] for k in per_kind.values()) / total
+            for key in ("dice", "refined", "agreement")}})
     return {"images": total, "rows": rows}
 
 
@@ -109,6 +118,23 @@ def table(results: dict) -> list[str]:
             method = "baseline" if row["method"] == "baseline" else f"two-stage t={row['threshold']:g}"
             dice = " | ".join(f"{model['kinds'][k]['rows'][index]['dice']:.2f}" for k in kinds)
             lines.append(f"| {name} ({model['input']}) | {method} | {dice} | {row['refined']:.1f} % |")
+    lines += ["", "Agreement with the baseline: mean Dice (%) between each two-stage mask and the same bundle's "
+              "full-resolution mask, no truth involved.", "",
+              f"| model | pipeline | {header} |", "|---" * (2 + len(kinds)) + "|"]
+    for name, model in results["models"].items():
+        for index, row in enumerate(model["kinds"]["all"]["rows"]):
+            if row.get("agreement") is None:
+                continue
+            agreement = " | ".join(f"{model['kinds'][k]['rows'][index]['agreement']:.2f}" for k in kinds)
+            lines.append(f"| {name} ({model['input']}) | two-stage t={row['threshold']:g} | {agreement} |")
+    lines += ["", "Lowest-scoring images, two-stage at each model's default threshold (Dice %):", ""]
+    for name, model in results["models"].items():
+        index = next((i for i, row in enumerate(model["kinds"]["all"]["rows"])
+                      if row["method"] == "two-stage" and row["threshold"] == model.get("threshold")), None)
+        scores = sorted((values[index], image, kind) for kind in kinds if kind != "all"
+                        for image, values in model["kinds"][kind].get("per_image", {}).items())
+        if index is not None and scores:
+            lines.append(f"- {name}: " + ", ".join(f"{image[:10]} ({kind}) {dice:.1f}" for dice, image, kind in scores[:WORST]))
     return lines
 
 

@@ -203,3 +203,61 @@ def test_he_proxy_figures_relate_a_mask_to_the_hematoxylin_density() -> None:
     assert figures["marked"] == pytest.approx(8 / 80)
     assert figures["h_marked"] == pytest.approx(91.5) and figures["h_unmarked"] == pytest.approx((sum(range(20, 100)) - 732) / 72)
     assert figures["darkest_marked"] == pytest.approx(4 / 8) and figures["marked_darkest"] == pytest.approx(4 / 8)
+
+
+def test_bowl_by_kind_weights_dice_and_agreement_by_image_count() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bowl_by_kind", ROOT / "benchmarks" / "bowl_by_kind.py")
+    bowl_by_kind = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bowl_by_kind)
+
+    def kind(images, base_dice, two_dice, agreement):
+        return {"images": images, "rows": [
+            {"method": "baseline", "threshold": None, "dice": base_dice, "refined": 100.0, "agreement": None},
+            {"method": "two-stage", "threshold": 0.5, "dice": two_dice, "refined": 40.0, "agreement": agreement}]}
+
+    per_kind = {"fluorescence": kind(3, 80.0, 90.0, 70.0), "color_brightfield": kind(1, 60.0, 50.0, 90.0)}
+    every = bowl_by_kind._all_images(per_kind)
+    assert every["images"] == 4
+    assert every["rows"][0] == {"method": "baseline", "threshold": None, "dice": 75.0, "refined": 100.0, "agreement": None}
+    assert every["rows"][1]["dice"] == 80.0 and every["rows"][1]["agreement"] == 75.0
+    per_kind["fluorescence"]["per_image"] = {"a" * 12: [80.0, 95.0], "b" * 12: [80.0, 85.0], "c" * 12: [80.0, 90.0]}
+    per_kind["color_brightfield"]["per_image"] = {"d" * 12: [60.0, 50.0]}
+    results = {"command": "c", "machine": "m",
+               "models": {"x": {"input": "rgb", "threshold": 0.5, "kinds": {"all": every, **per_kind}}}}
+    lines = bowl_by_kind.table(results)
+    assert "| x (rgb) | two-stage t=0.5 | 80.00 | 90.00 | 50.00 | 40.0 % |" in lines
+    assert "| x (rgb) | two-stage t=0.5 | 75.00 | 70.00 | 90.00 |" in lines
+    assert lines[-1] == ("- x: dddddddddd (color_brightfield) 50.0, bbbbbbbbbb (fluorescence) 85.0, "
+                         "cccccccccc (fluorescence) 90.0, aaaaaaaaaa (fluorescence) 95.0")
+
+
+def test_agreement_by_scale_compares_the_three_paths_masks() -> None:
+    import importlib.util
+
+    import numpy as np
+    import torch
+
+    from wsiseg.bundle import Bundle
+    from wsiseg.models import build_model
+
+    spec = importlib.util.spec_from_file_location("agreement_by_scale", ROOT / "benchmarks" / "agreement_by_scale.py")
+    by_scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(by_scale)
+
+    image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    assert by_scale.resample(image, 1.0) is image and by_scale.resample(image, 1.5).shape == (60, 90, 3)
+    everything, nothing = (build_model("unet", 1, backbone="resnet_lite").eval() for _ in range(2))
+    with torch.no_grad():
+        for model, bias in ((everything, 50.0), (nothing, -50.0)):
+            model.classifier.weight.zero_()
+            model.classifier.bias.fill_(bias)
+    # Model 1 is sure of background everywhere, so nothing is refined at 0.5.
+    bundle = Bundle({"model1": nothing, "model2": everything, "model": everything},
+                    {"ratio": 2, "tile_size": 16, "halo": 8, "threshold": 0.5})
+    figures = by_scale.agreement(by_scale.resample(image, 1.5), bundle)
+    assert figures == {"refined": 0.0, "marked_two_stage": 0.0, "marked_model2_everywhere": 1.0, "marked_full": 1.0,
+                       "two_stage_vs_full": 0.0, "model2_everywhere_vs_full": 1.0, "two_stage_vs_model2_everywhere": 0.0}
+    results = {"command": "c", "machine": "m", "mpp": [0.5, 0.5], "rows": [{"scale": 2.0, **figures}]}
+    assert by_scale.table(results)[-1] == "| 2 | 0.250 | 0.0 % | 0.0 % / 100.0 % / 100.0 % | 0.000 | 1.000 | 0.000 |"

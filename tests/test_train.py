@@ -620,3 +620,30 @@ def test_evaluate_reproduces_a_hand_computed_dice(tmp_path) -> None:
     paths = write_results(rows, tmp_path / "eval", "test")
     assert json.loads(paths["json"].read_text())["rows"][0]["method"] == "baseline"
     assert paths["plot"].stat().st_size > 1000 and paths["csv"].read_text().startswith("method,")
+
+
+@pytest.mark.training
+def test_evaluate_scores_agreement_with_the_baseline_mask_not_the_truth(tmp_path) -> None:
+    from wsiseg.bundle import Bundle
+    from wsiseg.evaluate import MethodScores, evaluate, format_table
+    from wsiseg.models import build_model
+
+    make_folder(tmp_path / "d", n=2)
+    data = open_dataset("folder", tmp_path / "d")
+    everything, nothing = (build_model("unet", 1, backbone="resnet_lite").eval() for _ in range(2))
+    with torch.no_grad():
+        for model, bias in ((everything, 50.0), (nothing, -50.0)):
+            model.classifier.weight.zero_()
+            model.classifier.bias.fill_(bias)
+    # Model 1 finds nothing, Model 2 and the baseline find foreground everywhere.
+    bundle = Bundle({"model1": nothing, "model2": everything, "model": everything},
+                    {"ratio": 2, "tile_size": 16, "halo": 8})
+    rows = evaluate(bundle, data, data.samples, thresholds=(1.0, 0.0), device="cpu")
+    assert [(r.method, r.threshold) for r in rows] == [("baseline", None), ("two-stage", 1.0), ("two-stage", 0.0)]
+    assert rows[0].agreement is None
+    assert rows[1].agreement == 0.0 and rows[1].dice == 0.0  # Model 1 alone: nothing where the baseline has everything
+    assert rows[2].agreement == 1.0 and rows[2].dice < 1.0  # Model 2 everywhere equals the baseline, not the truth
+    assert format_table(rows)[0].split()[-2:] == ["vs", "base"] and format_table(rows)[3].endswith("100.00%")
+    # Rows stored before agreement existed still load.
+    old = {k: v for k, v in vars(rows[1]).items() if k != "agreement"}
+    assert MethodScores(**old).agreement is None

@@ -6,7 +6,9 @@ full-resolution baseline through :func:`~wsiseg.run.segment_full_resolution`,
 the two-stage pipeline through :func:`~wsiseg.run.segment_image` at each
 threshold, with the bundle's own settings (:class:`~wsiseg.config.BundleSettings`). Dice and IoU are the mean over images of the foreground score
 (the mean over classes 1..K-1 for multi-class), plus the pooled score over
-all pixels of the split.
+all pixels of the split. Each two-stage row also gives its agreement with
+the baseline: the mean over images of the Dice between the two masks, with
+no truth involved (how closely two-stage reproduces full resolution).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class MethodScores:
     refined_fraction: float
     seconds_per_image: float
     images: int
+    #: Mean over images of the Dice between this row's mask and the baseline's
+    #: (no truth involved); None for the baseline row and without a baseline.
+    agreement: float | None = None
 
 
 def prepare(image: np.ndarray, mask: np.ndarray, image_size: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -98,8 +103,10 @@ def evaluate(
         methods += [("two-stage", t) for t in thresholds]
     per_image: dict[int, list[tuple[float, float, float, float]]] = {i: [] for i in range(len(methods))}
     pooled = {i: np.zeros((num_labels, num_labels), np.int64) for i in range(len(methods))}
+    agreements: dict[int, list[float]] = {i: [] for i in range(len(methods))}
     for done, sample in enumerate(samples, 1):
         image, truth = prepare(*data.load(sample), settings.image_size)
+        baseline_mask: np.ndarray | None = None
         for index, (method, threshold) in enumerate(methods):
             start = time.perf_counter()
             if method == "baseline":
@@ -112,6 +119,10 @@ def evaluate(
             pooled[index] += counts
             d, j = dice_iou(counts)
             per_image[index].append((d, j, result.counts["refined_fraction"], seconds))
+            if method == "baseline":
+                baseline_mask = result.mask
+            elif baseline_mask is not None:
+                agreements[index].append(dice_iou(confusion(result.mask, baseline_mask, num_labels))[0])
         if progress:
             progress(done, len(samples))
     rows = []
@@ -126,18 +137,21 @@ def evaluate(
             refined_fraction=float(values[:, 2].mean()) if len(values) else float("nan"),
             seconds_per_image=float(values[:, 3].mean()) if len(values) else float("nan"),
             images=len(values),
+            agreement=float(np.mean(agreements[index])) if agreements[index] else None,
         ))
     return rows
 
 
 def format_table(rows: list[MethodScores]) -> list[str]:
-    """Rows as aligned text lines."""
-    lines = [f"{'method':10s} {'thresh':>6s} {'Dice':>7s} {'IoU':>7s} {'pooled':>7s} {'refined':>8s} {'s/image':>8s}"]
+    """Rows as aligned text lines ("vs base": Dice of the row's masks against the baseline's)."""
+    lines = [f"{'method':10s} {'thresh':>6s} {'Dice':>7s} {'IoU':>7s} {'pooled':>7s} {'refined':>8s} {'s/image':>8s}"
+             f" {'vs base':>7s}"]
     for r in rows:
         threshold = "" if r.threshold is None else f"{r.threshold:g}"
+        agreement = "" if r.agreement is None else f"{100 * r.agreement:6.2f}%"
         lines.append(
             f"{r.method:10s} {threshold:>6s} {100 * r.dice:6.2f}% {100 * r.iou:6.2f}% {100 * r.dice_pooled:6.2f}% "
-            f"{100 * r.refined_fraction:7.1f}% {r.seconds_per_image:8.4f}"
+            f"{100 * r.refined_fraction:7.1f}% {r.seconds_per_image:8.4f} {agreement:>7s}"
         )
     return lines
 
