@@ -142,6 +142,17 @@ def write_pyramid(
     return path
 
 
+def constant_model(logit: float):
+    """A U-Net (resnet_lite) whose every pixel's foreground logit is ``logit``: +50 marks everything, -50 nothing."""
+    from wsiseg.models import build_model
+
+    model = build_model("unet", 1, backbone="resnet_lite").eval()
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.fill_(logit)
+    return model
+
+
 def centred_model(arch: str, backbone: str, image: np.ndarray, seed: int):
     """A random-weight model rescaled so that its logits on ``image`` have median 0
     and standard deviation 4: masks about half foreground, with structure, and

@@ -237,10 +237,9 @@ def test_agreement_by_scale_compares_the_three_paths_masks() -> None:
     import importlib.util
 
     import numpy as np
-    import torch
 
+    from conftest import constant_model
     from wsiseg.bundle import Bundle
-    from wsiseg.models import build_model
 
     spec = importlib.util.spec_from_file_location("agreement_by_scale", ROOT / "benchmarks" / "agreement_by_scale.py")
     by_scale = importlib.util.module_from_spec(spec)
@@ -248,11 +247,7 @@ def test_agreement_by_scale_compares_the_three_paths_masks() -> None:
 
     image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
     assert by_scale.resample(image, 1.0) is image and by_scale.resample(image, 1.5).shape == (60, 90, 3)
-    everything, nothing = (build_model("unet", 1, backbone="resnet_lite").eval() for _ in range(2))
-    with torch.no_grad():
-        for model, bias in ((everything, 50.0), (nothing, -50.0)):
-            model.classifier.weight.zero_()
-            model.classifier.bias.fill_(bias)
+    everything, nothing = constant_model(50.0), constant_model(-50.0)
     # Model 1 is sure of background everywhere, so nothing is refined at 0.5.
     bundle = Bundle({"model1": nothing, "model2": everything, "model": everything},
                     {"ratio": 2, "tile_size": 16, "halo": 8, "threshold": 0.5})

@@ -596,16 +596,13 @@ def test_dice_and_iou_by_hand() -> None:
 
 @pytest.mark.training
 def test_evaluate_reproduces_a_hand_computed_dice(tmp_path) -> None:
+    from conftest import constant_model
     from wsiseg.bundle import Bundle
     from wsiseg.evaluate import evaluate, write_results
-    from wsiseg.models import build_model
 
     make_folder(tmp_path / "d", n=3)
     data = open_dataset("folder", tmp_path / "d")
-    everything = build_model("unet", 1, backbone="resnet_lite").eval()
-    with torch.no_grad():
-        everything.classifier.weight.zero_()
-        everything.classifier.bias.fill_(50.0)  # predicts foreground everywhere
+    everything = constant_model(50.0)  # predicts foreground everywhere
     bundle = Bundle({"model1": everything, "model2": everything, "model": everything},
                     {"ratio": 2, "tile_size": 16, "halo": 8})
     rows = evaluate(bundle, data, data.samples, thresholds=(1.0, 0.0), device="cpu")
@@ -624,17 +621,13 @@ def test_evaluate_reproduces_a_hand_computed_dice(tmp_path) -> None:
 
 @pytest.mark.training
 def test_evaluate_scores_agreement_with_the_baseline_mask_not_the_truth(tmp_path) -> None:
+    from conftest import constant_model
     from wsiseg.bundle import Bundle
     from wsiseg.evaluate import MethodScores, evaluate, format_table
-    from wsiseg.models import build_model
 
     make_folder(tmp_path / "d", n=2)
     data = open_dataset("folder", tmp_path / "d")
-    everything, nothing = (build_model("unet", 1, backbone="resnet_lite").eval() for _ in range(2))
-    with torch.no_grad():
-        for model, bias in ((everything, 50.0), (nothing, -50.0)):
-            model.classifier.weight.zero_()
-            model.classifier.bias.fill_(bias)
+    everything, nothing = constant_model(50.0), constant_model(-50.0)
     # Model 1 finds nothing, Model 2 and the baseline find foreground everywhere.
     bundle = Bundle({"model1": nothing, "model2": everything, "model": everything},
                     {"ratio": 2, "tile_size": 16, "halo": 8})
