@@ -1,7 +1,8 @@
 """Does two-stage agree better with full resolution when the slide's nuclei are larger in pixels?
 
     python benchmarks/agreement_by_scale.py [--slide examples/data/CMU-1-Small-Region.svs]
-        [--model wsiseg/data/default.safetensors] [--scale 1 --scale 1.25 ...] [--results benchmarks/results]
+        [--model wsiseg/data/default.safetensors] [--scale 1 --scale 1.25 ...] [--ratio 4 --ratio 2 ...]
+        [--results benchmarks/results]
 
 The example slide is scanned at 20x (0.499 um per pixel); the shipped model
 records 0.4, and ``wsiseg segment`` does not upsample a slide coarser than
@@ -9,8 +10,9 @@ its model. Model 1 sees the slide at 1/ratio per side, where a 20x nucleus is
 3 to 4 pixels across. This script resamples the whole slide by each
 ``--scale`` (bilinear, antialiased), runs the bundle on it in memory the way
 ``wsiseg evaluate`` does (two-stage at the bundle's threshold, Model 2
-everywhere, and the full-resolution baseline), and reports the Dice between
-the masks (no truth involved) and the share of pixels each marks. The
+everywhere, and the full-resolution baseline), with Model 1 at each
+``--ratio`` (default: the bundle's), and reports the Dice between the masks
+(no truth involved) and the share of pixels each marks. The
 example slide is small (2220 x 2967): the script reads it whole, which
 ``wsiseg`` itself never does. Writes ``agreement_by_scale.{json,md}``.
 """
@@ -44,14 +46,17 @@ def resample(image: np.ndarray, scale: float) -> np.ndarray:
     return x[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
 
 
-def agreement(image: np.ndarray, bundle, device: str = "cpu") -> dict[str, float]:
-    """Masks of ``image`` by the bundle's three paths and the Dice between each pair (all in [0, 1])."""
+def agreement(image: np.ndarray, bundle, ratio: int | None = None, device: str = "cpu") -> dict[str, float]:
+    """Masks of ``image`` by the bundle's three paths and the Dice between each pair (all in [0, 1]).
+
+    ``ratio``: Model 1's downsampling factor (None: the bundle's).
+    """
     from wsiseg.config import BundleSettings
     from wsiseg.metrics import dice
     from wsiseg.run.memory import segment_full_resolution, segment_image
     from wsiseg.uncertainty import TileSelection
 
-    flow = BundleSettings.from_config(bundle.config).flow
+    flow = BundleSettings.from_config(bundle.config).flow.with_overrides(ratio=ratio)
     threshold = float(bundle.config.get("threshold", 0.5))
     two = segment_image(image, bundle.model1, bundle.model2, replace(flow, selection=TileSelection.threshold(threshold)), device)
     everywhere = segment_image(image, bundle.model1, bundle.model2, replace(flow, selection=TileSelection.threshold(0.0)), device)
@@ -71,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slide", type=Path, default=ROOT / "examples" / "data" / "CMU-1-Small-Region.svs")
     parser.add_argument("--model", type=Path, default=ROOT / "wsiseg" / "data" / "default.safetensors")
     parser.add_argument("--scale", type=float, action="append", default=[], help="repeatable (default 1, 1.25, 1.6, 2)")
+    parser.add_argument("--ratio", type=int, action="append", default=[], help="repeatable (default: the bundle's)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
 
@@ -86,10 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     image = slide.read_region(0, Box(0, h, 0, w))[..., :3]
     rows = []
     for scale in args.scale or [1.0, 1.25, 1.6, 2.0]:
-        started = time.perf_counter()
-        rows.append({"scale": scale, **agreement(resample(image, scale), bundle),
-                     "seconds": round(time.perf_counter() - started, 1)})
-        print(json.dumps(rows[-1]), flush=True)
+        resampled = resample(image, scale)
+        for ratio in args.ratio or [int(bundle.config.get("ratio", 4))]:
+            started = time.perf_counter()
+            rows.append({"scale": scale, "ratio": ratio, **agreement(resampled, bundle, ratio),
+                         "seconds": round(time.perf_counter() - started, 1)})
+            print(json.dumps(rows[-1]), flush=True)
     command = "python benchmarks/agreement_by_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results = {"command": command, "slide": str(args.slide), "model": str(args.model),
                "mpp": slide.mpp, "model_mpp": bundle.config.get("mpp"),
@@ -105,14 +113,14 @@ def main(argv: list[str] | None = None) -> int:
 def table(results: dict) -> list[str]:
     """Markdown: one row per scale."""
     lines = [f"`{results['command']}`  ", results["machine"], "",
-             "| scale | um per pixel | tiles refined | marked: two-stage / Model 2 everywhere / full | "
+             "| scale | um per pixel | ratio | tiles refined | marked: two-stage / Model 2 everywhere / full | "
              "Dice two-stage vs full | Model 2 everywhere vs full | two-stage vs Model 2 everywhere |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"]
     mpp = float(np.mean(results["mpp"])) if results.get("mpp") else None
     for r in results["rows"]:
         size = f"{mpp / r['scale']:.3f}" if mpp else "?"
         marked = " / ".join(f"{100 * r[k]:.1f} %" for k in ("marked_two_stage", "marked_model2_everywhere", "marked_full"))
-        lines.append(f"| {r['scale']:g} | {size} | {100 * r['refined']:.1f} % | {marked} | "
+        lines.append(f"| {r['scale']:g} | {size} | {r['ratio']} | {100 * r['refined']:.1f} % | {marked} | "
                      f"{r['two_stage_vs_full']:.3f} | {r['model2_everywhere_vs_full']:.3f} | "
                      f"{r['two_stage_vs_model2_everywhere']:.3f} |")
     return lines

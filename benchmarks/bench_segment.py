@@ -1,6 +1,6 @@
 """Speed, work, memory and scaling of two-stage vs full-resolution segmentation.
 
-    python benchmarks/bench_segment.py speed   SLIDE [--thresholds 0 0.25 0.5 0.75 1] [--workers 2]
+    python benchmarks/bench_segment.py speed   SLIDE [--thresholds 0 0.25 0.5 0.75 1] [--workers 2] [--ratio N]
     python benchmarks/bench_segment.py memory  SLIDE [SLIDE ...]
     python benchmarks/bench_segment.py scaling SLIDE
     python benchmarks/bench_segment.py peer    SLIDE [--region 4096]
@@ -227,15 +227,18 @@ def breakdown(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def study_speed(
-    slide: Path, thresholds: list[float], workers: int, model: str | None, scratch: Path, extra: tuple[str, ...] = ()
+    slide: Path, thresholds: list[float], workers: int, model: str | None, scratch: Path, extra: tuple[str, ...] = (),
+    two_stage_extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
+    """``extra``: ``wsiseg segment`` options for every run; ``two_stage_extra``: for the two-stage runs only."""
     full_out = scratch / "full.zarr"
     full = run_segment(slide, full_out, ["--full-resolution", *extra], workers, model)
     rows = [_row("full resolution", None, full, 1.0, None)]
     default_threshold = bundle_threshold(model)
     runs = sorted(set(thresholds) | {default_threshold})
     outputs = {t: (scratch / f"t{t:g}.zarr") for t in runs}
-    reports = {t: run_segment(slide, outputs[t], ["--threshold", f"{t:g}", *extra], workers, model) for t in runs}
+    reports = {t: run_segment(slide, outputs[t], ["--threshold", f"{t:g}", *extra, *two_stage_extra], workers, model)
+               for t in runs}
     t0 = outputs.get(0.0)
     for t in runs:
         rows.append(_row("two-stage", t, reports[t], mask_dice(outputs[t], full_out),
@@ -555,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiatoolbox-python", default=None,
                         help="wsi-peer: the Python of a separate environment holding TIAToolbox 2.x")
     parser.add_argument("--no-tissue-mask", action="store_true", help="speed: runs without the tissue mask (the old behaviour)")
+    parser.add_argument("--ratio", type=int, default=None,
+                        help="speed: Model 1's downsampling factor for the two-stage runs (default: the bundle's)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--scratch", type=Path, default=None, help="folder for the runs' outputs (default: a temporary one)")
     args = parser.parse_args(argv)
@@ -569,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.study == "speed":
             extra = ("--no-tissue-mask",) if args.no_tissue_mask else ()
-            result = study_speed(args.slides[0], args.thresholds, args.workers, args.model, scratch, extra)
+            ratio = ("--ratio", str(args.ratio)) if args.ratio else ()
+            result = study_speed(args.slides[0], args.thresholds, args.workers, args.model, scratch, extra, ratio)
             result["matmul_1thread"] = matmul_peak_gflops(1)
             result["matmul_all"] = matmul_peak_gflops(len(os.sched_getaffinity(0)))
         elif args.study == "memory":

@@ -60,9 +60,10 @@ def test_make_slides_writes_a_pyramid_with_tissue(tmp_path) -> None:
 
 def test_speed_study_runs_on_a_tiny_slide(tmp_path, test_bundle) -> None:
     result = _bench(tmp_path, "speed", str(_tiny_slide(tmp_path)), "--model", str(test_bundle), "--workers", "1",
-                    "--thresholds", "0", "0.5")
+                    "--thresholds", "0", "0.5", "--ratio", "2")
     assert result.returncode == 0, result.stderr
     data = json.loads((tmp_path / "results" / "speed-tiny.json").read_text())
+    assert data["default_report"]["stage1"]["scale"] == [2.0, 2.0]  # --ratio 2 reached the two-stage runs (bundle: 4)
     # The thresholds asked for plus the bundle's default (0.25: the test bundle states none).
     assert [r["threshold"] for r in data["rows"]] == [None, 0.0, 0.25, 0.5]
     assert data["rows"][1]["refined"] == 1.0 and data["rows"][1]["dice_vs_t0"] == 1.0
@@ -251,8 +252,8 @@ def test_agreement_by_scale_compares_the_three_paths_masks() -> None:
     # Model 1 is sure of background everywhere, so nothing is refined at 0.5.
     bundle = Bundle({"model1": nothing, "model2": everything, "model": everything},
                     {"ratio": 2, "tile_size": 16, "halo": 8, "threshold": 0.5})
-    figures = by_scale.agreement(by_scale.resample(image, 1.5), bundle)
+    figures = by_scale.agreement(by_scale.resample(image, 1.5), bundle, ratio=4)
     assert figures == {"refined": 0.0, "marked_two_stage": 0.0, "marked_model2_everywhere": 1.0, "marked_full": 1.0,
                        "two_stage_vs_full": 0.0, "model2_everywhere_vs_full": 1.0, "two_stage_vs_model2_everywhere": 0.0}
-    results = {"command": "c", "machine": "m", "mpp": [0.5, 0.5], "rows": [{"scale": 2.0, **figures}]}
-    assert by_scale.table(results)[-1] == "| 2 | 0.250 | 0.0 % | 0.0 % / 100.0 % / 100.0 % | 0.000 | 1.000 | 0.000 |"
+    results = {"command": "c", "machine": "m", "mpp": [0.5, 0.5], "rows": [{"scale": 2.0, "ratio": 4, **figures}]}
+    assert by_scale.table(results)[-1] == "| 2 | 0.250 | 4 | 0.0 % | 0.0 % / 100.0 % / 100.0 % | 0.000 | 1.000 | 0.000 |"
