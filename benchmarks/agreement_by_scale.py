@@ -35,15 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def resample(image: np.ndarray, scale: float) -> np.ndarray:
     """``(H, W, 3)`` uint8 resampled by ``scale`` per side (bilinear, antialiased); scale 1 returns it as is."""
-    import torch
-    import torch.nn.functional as F
+    from wsiseg.evaluate import resize_image
 
     if scale == 1:
         return image
-    size = (round(image.shape[0] * scale), round(image.shape[1] * scale))
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-    return x[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
+    return resize_image(image, (round(image.shape[0] * scale), round(image.shape[1] * scale)))
 
 
 def agreement(image: np.ndarray, bundle, ratio: int | None = None, device: str = "cpu") -> dict[str, float]:

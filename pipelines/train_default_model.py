@@ -74,6 +74,8 @@ def training_config(data_root: Path, variant: str, init_from: Path | None = None
 
     settings = {**TRAINING, **VARIANTS[variant], "workers": workers}
     if variant in FINE_TUNED:
+        if init_from is None:
+            raise ValueError(f"--variant {variant} needs --init-from (the bundle it fine-tunes)")
         settings["init_from"] = str(init_from)
     return TrainConfig(data_root=str(data_root), **settings)
 
@@ -121,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     trained = args.bundle
     if trained is None:
-        if args.variant in FINE_TUNED and args.init_from is None:
-            parser.error(f"--variant {args.variant} needs --init-from (the bundle it fine-tunes)")
-        config = training_config(args.data_root, args.variant, args.init_from, args.workers)
+        try:
+            config = training_config(args.data_root, args.variant, args.init_from, args.workers)
+        except ValueError as exc:
+            parser.error(str(exc))
         trained = train(config, args.work / "bowl.safetensors")
     bundle = load_bundle(trained)
     bundle.config.update(INFERENCE)

@@ -109,6 +109,8 @@ def test_default_model_fine_tuned_variants_need_the_bundle_to_start_from(tmp_pat
     config = pipeline.training_config(tmp_path, variant, tmp_path / "start.safetensors", workers=3)
     assert (config.init_from, config.workers, config.stage) == (str(tmp_path / "start.safetensors"), 3, "all")
     assert config.epochs == {"synthetic-long": 50}.get(variant, 10) and config.lr == 3e-4 and config.image_size == 0
+    with pytest.raises(ValueError, match="needs --init-from"):
+        pipeline.training_config(tmp_path, variant, None)
     with pytest.raises(SystemExit) as stop:
         pipeline.main(["--data-root", str(tmp_path), "--variant", variant, "--work", str(tmp_path / "w")])
     assert stop.value.code == 2 and "needs --init-from" in capsys.readouterr().err

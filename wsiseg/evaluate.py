@@ -57,10 +57,15 @@ def prepare(image: np.ndarray, mask: np.ndarray, image_size: int | None) -> tupl
     """Resize to ``image_size`` squared (the paper's protocol) or keep the native size."""
     if not image_size:
         return image, mask
-    x = torch.tensor(image).permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
     y = F.interpolate(torch.tensor(mask)[None, None].float(), size=(image_size, image_size), mode="nearest")
-    return x[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy(), y[0, 0].byte().numpy()
+    return resize_image(image, (image_size, image_size)), y[0, 0].byte().numpy()
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``(H, W, C)`` uint8 resized to ``size`` = ``(h, w)``: bilinear, antialiased, rounded back to uint8."""
+    x = torch.tensor(image).permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return x[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
 
 
 def evaluate(
