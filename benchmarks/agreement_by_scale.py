@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def resample(image: np.ndarray, scale: float) -> np.ndarray:
     """``(H, W, 3)`` uint8 resampled by ``scale`` per side (bilinear, antialiased); scale 1 returns it as is."""
-    from wsiseg.evaluate import resize_image
+    from wsiseg.train.datasets import resize_image
 
     if scale == 1:
         return image
@@ -49,7 +49,7 @@ def agreement(image: np.ndarray, bundle, ratio: int | None = None, device: str =
     """
     from wsiseg.config import BundleSettings
     from wsiseg.metrics import dice
-    from wsiseg.run.memory import segment_full_resolution, segment_image
+    from wsiseg.run.in_memory import segment_full_resolution, segment_image
     from wsiseg.uncertainty import TileSelection
 
     flow = BundleSettings.from_config(bundle.config).flow.with_overrides(ratio=ratio)

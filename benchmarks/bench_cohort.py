@@ -67,7 +67,7 @@ def process_state() -> dict[str, Any]:
     from wsiseg.run.worker import open_descriptors
 
     return {"fds": open_descriptors(), "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
-            "readers": len(readers._READERS), "arrays": len(output._ARRAYS)}
+            "readers": len(readers.READERS), "arrays": len(output._ARRAYS)}
 
 
 def machine() -> str:

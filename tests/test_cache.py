@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 from conftest import structured_image, write_pyramid
-from wsiseg import cache, output, slide
+from wsiseg import cache, output, readers, slide
 from wsiseg.cache import BoundedCache
 from wsiseg.tiling import Box
 
@@ -136,7 +136,7 @@ def test_reading_many_slides_keeps_descriptors_and_readers_bounded(tmp_path) -> 
         np.testing.assert_array_equal(region, image[:8, :8])
         counts[i] = open_fds()
     assert counts[50] - counts[10] <= 2, counts
-    assert len(slide._READERS) <= slide.READERS_MAXSIZE
+    assert len(readers.READERS) <= readers.READERS_MAXSIZE
 
 
 def test_rewritten_slide_reads_new_pixels_and_closes_its_old_reader(tmp_path) -> None:
@@ -144,7 +144,7 @@ def test_rewritten_slide_reads_new_pixels_and_closes_its_old_reader(tmp_path) ->
     first = _write_slide(path, 1)
     opened = slide.open_slide(path)
     np.testing.assert_array_equal(opened.read_region(0, Box(0, 8, 0, 8)), first[:8, :8])
-    old = slide.get_reader(opened)
+    old = readers.get_reader(opened.backend, opened.path)
     before = open_fds()
 
     second = _write_slide(path, 2)  # same path, same inode, new content
@@ -152,10 +152,10 @@ def test_rewritten_slide_reads_new_pixels_and_closes_its_old_reader(tmp_path) ->
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     np.testing.assert_array_equal(opened.read_region(0, Box(0, 8, 0, 8)), second[:8, :8])
 
-    assert slide.get_reader(opened) is not old
+    assert readers.get_reader(opened.backend, opened.path) is not old
     assert old._retired and old._tiff.filehandle.closed
     assert open_fds() <= before
-    assert len([key for key in slide._READERS._data if key[1] == str(path)]) == 1
+    assert len([key for key in readers.READERS._data if key[1] == str(path)]) == 1
 
 
 def test_release_closes_that_slides_reader(tmp_path) -> None:
@@ -165,21 +165,21 @@ def test_release_closes_that_slides_reader(tmp_path) -> None:
     slides = [slide.open_slide(p) for p in (path, other)]
     for s in slides:
         s.read_region(0, Box(0, 8, 0, 8))
-    reader = slide.get_reader(slides[0])
-    kept = slide.get_reader(slides[1])
+    reader = readers.get_reader(slides[0].backend, slides[0].path)
+    kept = readers.get_reader(slides[1].backend, slides[1].path)
     before = open_fds()
     assert cache.release(str(path)) == 1
     assert reader._retired and reader._tiff.filehandle.closed
     assert open_fds() == before - 2  # tifffile's handle and the raw-tile descriptor
-    assert [key[1] for key in slide._READERS._data] == [str(other)]
-    assert slide.get_reader(slides[1]) is kept and not kept._retired
+    assert [key[1] for key in readers.READERS._data] == [str(other)]
+    assert readers.get_reader(slides[1].backend, slides[1].path) is kept and not kept._retired
 
 
 def test_reader_retired_during_a_read_closes_when_the_read_ends(tmp_path) -> None:
     path = tmp_path / "slide.tif"
     image = _write_slide(path, 3)
     opened = slide.open_slide(path)
-    reader = slide._lease_reader(opened)
+    reader = readers.lease_reader(opened.backend, opened.path)
     slide.clear_readers()  # another thread empties the cache mid-read
     assert not reader._tiff.filehandle.closed
     np.testing.assert_array_equal(reader.read(0, Box(0, 8, 0, 8))[..., :3], image[:8, :8])

@@ -18,8 +18,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "wsiseg"
 #: The driver side: planning, scheduling, output writing, the command line.
 TORCH_FREE = [
     "wsiseg.cli", "wsiseg.config", "wsiseg.run", "wsiseg.run.plan", "wsiseg.run.driver", "wsiseg.run.executors",
-    "wsiseg.run.slides", "wsiseg.run.cohort", "wsiseg.run.report", "wsiseg.run.worker", "wsiseg.two_stage", "wsiseg.tiling",
-    "wsiseg.uncertainty", "wsiseg.output", "wsiseg.guard", "wsiseg.slide", "wsiseg.readers", "wsiseg.cache", "wsiseg.cluster", "wsiseg.bundle",
+    "wsiseg.run.slides", "wsiseg.run.cohort", "wsiseg.run.report", "wsiseg.run.worker", "wsiseg.tile_tasks", "wsiseg.tiling",
+    "wsiseg.uncertainty", "wsiseg.output", "wsiseg.guard", "wsiseg.slide", "wsiseg.readers", "wsiseg.resample", "wsiseg.cache", "wsiseg.cluster", "wsiseg.bundle",
     "wsiseg.geojson", "wsiseg.calibrate",
 ]
 
@@ -106,3 +106,66 @@ def test_importing_the_driver_side_loads_no_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def every_import(path: Path) -> set[str]:
+    """Every wsiseg module ``path`` imports anywhere: at module level, inside functions, for type checking."""
+    package = module_name(path).rsplit(".", 0 if path.name == "__init__.py" else 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return {name for name in found if name.startswith("wsiseg")}
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_no_module_imports_itself_back() -> None:
+    """No circles in the import graph, counting imports inside functions and for type checking."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for imported in every_import(path):
+            while imported not in modules and "." in imported:
+                imported = imported.rsplit(".", 1)[0]
+            edges.add(imported)
+        graph[name] = edges - {name}
+    assert import_cycles(graph) == []
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the check can fail

@@ -152,3 +152,13 @@ def test_forward_gflop_equals_torch_flop_counter(arch: str, backbone: str) -> No
         model(torch.zeros(1, 3, 70, 99))
     assert forward_gflop(model, 70, 99) == pytest.approx(counter.get_total_flops() / 1e9, rel=1e-9)
     assert next(model.parameters()).device.type == "cpu"  # the model itself was not moved
+
+
+def test_build_model_defaults_to_the_network_training_builds() -> None:
+    from dataclasses import fields
+
+    from wsiseg.train.fit import TrainConfig
+
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    model = build_model(defaults["arch"], 1)
+    assert model.spec["backbone"] == defaults["backbone"] == "resnet_lite"

@@ -14,7 +14,7 @@ from wsiseg.config import RunOptions, TwoStageConfig
 from wsiseg.run import segment_slide
 from wsiseg.slide import open_slide
 from wsiseg.tiling import Box
-from wsiseg.two_stage import read_scaled
+from wsiseg.resample import read_scaled
 from wsiseg.uncertainty import TileSelection
 
 from conftest import write_pyramid

@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from skimage.measure import regionprops
 
-from wsiseg.objects import (
+from wsiseg.instances import (
     assign_offsets,
     split_component,
     stream_instances,

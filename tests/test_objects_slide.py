@@ -9,7 +9,7 @@ import pytest
 import zarr
 
 from wsiseg.config import RunOptions, TwoStageConfig
-from wsiseg.objects import whole_image_instances
+from wsiseg.instances import whole_image_instances
 from wsiseg.run import segment_slide
 from wsiseg.uncertainty import TileSelection
 

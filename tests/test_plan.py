@@ -8,7 +8,7 @@ from wsiseg.config import BundleSettings, RunOptions, TwoStageConfig
 from wsiseg.errors import BundleError, InputError
 from wsiseg.run.plan import ModelFacts, auto_tile_size, make_plan, working_scale
 from wsiseg.slide import Level, Slide
-from wsiseg.two_stage import CONTEXT, IMAGE, MASK, PROBABILITY, REFINED
+from wsiseg.ngff import CONTEXT, IMAGE, MASK, PROBABILITY, REFINED
 
 FACTS = ModelFacts({"model1": 16, "model2": 32, "model": 32}, num_classes=1)
 

@@ -33,7 +33,7 @@ def _worker_state(client) -> dict[str, dict[str, int]]:
 
         from wsiseg import output, readers
 
-        return {"rss": psutil.Process().memory_info().rss, "readers": len(readers._READERS),
+        return {"rss": psutil.Process().memory_info().rss, "readers": len(readers.READERS),
                 "arrays": len(output._ARRAYS)}
 
     fds = client.run(open_descriptors)

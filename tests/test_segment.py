@@ -88,7 +88,7 @@ def test_output_opens_with_ome_zarr_reader(reference_run) -> None:
 def test_each_level0_tile_is_decoded_at_most_once_and_only_for_selected_windows(
     tmp_path, pyramid_slide, test_bundle, local_client, monkeypatch
 ) -> None:
-    from wsiseg.slide import TiffReader, clear_readers
+    from wsiseg.readers import TiffReader, clear_readers
 
     decoded: list[tuple[int, int]] = []
     original = TiffReader._decode
@@ -278,8 +278,8 @@ def test_a_non_integer_pixel_size_ratio_is_resampled(tmp_path, pyramid_slide, sl
     """A 0.5 um/pixel slide for a 0.8 um/pixel model: the working pixels are the slide area-resampled
     by 1.6 (not rounded to 2, not left native), and the output says 0.8 um per mask pixel."""
     from wsiseg.bundle import save_bundle
-    from wsiseg.run.memory import ImageSource
-    from wsiseg.two_stage import read_scaled
+    from wsiseg.run.in_memory import ImageSource
+    from wsiseg.resample import read_scaled
 
     loaded = load_bundle(test_bundle)
     bundle = save_bundle(tmp_path / "b.safetensors", loaded.models, {**loaded.config, "mpp": 0.8})

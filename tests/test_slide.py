@@ -45,7 +45,7 @@ def test_dask_pyramid_is_lazy_and_exact(pyramid_slide, slide_image) -> None:
 
 
 def test_region_read_decodes_only_touched_tiles(pyramid_slide, monkeypatch) -> None:
-    from wsiseg.slide import TiffReader
+    from wsiseg.readers import TiffReader
 
     decoded = []
     original = TiffReader._decode

@@ -393,7 +393,7 @@ def info(slide: Path, backend: str) -> None:
         click.echo(line)
 
 
-DATASET_CHOICE = click.Choice(["ph2", "bowl", "kitti", "bdd", "folder"])
+DATASET_CHOICE = click.Choice(["ph2", "bowl", "kitti", "bdd", "folder", "nuinsseg"])
 
 
 TRAIN_LABELS = {"loading": "images  ", "stage1": "Model 1 ", "stage2": "Model 2 ", "baseline": "baseline",
@@ -457,7 +457,13 @@ TRAIN_LABELS = {"loading": "images  ", "stage1": "Model 1 ", "stage2": "Model 2 
 @click.option("--multiclass", is_flag=True, help="KITTI / BDD: 19 classes instead of vehicle vs rest.")
 @click.option("--split-seed", default=0, show_default=True, help="Seed of the 70/30 split.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--mpp", type=float, default=None, help="Micrometres per pixel of the training images, if known.")
+@click.option("--mpp", type=float, default=None,
+              help="Micrometres per pixel the models train at (recorded in the bundle); crops are resampled to it "
+                   "from the data set's own pixel size where that is known (default: the data set's).")
+@click.option("--data-mpp", type=float, default=None,
+              help="Micrometres per pixel of the data set's images (default: its own; NuInsSeg about 0.2, BOWL 0.4).")
+@click.option("--add-dataset", "extra_datasets", multiple=True, metavar="NAME=ROOT",
+              help="More training data (its train split), e.g. bowl=data/stage1_train; scored on --dataset only.")
 @click.option("--threshold", default=FLOW_DEFAULTS.selection.value, show_default=True,
               help="Default tile threshold stored in the bundle.")
 @click.option("--freeze-bn-after", type=int, default=None,

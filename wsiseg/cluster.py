@@ -28,20 +28,10 @@ import logging
 import os
 from collections import defaultdict
 from typing import Any
-from urllib.parse import urlparse
 
 from wsiseg.errors import InputError
+from wsiseg.run.worker import WORKER_MALLOC_ENVIRON, worker_host
 
-
-#: glibc malloc settings for worker processes: one arena, blocks up to 1 GiB from
-#: the heap, and freed memory kept for the next batch instead of unmapped. The
-#: process keeps its peak heap, which it reaches on every batch anyway.
-WORKER_MALLOC_ENVIRON = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
-    "MALLOC_TRIM_THRESHOLD_": str(1 << 31),
-    "MALLOC_TOP_PAD_": str(64 << 20),
-}
 
 #: Dask settings for worker processes: no statistical profiler (it only feeds the
 #: dashboard's profile pages). Its history of one profile per second made each worker's
@@ -193,11 +183,6 @@ def torch_threads_per_host(client: Any) -> dict[str, int]:
         threads[host] += int(worker.get("nthreads", 1))
         host_cores[host] = int(cores.get(address, 1))
     return {host: max(1, host_cores[host] // max(1, n)) for host, n in threads.items()}
-
-
-def worker_host(address: str) -> str:
-    """Host part of a Dask worker address (``tcp://127.0.0.1:3456`` -> ``127.0.0.1``)."""
-    return urlparse(address).hostname or address
 
 
 def describe_client(client: Any) -> dict[str, Any]:

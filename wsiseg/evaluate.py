@@ -29,8 +29,8 @@ from wsiseg.bundle import Bundle
 from wsiseg.config import BundleSettings
 from wsiseg.metrics import confusion, dice_iou
 from wsiseg.models.base import SegmentationModel
-from wsiseg.train.datasets import Sample, SegmentationData
-from wsiseg.run.memory import segment_full_resolution, segment_image
+from wsiseg.train.datasets import Sample, SegmentationData, resize_sample
+from wsiseg.run.in_memory import segment_full_resolution, segment_image
 from wsiseg.uncertainty import TileSelection
 
 PAPER_THRESHOLDS = (1.0, 0.75, 0.5, 0.25, 0.0)
@@ -51,21 +51,6 @@ class MethodScores:
     #: Mean over images of the Dice between this row's mask and the baseline's
     #: (no truth involved); None for the baseline row and without a baseline.
     agreement: float | None = None
-
-
-def prepare(image: np.ndarray, mask: np.ndarray, image_size: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Resize to ``image_size`` squared (the paper's protocol) or keep the native size."""
-    if not image_size:
-        return image, mask
-    y = F.interpolate(torch.tensor(mask)[None, None].float(), size=(image_size, image_size), mode="nearest")
-    return resize_image(image, (image_size, image_size)), y[0, 0].byte().numpy()
-
-
-def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``(H, W, C)`` uint8 resized to ``size`` = ``(h, w)``: bilinear, antialiased, rounded back to uint8."""
-    x = torch.tensor(image).permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-    return x[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
 
 
 def evaluate(
@@ -110,7 +95,7 @@ def evaluate(
     pooled = {i: np.zeros((num_labels, num_labels), np.int64) for i in range(len(methods))}
     agreements: dict[int, list[float]] = {i: [] for i in range(len(methods))}
     for done, sample in enumerate(samples, 1):
-        image, truth = prepare(*data.load(sample), settings.image_size)
+        image, truth = resize_sample(*data.load(sample), settings.image_size)
         baseline_mask: np.ndarray | None = None
         for index, (method, threshold) in enumerate(methods):
             start = time.perf_counter()

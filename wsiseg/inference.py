@@ -14,7 +14,7 @@
   the resampled features themselves up to float rounding.
 - :func:`compose_tile` blends Model 2 into Model 1 across refined borders.
 
-The tile tasks of :mod:`wsiseg.two_stage` call these; nothing here knows
+The tile tasks of :mod:`wsiseg.tile_tasks` call these; nothing here knows
 about files, stores or schedulers.
 """
 

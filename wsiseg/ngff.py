@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from wsiseg.guard import RECORD_DIR
+
 NGFF_VERSION = "0.4"
 
 #: The slide's pixels: arrays ``0, 1, ...`` at the root.
@@ -41,6 +43,10 @@ TILE_SCORES_GROUP = f"{MAPS}/tile_scores"
 #: Level-0 arrays of those groups (the maps a run writes tile by tile).
 MASK, REFINED, OBJECTS, TISSUE = f"{MASK_GROUP}/0", f"{REFINED_GROUP}/0", f"{OBJECTS_GROUP}/0", f"{TISSUE_GROUP}/0"
 PROBABILITY, UNCERTAINTY, TILE_SCORES = f"{PROBABILITY_GROUP}/0", f"{UNCERTAINTY_GROUP}/0", f"{TILE_SCORES_GROUP}/0"
+#: Model 1's features projected for Model 2: scratch, deleted when a slide run completes.
+CONTEXT = f"{RECORD_DIR}/context"
+#: The composed probabilities ``(C, H, W)``: kept only when asked for (images in memory), never in ``OUT.zarr``.
+COMPOSED = "composed"
 
 #: Label colours (RGBA) for napari / QuPath: class 1, 2, ... (0 is transparent).
 LABEL_COLOURS = [

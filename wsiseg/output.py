@@ -27,12 +27,10 @@ import numpy as np
 
 from wsiseg.cache import BoundedCache, register
 from wsiseg.errors import InputError
-from wsiseg.ngff import label_colour
+from wsiseg.ngff import CONTEXT, label_colour
 from wsiseg.guard import RECORD_DIR, check_output_path, is_wsiseg_output, not_a_folder_error, remove_for_overwrite
 
-#: Model 1's features projected for Model 2 (scratch, deleted when the run completes).
-CONTEXT_ARRAY = f"{RECORD_DIR}/context"
-SCRATCH_ARRAYS = (CONTEXT_ARRAY,)
+SCRATCH_ARRAYS = (CONTEXT,)
 
 
 def _zarr() -> Any:

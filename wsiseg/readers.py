@@ -17,7 +17,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -25,8 +25,6 @@ from wsiseg.cache import BoundedCache, register
 from wsiseg.errors import InputError
 from wsiseg.tiling import Box
 
-if TYPE_CHECKING:
-    from wsiseg.slide import Slide
 
 #: Ordinary images larger than this are refused (they are held in memory).
 MAX_PLAIN_IMAGE_PIXELS = 1 << 30
@@ -125,7 +123,7 @@ class TiffReader(Reader):
     def __init__(self, path: str, series_index: int = 0) -> None:
         import tifffile
 
-        with _tifffile_quiet():  # a truncated file was reported once, by open_slide
+        with tifffile_quiet():  # a truncated file was reported once, by open_slide
             self._tiff = tifffile.TiffFile(path)
             self._series = self._tiff.series[series_index]
             self._levels = list(self._series.levels)
@@ -289,7 +287,7 @@ class ZarrReader(Reader):
         import zarr
 
         group = zarr.open_group(path, mode="r")
-        multiscale, _ = _ngff_multiscale(dict(group.attrs))
+        multiscale, _ = ngff_multiscale(dict(group.attrs))
         self._axes = "".join(a["name"] if isinstance(a, dict) else a for a in multiscale["axes"]).lower()
         self._arrays = [group[d["path"]] for d in multiscale["datasets"]]
 
@@ -304,7 +302,7 @@ class ImageReader(Reader):
     """Pillow: the whole image decoded once per process."""
 
     def __init__(self, path: str) -> None:
-        self._array = _load_plain_image(path)
+        self._array = load_plain_image(path)
 
     def close(self) -> None:
         self._array = np.zeros((0, 0, 3), np.uint8)  # free the decoded image
@@ -338,7 +336,7 @@ def _take_yx(array: Any, axes: str, box: Box) -> np.ndarray:
 #: Open readers of this process, keyed by (backend, path, mtime_ns, size, inode):
 #: a rewritten file gets a new reader and its old one is closed.
 READERS_MAXSIZE = 8
-_READERS: BoundedCache[tuple[str, str, int, int, int], Reader] = register(
+READERS: BoundedCache[tuple[str, str, int, int, int], Reader] = register(
     "readers", BoundedCache(READERS_MAXSIZE, on_evict=Reader.retire), path_of=lambda key: key[1]
 )
 _FACTORIES: dict[str, Callable[[str], Reader]] = {
@@ -349,44 +347,44 @@ _FACTORIES: dict[str, Callable[[str], Reader]] = {
 }
 
 
-def get_reader(slide: Slide) -> Reader:
-    """This process's reader for ``slide`` (opened on first use, then cached).
+def get_reader(backend: str, path: str) -> Reader:
+    """This process's ``backend`` reader of the file at ``path`` (opened on first use, then cached).
 
     The reader may be retired by another thread at any time; read through
-    :meth:`Slide.read_region`, which leases it.
+    :meth:`wsiseg.slide.Slide.read_region`, which leases it.
     """
     try:
-        stat = os.stat(slide.path)
+        stat = os.stat(path)
     except OSError as exc:
-        raise InputError(f"cannot read {slide.path!r}: {exc.strerror}") from exc
-    key = (slide.backend, slide.path, stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        raise InputError(f"cannot read {path!r}: {exc.strerror}") from exc
+    key = (backend, path, stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
     def create() -> Reader:
         # Another version of the file is stale: close its reader now.
-        _READERS.discard(lambda k: k[:2] == key[:2] and k != key)
-        return _FACTORIES[slide.backend](slide.path)
+        READERS.discard(lambda k: k[:2] == key[:2] and k != key)
+        return _FACTORIES[backend](path)
 
-    return _READERS.get_or_create(key, create)
+    return READERS.get_or_create(key, create)
 
 
-def _lease_reader(slide: Slide) -> Reader:
-    """A reader of ``slide`` leased for one read (end it with ``unlease``)."""
+def lease_reader(backend: str, path: str) -> Reader:
+    """A reader of ``path`` leased for one read (end it with ``unlease``)."""
     while True:
-        reader = get_reader(slide)
+        reader = get_reader(backend, path)
         if reader.lease():
             return reader  # else it was retired since the lookup: it has left the cache
 
 
 def clear_readers() -> None:
     """Close and forget this process's cached readers."""
-    _READERS.clear()
+    READERS.clear()
 
 
 # --------------------------------------------------------------------------- helpers
 
 
 class _ThreadQuietFilter(logging.Filter):
-    """Drops the records of threads inside :func:`_tifffile_quiet` (other threads log as usual)."""
+    """Drops the records of threads inside :func:`tifffile_quiet` (other threads log as usual)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -400,7 +398,7 @@ _TIFFFILE_QUIET = _ThreadQuietFilter()
 
 
 @contextmanager
-def _tifffile_quiet() -> Iterator[None]:
+def tifffile_quiet() -> Iterator[None]:
     """Silence tifffile's logger in this thread: what it reports about a damaged
     file (e.g. "invalid page offset") reaches the user as :attr:`Slide.warnings`
     or an :class:`InputError` instead."""
@@ -415,7 +413,7 @@ def _tifffile_quiet() -> Iterator[None]:
         local.depth -= 1
 
 
-def _load_plain_image(path: str) -> np.ndarray:
+def load_plain_image(path: str) -> np.ndarray:
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = MAX_PLAIN_IMAGE_PIXELS
@@ -430,7 +428,7 @@ def _load_plain_image(path: str) -> np.ndarray:
     return array
 
 
-def _ngff_multiscale(attrs: dict[str, Any]) -> tuple[dict[str, Any], str]:
+def ngff_multiscale(attrs: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """The first multiscale of NGFF 0.4 (top-level) or 0.5 (under ``ome``) attributes."""
     if "ome" in attrs and "multiscales" in attrs["ome"]:
         return attrs["ome"]["multiscales"][0], str(attrs["ome"].get("version", "0.5"))
@@ -440,6 +438,6 @@ def _ngff_multiscale(attrs: dict[str, Any]) -> tuple[dict[str, Any], str]:
     raise InputError("the folder is a zarr group but has no OME-Zarr multiscales metadata")
 
 
-def _open_reader(backend: str, path: str) -> Reader:
+def open_reader(backend: str, path: str) -> Reader:
     """A new, uncached reader (for one-off reads while a file is being opened)."""
     return _FACTORIES[backend](path)

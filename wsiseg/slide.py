@@ -39,24 +39,15 @@ from typing import Any
 import numpy as np
 
 from wsiseg.errors import InputError
-from wsiseg.readers import (  # noqa: F401 - readers are part of this module's public surface
-    _READERS,
+from wsiseg.readers import (
     MAX_PLAIN_IMAGE_PIXELS,
-    READERS_MAXSIZE,
-    ImageReader,
-    OpenSlideReader,
-    Reader,
-    TiffReader,
-    ZarrReader,
-    _lease_reader,
-    _load_plain_image,
-    _ngff_multiscale,
-    _open_reader,
-    _tifffile_quiet,
-    clear_readers,
-    get_reader,
-    to_rgb8,
+    lease_reader,
+    load_plain_image,
+    ngff_multiscale,
+    open_reader,
+    tifffile_quiet,
 )
+from wsiseg.readers import clear_readers, to_rgb8  # noqa: F401 - part of this module's public surface
 from wsiseg.tiling import Box
 
 BACKENDS = ("auto", "tifffile", "openslide", "zarr", "image")
@@ -133,7 +124,7 @@ class Slide:
         if not (0 <= box.y0 < box.y1 <= height and 0 <= box.x0 < box.x1 <= width):
             raise InputError(f"region {tuple(box)} is outside level {level} of size {height} x {width}")
         try:
-            reader = _lease_reader(self)
+            reader = lease_reader(self.backend, self.path)
             try:
                 raw = reader.read(level, box)
             finally:
@@ -295,7 +286,7 @@ def _openslide_vendor(path: Path) -> str | None:
 def _open_tiff(path: Path) -> Slide:
     import tifffile
 
-    with _tifffile_quiet(), tifffile.TiffFile(path) as tiff:
+    with tifffile_quiet(), tifffile.TiffFile(path) as tiff:
         if not tiff.series or not len(tiff.pages):
             raise InputError(f"{path} cannot be read: it is truncated or corrupt (no image data found)")
         usable, warning = _check_tile_offsets(tiff, path)
@@ -468,7 +459,7 @@ def _open_zarr(path: Path) -> Slide:
     import zarr
 
     group = zarr.open_group(str(path), mode="r")
-    multiscale, version = _ngff_multiscale(dict(group.attrs))
+    multiscale, version = ngff_multiscale(dict(group.attrs))
     axes_meta = multiscale["axes"]
     names = [a["name"] if isinstance(a, dict) else a for a in axes_meta]
     lowered = [n.lower() for n in names]
@@ -506,7 +497,7 @@ def _open_image(path: Path) -> Slide:
         image.verify()
     if width * height > MAX_PLAIN_IMAGE_PIXELS:
         raise InputError(f"{path} has {width * height} pixels; convert it to a tiled pyramidal TIFF")
-    array = _load_plain_image(str(path))
+    array = load_plain_image(str(path))
     slide = Slide(str(path.resolve()), "image", fmt, (Level((height, width), (1.0, 1.0), None),), None, None, {})
     if array.dtype != np.uint8:
         slide = _with_range(slide, _robust_range(array))
@@ -522,7 +513,7 @@ def _with_intensity_range(slide: Slide, dtype: np.dtype) -> Slide:
     """For non-uint8 data, estimate one intensity range from a small level or samples."""
     if dtype == np.uint8:
         return slide
-    reader = _open_reader(slide.backend, slide.path)
+    reader = open_reader(slide.backend, slide.path)
     try:
         smallest = len(slide.levels) - 1
         h, w = slide.levels[smallest].shape

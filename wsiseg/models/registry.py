@@ -15,6 +15,11 @@ ModelClass = TypeVar("ModelClass", bound=type[SegmentationModel])
 
 _REGISTRY: dict[str, type[SegmentationModel]] = {}
 
+#: The network ``wsiseg train`` builds unless told otherwise (and the shipped model's).
+DEFAULT_ARCH = "unet"
+#: The backbone of :data:`DEFAULT_ARCH` unless told otherwise: small enough to train on a CPU.
+DEFAULT_BACKBONE = "resnet_lite"
+
 
 def register_model(name: str) -> Callable[[ModelClass], ModelClass]:
     """Class decorator adding an architecture to :func:`build_model`'s registry.
@@ -39,7 +44,7 @@ def available_models() -> list[str]:
 def build_model(
     arch: str,
     num_classes: int,
-    backbone: str = "resnet50",
+    backbone: str = DEFAULT_BACKBONE,
     backbone_weights: str | Path | None = None,
     input_transform: str = "rgb",
 ) -> SegmentationModel:

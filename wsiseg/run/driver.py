@@ -1,6 +1,6 @@
 """The two-stage flow, orchestrated once: stage 1, score, select, stage 2.
 
-:func:`run_flow` submits the tile tasks of :mod:`wsiseg.two_stage` to an
+:func:`run_flow` submits the tile tasks of :mod:`wsiseg.tile_tasks` to an
 executor (inline or Dask, :mod:`wsiseg.run.executors`) in row-major order,
 accumulates stage 1's uncertainty integrals into tile scores, selects the
 tiles to refine, then schedules reads, refinements and compositions so that
@@ -24,7 +24,7 @@ import numpy as np
 from wsiseg.run.plan import Plan
 from wsiseg.tiling import Box, neighbourhood
 from wsiseg.tissue import tile_tissue
-from wsiseg.two_stage import (
+from wsiseg.tile_tasks import (
     REFINED, TILE_SCORES, TISSUE, compose_tiles, detect_tissue_task, read_pieces, refine_tiles, stage1_block,
 )
 from wsiseg.uncertainty import TileSelection, scores_from_integrals

@@ -1,7 +1,7 @@
 """``--objects`` on a slide: nucleus instances and their table, tile by tile on the cluster.
 
 After the mask is written (:mod:`wsiseg.run.slides`), three steps run the
-streaming algorithm of :mod:`wsiseg.objects` over the mask's tiles:
+streaming algorithm of :mod:`wsiseg.instances` over the mask's tiles:
 
 1. one task per tile counts and measures the objects anchored in it and
    writes their table rows (and GeoJSON geometry) to a scratch part file;
@@ -29,7 +29,7 @@ import numpy as np
 from wsiseg.guard import RECORD_DIR
 from wsiseg.ngff import MASK, OBJECTS, OBJECTS_GROUP, PROBABILITY, label_colour
 from wsiseg.output import ArraySpec, build_pyramid, create_arrays, open_array
-from wsiseg.objects import assign_offsets
+from wsiseg.instances import assign_offsets
 from wsiseg.tiling import Box, TileGrid
 
 #: Regions wider or taller than this are not nuclei (when the pixel size is known) ...
@@ -53,7 +53,7 @@ class ObjectsSpec:
     tile_size, work_shape
         The mask's chunk side and size ``(H, W)``.
     max_size, min_distance : int
-        Mask pixels (see :func:`wsiseg.objects.whole_image_instances`).
+        Mask pixels (see :func:`wsiseg.instances.whole_image_instances`).
     foreground : int
         The class split into objects.
     step : (sy, sx)
@@ -103,7 +103,7 @@ def object_sizes(tile_size: int, work_mpp: float | None, max_size: int | None) -
 
 def count_tile(spec: ObjectsSpec, row: int, col: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Pass 1 on one tile: write its objects' rows to a part file; return ``(anchors, counts, too_large)``."""
-    from wsiseg.objects import tile_objects
+    from wsiseg.instances import tile_objects
 
     grid = spec.grid
     window, tile = grid.window(row, col, spec.max_size), grid.tile(row, col)
@@ -149,7 +149,7 @@ def _write_part(spec: ObjectsSpec, row: int, col: int, found: Any) -> None:
 
 def label_tile(spec: ObjectsSpec, row: int, col: int, owners: dict[tuple[int, int], tuple[Any, Any, int]]) -> None:
     """Pass 2 on one tile: write its chunk of ``labels/objects/0``."""
-    from wsiseg.objects import tile_instances
+    from wsiseg.instances import tile_instances
 
     grid = spec.grid
     window, tile = grid.window(row, col, spec.max_size), grid.tile(row, col)
@@ -227,7 +227,7 @@ def _write_table(spec: ObjectsSpec, grid: TileGrid, first_ids: dict[tuple[int, i
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
-    from wsiseg.objects import table_columns
+    from wsiseg.instances import table_columns
 
     name = f"objects.{'csv' if table_format == 'csv' else 'parquet'}"
     path, partial = Path(spec.out) / name, Path(spec.out) / f"{name}.partial"

@@ -22,7 +22,7 @@ from wsiseg.errors import InputError
 from wsiseg.output import ArraySpec
 from wsiseg.slide import Level
 from wsiseg.tiling import Box, TileGrid, round_up, scaled_size
-from wsiseg.two_stage import CONTEXT, IMAGE, MASK, PROBABILITY, REFINED, TILE_SCORES, TISSUE, UNCERTAINTY
+from wsiseg.ngff import CONTEXT, IMAGE, MASK, PROBABILITY, REFINED, TILE_SCORES, TISSUE, UNCERTAINTY
 from wsiseg.tissue import TISSUE_MAX_SIDE
 
 

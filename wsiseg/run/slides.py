@@ -294,7 +294,7 @@ def _finish(
     The root's ``multiscales`` are written last of the metadata: until then no
     NGFF reader takes the folder for an image.
     """
-    from wsiseg.two_stage import copy_image_band
+    from wsiseg.tile_tasks import copy_image_band
 
     steps = 4 + options.objects
     slide, mpp = plan.source, plan.source.mpp

@@ -25,6 +25,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlparse
 
 from wsiseg import cache
 
@@ -88,8 +89,6 @@ class BundleModels:
             try:
                 from distributed import get_worker
 
-                from wsiseg.cluster import worker_host
-
                 _PROCESS_THREADS.append(self.torch_threads.get(worker_host(get_worker().address), 1))
             except (ImportError, ValueError):
                 _PROCESS_THREADS.append(max(1, os.cpu_count() or 1))
@@ -122,15 +121,29 @@ def describe_bundle(model_ref: str) -> dict[str, Any]:
     }
 
 
+#: glibc malloc settings for worker processes: one arena, blocks up to 1 GiB from
+#: the heap, and freed memory kept for the next batch instead of unmapped. The
+#: process keeps its peak heap, which it reaches on every batch anyway.
+WORKER_MALLOC_ENVIRON = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 31),
+    "MALLOC_TOP_PAD_": str(64 << 20),
+}
+
+def worker_host(address: str) -> str:
+    """Host part of a Dask worker address (``tcp://127.0.0.1:3456`` -> ``127.0.0.1``)."""
+    return urlparse(address).hostname or address
+
+
+
 #: A worker whose MALLOC_TRIM_THRESHOLD_ is under this runs as Dask's nanny left it (65536):
 #: freed memory goes back to the system after every batch, and torch on the CPU slows 2-3x.
 MIN_TRIM_THRESHOLD = 1 << 20
 
 
 def malloc_settings() -> dict[str, str | None]:
-    """This process's values of :data:`wsiseg.cluster.WORKER_MALLOC_ENVIRON`'s variables (None: unset)."""
-    from wsiseg.cluster import WORKER_MALLOC_ENVIRON
-
+    """This process's values of :data:`WORKER_MALLOC_ENVIRON`'s variables (None: unset)."""
     return {name: os.environ.get(name) for name in WORKER_MALLOC_ENVIRON}
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from wsiseg.stain import hed_jitter
-from wsiseg.train.datasets import IGNORE
+from wsiseg.train.datasets import IGNORE, resize_image
 
 
 @dataclass(frozen=True)
@@ -95,23 +95,27 @@ class Augmentation:
 
 
 def random_crop(
-    image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator, scale_jitter: float = 0.0
+    image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator, scale_jitter: float = 0.0,
+    base_scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A ``size x size`` crop at a random position; smaller images are padded
     (image by reflection, mask with the ignore value).
 
-    With ``scale_jitter`` j > 0 the crop is taken at a random scale s,
-    ``log s ~ U(-log(1 + j), log(1 + j))``: a ``size / s`` square resampled
-    to ``size`` (image bilinear, mask nearest), so that nuclei appear between
-    ``1 / (1 + j)`` and ``1 + j`` times their size (20x and 40x alike).
+    The crop is taken at scale ``s = base_scale * j``: a ``size / s`` square
+    resampled to ``size`` (image bilinear, antialiased; mask nearest).
+    ``base_scale`` brings the images to the pixel size the model trains at
+    (0.5 turns 0.2 um pixels into 0.4 um ones); with ``scale_jitter`` j > 0,
+    ``log j ~ U(-log(1 + j), log(1 + j))``, so that nuclei appear between
+    ``1 / (1 + j)`` and ``1 + j`` times that size (20x and 40x alike).
     """
+    scale = base_scale
     if scale_jitter > 0:
         bound = float(np.log1p(scale_jitter))
-        scale = float(np.exp(rng.uniform(-bound, bound)))
-        source = max(2, round(size / scale))
-        if source != size:
-            image, mask = random_crop(image, mask, source, rng)
-            return _resize(image, mask, size)
+        scale *= float(np.exp(rng.uniform(-bound, bound)))
+    source = max(2, round(size / scale))
+    if source != size:
+        image, mask = random_crop(image, mask, source, rng)
+        return _resize(image, mask, size)
     height, width = mask.shape
     pad_h, pad_w = max(0, size - height), max(0, size - width)
     if pad_h or pad_w:
@@ -123,9 +127,7 @@ def random_crop(
 
 
 def _resize(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(h, w, 3)`` uint8 image and ``(h, w)`` mask resampled to ``size x size``."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size)
-    y = torch.from_numpy(np.ascontiguousarray(mask))[None, None].float()
+    """``(h, w, 3)`` uint8 image (bilinear, antialiased) and ``(h, w)`` mask (nearest) resampled to ``size x size``."""
+    y = torch.from_numpy(np.array(mask))[None, None].float()
     y = F.interpolate(y, size=(size, size), mode="nearest-exact")
-    return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy(), y[0, 0].numpy().astype(mask.dtype)
+    return resize_image(image, (size, size), antialias=image.shape[1] > size), y[0, 0].numpy().astype(mask.dtype)

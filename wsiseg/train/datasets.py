@@ -16,10 +16,18 @@ bdd        ``images/10k/{train,val}/*.jpg`` and                             vehi
            ignored); its own train / val split
 folder     ``images/*`` and ``masks/*`` with matching file stems            foreground (binary) or
                                                                            mask values as classes
+nuinsseg   the release: ``<organ>/tissue images/*.png``,                    nucleus (binary),
+           ``<organ>/label masks modify/*.tif`` (instance ids) and          instances
+           ``<organ>/vague areas/mask binary/*.png`` (ignored); or the
+           ``folder`` layout with uint16 instance ids and a ``split.csv``
+           (``name, ..., split`` = train / val)
 =========  ==============================================================  ==========================
 
 Masks load as ``(H, W)`` uint8 class indices with 255 = ignore; binary tasks
-use 0 / 1. Splits are 70 / 30 with a fixed seed, except BDD's own.
+use 0 / 1. Where the truth has instances (BOWL's per-nucleus masks, NuInsSeg's
+ids, a ``folder`` mask of ids) :meth:`SegmentationData.instances` gives them as
+``(H, W)`` int32 ids. Splits are 70 / 30 with a fixed seed, except BDD's and a
+NuInsSeg ``split.csv``'s own (``test`` = their ``val``).
 """
 
 from __future__ import annotations
@@ -34,7 +42,15 @@ from wsiseg.errors import WsisegError
 
 IGNORE = 255
 SPLITS = ("train", "test", "all")
-DATASETS = ("ph2", "bowl", "kitti", "bdd", "folder")
+DATASETS = ("ph2", "bowl", "kitti", "bdd", "folder", "nuinsseg")
+
+#: Estimated micrometres per pixel of the data sets that record none (``SegmentationData.mpp``).
+#: NuInsSeg: lymphocyte-rich organs (human spleen, tonsil; mouse thymus) have a median nucleus
+#: equivalent diameter of 28.5-30 pixels and lymphocyte nuclei measure about 5.5-6 um in
+#: sections; hepatocyte nuclei (7-9 um) measure 39-40 pixels: about 0.2 um per pixel
+#: (benchmarks/RESULTS.md, "Pixel size"). BOWL: its brightfield nuclei have a median diameter of 21
+#: pixels, about 8.5 um for human nuclei: about 0.4 um per pixel.
+ESTIMATED_MPP = {"nuinsseg": 0.2, "bowl": 0.4}
 
 #: Cityscapes label id -> train id (19 classes), as KITTI semantics ships it.
 CITYSCAPES_TRAIN_IDS = {
@@ -63,6 +79,7 @@ class Sample:
     image: Path
     masks: tuple[Path, ...]
     split: str | None = None  # a data set's own split, when it has one
+    ignore: Path | None = None  # a mask of areas to ignore (NuInsSeg's vague areas), when there is one
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,12 @@ class SegmentationData:
         Whether orientation is arbitrary (rotation augmentation is safe).
     read_mask : callable
         ``read_mask(sample) -> (H, W) uint8`` class indices (255 ignored).
+    read_instances : callable or None
+        ``read_instances(sample) -> (H, W) int32`` ids (0 background) or None
+        where the sample has none; None where the data set has no instances.
+    mpp : float or None
+        Micrometres per pixel of the images (an estimate, see ``ESTIMATED_MPP``),
+        None where unknown.
     """
 
     name: str
@@ -90,6 +113,8 @@ class SegmentationData:
     num_classes: int
     rotation_invariant: bool
     read_mask: Callable[[Sample], np.ndarray] = field(repr=False)
+    read_instances: Callable[[Sample], np.ndarray | None] | None = field(default=None, repr=False)
+    mpp: float | None = None
 
     def load(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
         """``(H, W, 3)`` uint8 RGB image and ``(H, W)`` uint8 mask."""
@@ -100,6 +125,10 @@ class SegmentationData:
                 f"{sample.id}: mask {mask.shape} and image {image.shape[:2]} differ in size"
             )
         return image, mask
+
+    def instances(self, sample: Sample) -> np.ndarray | None:
+        """``(H, W)`` int32 instance ids of ``sample`` (0 background), or None where it has none."""
+        return None if self.read_instances is None else self.read_instances(sample)
 
     def split(self, split: str, seed: int = 0, train_fraction: float = 0.7) -> list[Sample]:
         """The samples of ``split`` (``train``, ``test`` or ``all``).
@@ -134,6 +163,27 @@ def read_rgb(path: Path) -> np.ndarray:
         return to_rgb8(np.asarray(image))
 
 
+def resize_sample(image: np.ndarray, mask: np.ndarray, image_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Resize to ``image_size`` squared (the paper's protocol: image bilinear, mask nearest), or keep the native size."""
+    if not image_size:
+        return image, mask
+    import torch
+    import torch.nn.functional as F
+
+    y = F.interpolate(torch.tensor(mask)[None, None].float(), size=(image_size, image_size), mode="nearest")
+    return resize_image(image, (image_size, image_size)), y[0, 0].byte().numpy()
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int], antialias: bool = True) -> np.ndarray:
+    """``(H, W, C)`` uint8 resized to ``size`` = ``(h, w)``: bilinear (antialiased), rounded back to uint8."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)
+    return x[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
+
+
 def _read_grey(path: Path) -> np.ndarray:
     from PIL import Image
 
@@ -149,6 +199,8 @@ EXPECTED_LAYOUT = {
     "kitti": "'training/image_2/*.png' and 'training/semantic/*.png'",
     "bdd": "'images/10k/{train,val}/*.jpg' and 'labels/sem_seg/masks/{train,val}/*.png'",
     "folder": "'images/*' and 'masks/*' with matching file names (stems)",
+    "nuinsseg": ("organ folders holding 'tissue images/*.png' and 'label masks modify/*.tif' (the release), "
+                 "or 'images/*' and 'masks/*' of instance ids with an optional split.csv"),
 }
 
 
@@ -212,7 +264,16 @@ def _bowl(root: Path, multiclass: bool) -> SegmentationData:
             union |= _read_grey(path) > 0
         return union.astype(np.uint8)
 
-    return SegmentationData("bowl", tuple(samples), ("background", "nucleus"), 1, True, read_mask)
+    def read_instances(sample: Sample) -> np.ndarray:
+        if not sample.masks:
+            return read_mask(sample).astype(np.int32)
+        ids = np.zeros(_read_grey(sample.masks[0]).shape, np.int32)
+        for number, path in enumerate(sample.masks, 1):  # one file per nucleus; a later one wins an overlap
+            ids[_read_grey(path) > 0] = number
+        return ids
+
+    return SegmentationData("bowl", tuple(samples), ("background", "nucleus"), 1, True, read_mask, read_instances,
+                            ESTIMATED_MPP["bowl"])
 
 
 # --------------------------------------------------------------------------- KITTI
@@ -291,10 +352,107 @@ def _folder(root: Path, multiclass: bool) -> SegmentationData:
         names = tuple(f"class {i}" for i in range(count))
         return SegmentationData("folder", tuple(samples), names, max(count, 2), True, lambda s: _read_grey(s.masks[0]).astype(np.uint8))
     return SegmentationData("folder", tuple(samples), ("background", "foreground"), 1, True,
-                            lambda s: (_read_grey(s.masks[0]) > 0).astype(np.uint8))
+                            lambda s: (_read_grey(s.masks[0]) > 0).astype(np.uint8), _instance_ids)
 
 
-_OPENERS = {"ph2": _ph2, "bowl": _bowl, "kitti": _kitti, "bdd": _bdd, "folder": _folder}
+def _instance_ids(sample: Sample) -> np.ndarray | None:
+    """A mask file of instance ids (more than one non-zero value) as int32, else None."""
+    ids = _read_grey(sample.masks[0])
+    if np.unique(ids[ids > 0]).size < 2:
+        return None
+    return ids.astype(np.int32)
+
+
+# --------------------------------------------------------------------------- NuInsSeg
+
+#: The release's folders inside each organ folder.
+NUINSSEG_IMAGES, NUINSSEG_LABELS, NUINSSEG_VAGUE = "tissue images", "label masks modify", "vague areas/mask binary"
+
+
+def _nuinsseg(root: Path, multiclass: bool) -> SegmentationData:
+    expected = EXPECTED_LAYOUT["nuinsseg"]
+    if (root / "images").is_dir() and (root / "masks").is_dir():
+        samples = _nuinsseg_folder(root, expected)
+    else:
+        samples = _nuinsseg_release(root, expected)
+
+    def read_instances(sample: Sample) -> np.ndarray:
+        return _read_label_image(sample.masks[0]).astype(np.int32)
+
+    def read_mask(sample: Sample) -> np.ndarray:
+        mask = (read_instances(sample) > 0).astype(np.uint8)
+        if sample.ignore is not None:
+            vague = _read_grey(sample.ignore) > 0
+            if vague.shape != mask.shape:
+                raise DatasetError(f"{sample.id}: vague-area mask {vague.shape} and mask {mask.shape} differ in size")
+            mask[vague] = IGNORE
+        return mask
+
+    return SegmentationData("nuinsseg", tuple(samples), ("background", "nucleus"), 1, True, read_mask, read_instances,
+                            ESTIMATED_MPP["nuinsseg"])
+
+
+def _nuinsseg_folder(root: Path, expected: str) -> list[Sample]:
+    """The ``folder`` layout (``images/``, ``masks/`` of ids), with ``split.csv``'s split when present."""
+    import csv
+
+    splits: dict[str, str] = {}
+    if (root / "split.csv").is_file():
+        with open(root / "split.csv", newline="") as handle:
+            for row in csv.DictReader(handle):
+                if "name" not in row or "split" not in row:
+                    raise _layout_error("NuInsSeg", root, expected + " (split.csv needs 'name' and 'split' columns)")
+                splits[row["name"]] = row["split"].strip().lower()
+        unknown = sorted(set(splits.values()) - {"train", "val"})
+        if unknown:
+            raise _layout_error("NuInsSeg", root, expected + f" (split.csv has splits {unknown}; use train and val)")
+    masks = {p.stem: p for p in (root / "masks").iterdir() if p.is_file()}
+    samples = []
+    for image in sorted(p for p in (root / "images").iterdir() if p.is_file()):
+        if image.stem not in masks:
+            raise _layout_error("NuInsSeg", root, expected + f" (no mask for {image.name})")
+        if splits and image.stem not in splits:
+            raise _layout_error("NuInsSeg", root, expected + f" ({image.stem} is not in split.csv)")
+        samples.append(Sample(image.stem, image, (masks[image.stem],), splits.get(image.stem)))
+    if not samples:
+        raise _layout_error("NuInsSeg", root, expected)
+    return samples
+
+
+def _nuinsseg_release(root: Path, expected: str) -> list[Sample]:
+    """The release: organ folders of tissue images, instance-id masks and vague-area masks."""
+    samples = []
+    for organ in sorted(p for p in root.iterdir() if p.is_dir() and (p / NUINSSEG_IMAGES).is_dir()):
+        labels = {p.stem: p for p in (organ / NUINSSEG_LABELS).glob("*.tif*")}
+        vague = {p.stem: p for p in (organ / NUINSSEG_VAGUE).glob("*.png")}
+        for image in sorted((organ / NUINSSEG_IMAGES).glob("*.png")):
+            if image.stem not in labels:
+                raise _layout_error("NuInsSeg", root, expected + f" (no '{NUINSSEG_LABELS}' mask for {organ.name}/{image.name})")
+            samples.append(Sample(image.stem, image, (labels[image.stem],), ignore=vague.get(image.stem)))
+    if not samples:
+        raise _layout_error("NuInsSeg", root, expected)
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise DatasetError(f"{root}: two organ folders hold images of the same name; names must be unique")
+    return samples
+
+
+def _read_label_image(path: Path) -> np.ndarray:
+    """A single-channel label image of any integer depth (PNG, TIFF) as an array."""
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        array = tifffile.imread(path)
+    else:
+        array = _read_grey(path)
+    if array.ndim != 2:
+        array = array[..., 0] if array.ndim == 3 else array.squeeze()
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer) and not np.all(np.mod(array, 1) == 0):
+        raise DatasetError(f"{path}: not a single-channel image of instance ids")
+    return array
+
+
+_OPENERS = {"ph2": _ph2, "bowl": _bowl, "kitti": _kitti, "bdd": _bdd, "folder": _folder, "nuinsseg": _nuinsseg}
 
 
 def open_dataset(name: str, root: str | Path, multiclass: bool = False) -> SegmentationData:
@@ -302,7 +460,7 @@ def open_dataset(name: str, root: str | Path, multiclass: bool = False) -> Segme
 
     Parameters
     ----------
-    name : {"ph2", "bowl", "kitti", "bdd", "folder"}
+    name : {"ph2", "bowl", "kitti", "bdd", "folder", "nuinsseg"}
     root : path
     multiclass : bool
         KITTI / BDD: the 19 Cityscapes classes instead of vehicle vs rest;
@@ -321,6 +479,6 @@ def open_dataset(name: str, root: str | Path, multiclass: bool = False) -> Segme
             f"data root {root} does not exist or is not a folder; for --dataset {name} it should hold "
             f"{EXPECTED_LAYOUT[name]}"
         )
-    if multiclass and name in ("ph2", "bowl"):
+    if multiclass and name in ("ph2", "bowl", "nuinsseg"):
         raise DatasetError(f"{name} is a binary data set; drop --multiclass")
     return _OPENERS[name](root, multiclass)

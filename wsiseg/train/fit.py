@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from wsiseg.config import TwoStageConfig
 from wsiseg.errors import InputError, WsisegError
 from wsiseg.models import SegmentationModel, build_model
+from wsiseg.models.registry import DEFAULT_ARCH, DEFAULT_BACKBONE
 from wsiseg.models.base import logits_to_probabilities
 from wsiseg.runtime import resolve_device
 from wsiseg.stain import INPUT_TRANSFORMS
@@ -48,7 +49,7 @@ from wsiseg.tiling import Box, TileGrid, linear_resample, pixel_centres
 from wsiseg.tissue import has_dark_background
 from wsiseg.train.augment import Augmentation, random_crop
 from wsiseg.train.synthetic_he import render_he
-from wsiseg.train.datasets import SegmentationData, open_dataset
+from wsiseg.train.datasets import SegmentationData, open_dataset, resize_sample
 from wsiseg.train.losses import get_loss
 from wsiseg.uncertainty import SAMPLING_STRATEGIES, sample_tiles, tile_scores, uncertainty_map
 
@@ -106,8 +107,16 @@ class TrainConfig:
     input_transform : ``rgb`` or ``hematoxylin`` (:class:`~wsiseg.stain.InputTransform`),
         built into the models and so recorded in the bundle.
     split_seed, seed : the 70/30 split and the training randomness.
-    mpp : micrometres per pixel of the training images, if known (recorded
-        so that ``wsiseg segment`` can rescale slides to it).
+    mpp : micrometres per pixel the models train at, recorded so that
+        ``wsiseg segment`` can bring slides to it. Where the data set's own
+        pixel size is known (``data_mpp``), native-size crops are resampled by
+        ``data_mpp / mpp``; else the images are taken to be at ``mpp``. None:
+        the data set's own pixel size, if known.
+    data_mpp : micrometres per pixel of the data set's images (default: its
+        own, e.g. NuInsSeg's estimate, see ``ESTIMATED_MPP``).
+    extra_datasets : more training data, ``"name=root"`` each (their train
+        splits, each resampled from its own pixel size to ``mpp``); scored on
+        the main data set only.
     threshold : default tile-selection threshold stored in the bundle.
     freeze_bn_after : after this many epochs of a phase, BatchNorm layers use
         and keep their running statistics (the remaining epochs train the
@@ -125,8 +134,8 @@ class TrainConfig:
     dataset: str
     data_root: str
     multiclass: bool = False
-    arch: str = "unet"
-    backbone: str = "resnet_lite"
+    arch: str = DEFAULT_ARCH
+    backbone: str = DEFAULT_BACKBONE
     backbone_weights: str | None = None
     ratio: int = TwoStageConfig.ratio
     image_size: int = 768
@@ -160,6 +169,8 @@ class TrainConfig:
     split_seed: int = 0
     seed: int = 0
     mpp: float | None = None
+    data_mpp: float | None = None
+    extra_datasets: tuple[str, ...] = ()
     threshold: float = TwoStageConfig().selection.value
     freeze_bn_after: int | None = None
     device: str = "auto"
@@ -195,6 +206,14 @@ class TrainConfig:
             raise InputError(f"--workers must be 0 or more, got {self.workers}")
         if self.patches < 1:
             raise InputError(f"--patches must be at least 1, got {self.patches}")
+        for value, flag in ((self.mpp, "--mpp"), (self.data_mpp, "--data-mpp")):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise InputError(f"{flag} must be a positive number of micrometres per pixel, not {value}")
+        if (self.mpp is not None or self.data_mpp is not None or self.extra_datasets) and self.image_size:
+            raise InputError("--mpp, --data-mpp and --add-dataset resample native-size crops: use them with --image-size 0")
+        for entry in self.extra_datasets:
+            if "=" not in entry:
+                raise InputError(f"--add-dataset takes NAME=ROOT (e.g. bowl=data/stage1_train), not {entry!r}")
         if self.tile + 2 * self.halo > side:
             raise InputError(f"tile {self.tile} plus twice the halo {self.halo} exceeds the training image side {side}")
 
@@ -231,7 +250,7 @@ class TrainConfig:
 
 
 #: TrainConfig fields newer than the checkpoint format (see :meth:`TrainConfig.signature`).
-_ADDED_LATER = frozenset({"init_from", "brightfield_repeats", "synthetic_he"})
+_ADDED_LATER = frozenset({"init_from", "brightfield_repeats", "synthetic_he", "data_mpp", "extra_datasets"})
 
 
 # --------------------------------------------------------------------------- data
@@ -243,14 +262,24 @@ class TrainingImages:
     def __init__(
         self, data: SegmentationData, config: TrainConfig, progress: TrainProgress | None = None
     ) -> None:
-        from wsiseg.evaluate import prepare
-
-        samples = data.split("train", config.split_seed)
-        self.items = []
-        for done, sample in enumerate(samples, 1):
-            self.items.append(prepare(*data.load(sample), config.image_size or None))
-            if progress:
-                progress("loading", done, len(samples), None)
+        sources = [(data, data.split("train", config.split_seed))]
+        for entry in config.extra_datasets:
+            name, root = entry.split("=", 1)
+            extra = open_dataset(name, root, config.multiclass)
+            if extra.num_classes != data.num_classes:
+                raise InputError(f"--add-dataset {name} has {extra.num_classes} classes, {data.name} {data.num_classes}")
+            sources.append((extra, extra.split("train", config.split_seed)))
+        total = sum(len(samples) for _, samples in sources)
+        model_mpp = training_mpp(config, data)
+        self.items, self.scales = [], []
+        for source, samples in sources:
+            own_mpp = config.data_mpp if source is data and config.data_mpp is not None else source.mpp
+            scale = own_mpp / model_mpp if own_mpp and model_mpp else 1.0
+            for sample in samples:
+                self.items.append(resize_sample(*source.load(sample), config.image_size or None))
+                self.scales.append(scale)
+                if progress:
+                    progress("loading", len(self.items), total, None)
         if len(self.items) < 1:
             raise InputError("the training split is empty")
         self.config = config
@@ -301,7 +330,7 @@ class TrainingImages:
             image, mask = self.items[index]
             if not self.config.image_size:
                 scale_jitter = self.config.scale_jitter if self.config.augment else 0.0
-                image, mask = random_crop(image, mask, self.config.crop_size, rng, scale_jitter)
+                image, mask = random_crop(image, mask, self.config.crop_size, rng, scale_jitter, self.scales[index])
             if self.augmentation is not None and self.config.synthetic_he and rng.random() < self.config.synthetic_he:
                 image = render_he(mask, rng)
             x = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1) / 255.0
@@ -316,6 +345,13 @@ class TrainingImages:
         n, size = int(self.repeats.sum()), self.config.batch_size
         full, rest = divmod(n, size)
         return full + (1 if rest >= 2 or (rest and n < 2) else 0)
+
+
+def training_mpp(config: TrainConfig, data: SegmentationData) -> float | None:
+    """The pixel size the models train at: ``config.mpp``, else the data set's (``data_mpp`` or its own)."""
+    if config.mpp is not None:
+        return config.mpp
+    return config.data_mpp if config.data_mpp is not None else data.mpp
 
 
 class _PlannedBatches(torch.utils.data.Dataset):
@@ -593,7 +629,7 @@ def train(
         "classes": list(data.class_names),
         "num_classes": data.num_classes,
         "image_size": config.image_size or None,
-        "mpp": config.mpp,
+        "mpp": training_mpp(config, data),
         "dataset": config.dataset,
         "training": {
             **asdict(config), "history": history, "train_images": len(images.items),

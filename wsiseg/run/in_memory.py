@@ -21,7 +21,7 @@ from wsiseg.run.executors import InlineExecutor
 from wsiseg.run.plan import ModelFacts, Plan, make_plan
 from wsiseg.slide import Level
 from wsiseg.tiling import Box
-from wsiseg.two_stage import COMPOSED, IMAGE, MASK, PROBABILITY, UNCERTAINTY
+from wsiseg.ngff import COMPOSED, IMAGE, MASK, PROBABILITY, UNCERTAINTY
 
 
 @dataclass

@@ -15,10 +15,10 @@ from wsiseg.config import TwoStageConfig
 from wsiseg.inference import ModelRunner, compose_tile, context_reader, union_reader, upsample_stage1
 from wsiseg.run.driver import run_flow
 from wsiseg.run.executors import InlineExecutor
-from wsiseg.run.memory import ImageSource, LoadedModels, MemoryStore, segment_full_resolution, segment_image
+from wsiseg.run.in_memory import ImageSource, LoadedModels, MemoryStore, segment_full_resolution, segment_image
 from wsiseg.run.plan import ModelFacts, make_plan
 from wsiseg.tiling import Box, TileGrid, blend_weights, downsample_mean, linear_resample, sample_plan
-from wsiseg.two_stage import CONTEXT
+from wsiseg.ngff import CONTEXT
 from wsiseg.uncertainty import TileSelection, entropy, probabilities_to_labels, tile_scores, uniform_label
 
 
@@ -315,7 +315,7 @@ def test_non_integer_coarsening_is_area_resampling_and_windows_agree(rng) -> Non
     """read_scaled by 1.6 equals the mean over each output pixel's 1.6 x 1.6 footprint (the
     pixels seen as constant squares; brute force: 1,600 point samples per footprint side, so
     that pixel edges fall between samples), and windows read apart equal one whole read."""
-    from wsiseg.two_stage import read_scaled
+    from wsiseg.resample import read_scaled
 
     image = rng.integers(0, 256, (41, 53, 3)).astype(np.uint8)
     source = ImageSource(image)

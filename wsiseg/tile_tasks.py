@@ -1,4 +1,4 @@
-"""The two-stage data flow, as tile tasks written once.
+"""The tile tasks of the two-stage flow, written once (the driver, :mod:`wsiseg.run.driver`, runs them).
 
 1. **Stage 1** (:func:`stage1_block`). Model 1 segments one block of the
    image downsampled by the ratio (read with a halo, so block borders leave
@@ -37,76 +37,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from wsiseg.ngff import IMAGE, MASK, PROBABILITY, REFINED, TILE_SCORES, TISSUE, UNCERTAINTY
-from wsiseg.output import CONTEXT_ARRAY
-from wsiseg.tiling import Box, area_weights, blend_weights, downsample_mean, round_up, stage1_crop
+from wsiseg.ngff import COMPOSED, CONTEXT, IMAGE, MASK, PROBABILITY, REFINED, TILE_SCORES, TISSUE, UNCERTAINTY
+from wsiseg.resample import read_scaled
+from wsiseg.tiling import Box, blend_weights, round_up, stage1_crop
 from wsiseg.uncertainty import probabilities_to_labels, tile_integrals, uniform_label, uncertainty_map
 
 if TYPE_CHECKING:
     from wsiseg.run.plan import Plan
 
-#: The maps a run stores are named by their paths in an OME-Zarr output (:mod:`wsiseg.ngff`):
-#: MASK, PROBABILITY, UNCERTAINTY, TILE_SCORES, REFINED; a slide run also stores the slide's
-#: pixels (IMAGE, ``(3, h, w)``). Model 1's features projected for Model 2 are scratch,
-#: deleted when a slide run completes.
-CONTEXT = CONTEXT_ARRAY
-__all__ = ["CONTEXT", "COMPOSED", "IMAGE", "MASK", "PROBABILITY", "REFINED", "TILE_SCORES", "TISSUE", "UNCERTAINTY",
-           "compose_tiles", "copy_image_band", "detect_tissue_task", "read_pieces", "read_scaled", "refine_tiles",
-           "stage1_block"]
-#: The composed probabilities ``(C, H, W)``: kept only when asked for (images in memory).
-COMPOSED = "composed"
+#: The maps a run stores are named by their paths in an OME-Zarr output (:mod:`wsiseg.ngff`).
+__all__ = ["compose_tiles", "copy_image_band", "detect_tissue_task", "read_pieces", "refine_tiles", "stage1_block"]
 
 #: Decoded pixels of part of the image: ``(box, (h, w, 3) uint8)``.
 Piece = tuple[Box, np.ndarray]
-
-
-def read_scaled(source: Any, level: int, coarsen: float, box: Box) -> np.ndarray:
-    """Pixels of ``box`` in the coordinates of ``level`` coarsened by ``coarsen``.
-
-    Coarsened reads go in strips, so that no large region of the finer level
-    is ever held at once; strips start at multiples of ``coarsen``, so the
-    result equals :func:`~wsiseg.tiling.downsample_mean` of the whole level.
-    A non-integer ``coarsen`` (a 0.25 um/pixel slide for a 0.4 um/pixel
-    model: 1.6) resamples by area (:func:`~wsiseg.tiling.area_weights`).
-
-    Parameters
-    ----------
-    source : Slide or in-memory image
-        Anything with ``levels`` and ``read_region(level, box)``.
-
-    Returns
-    -------
-    np.ndarray
-        ``(h, w, 3)`` uint8; block means of ``coarsen x coarsen`` level pixels.
-    """
-    if coarsen == 1:
-        return source.read_region(level, box)
-    height, width = source.levels[level].shape
-    if not float(coarsen).is_integer():
-        return _read_area(source, level, float(coarsen), box, (height, width))
-    coarsen = int(coarsen)
-    strip = max(1, 4096 // (coarsen * coarsen))
-    pixels = np.empty((*box.shape, 3), np.uint8)
-    for y in range(box.y0, box.y1, strip):
-        y1 = min(y + strip, box.y1)
-        region = Box(y * coarsen, min(y1 * coarsen, height), box.x0 * coarsen, min(box.x1 * coarsen, width))
-        pixels[y - box.y0 : y1 - box.y0] = downsample_mean(source.read_region(level, region), coarsen)
-    return pixels
-
-
-def _read_area(source: Any, level: int, factor: float, box: Box, shape: tuple[int, int]) -> np.ndarray:
-    """``(h, w, 3)`` uint8: ``box`` of ``level`` downsampled by the non-integer ``factor``, in strips."""
-    strip = max(1, int(4096 // (factor * factor)))
-    x_first, x_weights = area_weights(box.x0, box.x1, factor, shape[1])
-    pixels = np.empty((*box.shape, 3), np.uint8)
-    for y in range(box.y0, box.y1, strip):
-        y1 = min(y + strip, box.y1)
-        y_first, y_weights = area_weights(y, y1, factor, shape[0])
-        region = Box(y_first, y_first + y_weights.shape[1], x_first, x_first + x_weights.shape[1])
-        values = source.read_region(level, region).astype(np.float64)
-        rows = np.einsum("ij,jwc->iwc", y_weights, values)
-        pixels[y - box.y0 : y1 - box.y0] = np.rint(np.einsum("iwc,kw->ikc", rows, x_weights)).clip(0, 255)
-    return pixels
 
 
 def copy_image_band(plan: Plan, y0: int, y1: int) -> None:
