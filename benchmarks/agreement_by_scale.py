@@ -59,7 +59,7 @@ def agreement(image: np.ndarray, bundle, ratio: int | None = None, device: str =
     full = segment_full_resolution(image, bundle.models["model"], flow, device)
     masks = {"two_stage": two.mask > 0, "model2_everywhere": everywhere.mask > 0, "full": full.mask > 0}
     return {
-        "refined": float(two.counts["refined_fraction"]),
+        "refined": float(two.tiles.refined_fraction),
         **{f"marked_{name}": float(mask.mean()) for name, mask in masks.items()},
         "two_stage_vs_full": dice(masks["two_stage"], masks["full"]),
         "model2_everywhere_vs_full": dice(masks["model2_everywhere"], masks["full"]),

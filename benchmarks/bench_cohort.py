@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             report = segment_slide(slide, out, client, config, options)
             seconds += time.perf_counter() - started
             window += 1
-            if report.get("status") != "complete":
-                raise RuntimeError(f"slide {i}: status {report.get('status')!r}")
+            if report.status != "complete":
+                raise RuntimeError(f"slide {i}: status {report.status!r}")
             shutil.rmtree(out)
             slide.unlink()
             if (i + 1) % args.every and i + 1 != args.slides:

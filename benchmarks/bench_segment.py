@@ -56,6 +56,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from wsiseg.run.report import read_report
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -113,7 +115,7 @@ def run_segment(
     sampler.join()
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed: {stderr.strip()}")
-    report = json.loads((out / "report.json").read_text())
+    report = read_report(out).to_dict()
     report["bench"] = {"process_seconds": time.perf_counter() - start, "peak_tree_rss_mb": peak[0] / 2**20,
                        "peak_tree_pss_mb": peak[1] / 2**20, "cores": cores or len(os.sched_getaffinity(0)),
                        "command": "wsiseg " + " ".join(command[3:])}

@@ -53,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
             mask = np.asarray(zarr.open_array(str(out / "labels/mask/0"), mode="r")[...])
             truth = data.load(sample)[1]
             scores.append(dice_iou(confusion(mask, truth, max(2, data.num_classes)))[0])
-            refined.append(report["tiles"]["refined_fraction"])
+            refined.append(report.tiles.refined_fraction)
     client.close()
     print(f"`python benchmarks/dataset_via_segment.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ")
-    print(f"{len(samples)} {args.dataset} {args.split} images, tile {report['settings']['tile_size']}, "
-          f"{report['settings']['selection']}: mean Dice {100 * np.mean(scores):.2f} %, "
+    print(f"{len(samples)} {args.dataset} {args.split} images, tile {report.settings['tile_size']}, "
+          f"{report.settings['selection']}: mean Dice {100 * np.mean(scores):.2f} %, "
           f"refined tiles {100 * np.mean(refined):.1f} %")
     return 0
 

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from wsiseg.run.report import read_report
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         threshold = [] if args.threshold is None else ["--threshold", str(args.threshold)]
         subprocess.run([str(Path(sys.executable).with_name("wsiseg")), "segment", str(args.slide), "--model", bundle,
                         "--out", str(out), *threshold], check=True, capture_output=True)
-        report = json.loads((out / "report.json").read_text())
+        report = read_report(out).to_dict()
         group = zarr.open_group(str(out), mode="r")
         mask = np.asarray(group["labels/mask/0"][:]) > 0
         tissue = _upsample_nearest(np.asarray(group["labels/tissue/0"][:]) > 0, mask.shape)

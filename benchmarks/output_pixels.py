@@ -56,14 +56,14 @@ def main() -> None:
             for name, extra in choices:
                 out = scratch / f"{slide.stem}-{name.replace(' ', '')}.zarr"
                 report = segment_slide(slide, out, client, config, RunOptions(**extra))
-                image = report["outputs"]["image"]
+                image = report.outputs["image"]
                 rows.append({
-                    "slide": slide.name, "size_yx": report["input"]["size_yx"], "pixels": name,
+                    "slide": slide.name, "size_yx": report.input.size_yx, "pixels": name,
                     "pixels_shape_yx": image["shape_yx"], "pixel_levels": image["levels"],
-                    "seconds_total": round(report["timings"]["total"], 2),
-                    "seconds_finish": round(report["timings"]["finish"], 2),
+                    "seconds_total": round(report.timings.total, 2),
+                    "seconds_finish": round(report.timings.finish, 2),
                     "pixel_bytes": pixel_bytes(out), "output_bytes": folder_bytes(out),
-                    "objects": report["outputs"].get("objects", {}).get("count"),
+                    "objects": report.outputs.get("objects", {}).get("count"),
                 })
                 shutil.rmtree(out)
     finally:

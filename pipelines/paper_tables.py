@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from wsiseg.train.fit import TrainConfig
+    from wsiseg.train.config import TrainConfig
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     base = TrainConfig(data_root=args.data_root, epochs=args.epochs, device=args.device, crop_size=args.crop_size,

@@ -257,3 +257,28 @@ def test_agreement_by_scale_compares_the_three_paths_masks() -> None:
                        "two_stage_vs_full": 0.0, "model2_everywhere_vs_full": 1.0, "two_stage_vs_model2_everywhere": 0.0}
     results = {"command": "c", "machine": "m", "mpp": [0.5, 0.5], "rows": [{"scale": 2.0, "ratio": 4, **figures}]}
     assert by_scale.table(results)[-1] == "| 2 | 0.250 | 4 | 0.0 % | 0.0 % / 100.0 % / 100.0 % | 0.000 | 1.000 | 0.000 |"
+
+
+def test_pixel_size_study_scores_each_scan_and_work_pixel_size(tmp_path) -> None:
+    from conftest import constant_model
+    from test_datasets import make_release
+    from wsiseg.bundle import save_bundle
+
+    make_release(tmp_path / "r", per_organ=2)
+    everything, nothing = constant_model(50.0), constant_model(-50.0)
+    bundle = save_bundle(tmp_path / "b.safetensors", {"model1": nothing, "model2": everything, "model": everything},
+                         {"ratio": 2, "tile_size": 16, "halo": 8, "threshold": 0.5, "mpp": 0.3, "mpp_range": [0.2, 0.5],
+                          "training": {"split_seed": 0}})
+    command = [sys.executable, str(ROOT / "benchmarks" / "pixel_size.py"), "--model", str(bundle), "--data-root",
+               str(tmp_path / "r"), "--scan", "0.2", "--scan", "0.5", "--work", "0.5=0.25", "--results", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "pixel_size.json").read_text())["rows"]
+    assert [(r["scan_mpp"], r["work_mpp"], r["method"]) for r in rows] == [
+        (0.2, "rule", "baseline"), (0.2, "rule", "two-stage"), (0.5, "rule", "baseline"), (0.5, "rule", "two-stage"),
+        (0.5, 0.25, "baseline"), (0.5, 0.25, "two-stage")]
+    # Model 1 marks nothing and refines nothing at 0.5: no nucleus found, whatever the pixel size.
+    assert all(r["dice"] == 0.0 and r["pq"] == 0.0 and r["refined"] == 0.0 for r in rows if r["method"] == "two-stage")
+    # Everything marked: the Dice of an all-foreground mask does not depend on the pixel size.
+    assert len({round(r["dice"], 9) for r in rows if r["method"] == "baseline"}) == 1
+    assert (tmp_path / "pixel_size.md").read_text().count("\n| 0.5 |") == 4

@@ -12,6 +12,7 @@ import zarr
 from click.testing import CliRunner
 
 from wsiseg.cli import main
+from wsiseg.run.report import read_report
 
 
 def test_help_lists_commands() -> None:
@@ -55,9 +56,9 @@ def test_segment_end_to_end_through_the_console_script(tmp_path, pyramid_slide, 
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert f"{out}: 3 of 12 tiles refined (25.0 %)" in result.stdout
-    report = json.loads((out / "report.json").read_text())
-    assert report["tiles"]["refined"] == 3 and report["settings"]["selection"] == "budget 0.25"
-    assert report["outputs"]["geojson"] == "mask.geojson"
+    report = read_report(out)
+    assert report.tiles.refined == 3 and report.settings["selection"] == "budget 0.25"
+    assert report.outputs["geojson"] == "mask.geojson"
     mask = zarr.open_array(str(out / "labels/mask/0"), mode="r")
     assert mask.shape == (768, 1000) and mask.chunks == (256, 256)
     assert json.loads((out / "mask.geojson").read_text())["type"] == "FeatureCollection"
@@ -136,10 +137,10 @@ def _interrupt(*args, **kwargs):
 def test_ctrl_c_says_how_to_continue_this_command(tmp_path, monkeypatch, command) -> None:
     """Exit status 130 and one line: --resume for segment, the checkpoint for train (which has no --resume)."""
     import wsiseg.evaluate
-    import wsiseg.run.slides
+    import wsiseg.run.job
     import wsiseg.train.fit
 
-    monkeypatch.setattr(wsiseg.run.slides, "segment_one", _interrupt)
+    monkeypatch.setattr(wsiseg.run.job, "prepare_run", _interrupt)
     monkeypatch.setattr(wsiseg.train.fit, "train", _interrupt)
     monkeypatch.setattr(wsiseg.evaluate, "evaluate_bundle", _interrupt)
     slide, bundle = tmp_path / "slide.tif", tmp_path / "model.safetensors"
@@ -239,3 +240,16 @@ def test_evaluate_without_a_terminal_prints_progress_lines_only(tmp_path, monkey
     assert [line.split()[1] for line in lines] == [f"{2 * i}/20" for i in range(1, 11)]
     assert all(line.startswith("images        ") for line in lines)
     assert lines[-1].endswith("(100 %) 0:00 elapsed")
+
+
+def test_train_options_are_the_train_configs_fields_with_its_defaults() -> None:
+    """Each TrainConfig field is one `wsiseg train` option whose default is the field's (stated once)."""
+    from wsiseg.cli import train
+    from wsiseg.train.config import train_defaults
+
+    defaults = train_defaults()
+    options = {param.name: param for param in train.params}
+    assert set(defaults) <= set(options), set(defaults) - set(options)
+    for name, default in defaults.items():
+        given = options[name].default
+        assert (tuple(given) if options[name].multiple else given) == default, name

@@ -17,6 +17,7 @@ from wsiseg.cluster import WORKER_MALLOC_ENVIRON, start_client
 from wsiseg.config import RunOptions, TwoStageConfig
 from wsiseg.run import segment_slide
 from wsiseg.uncertainty import TileSelection
+from wsiseg.run.report import read_report
 
 CONFIG = TwoStageConfig(selection=TileSelection.budget(0.5), tile_size=256, halo=32, stage1_block=64, stage1_halo=32)
 
@@ -44,7 +45,7 @@ def test_real_cluster_equals_local_run(tmp_path, pyramid_slide, test_bundle, rea
     client, _ = real_cluster
     out = tmp_path / "cluster.zarr"
     report = segment_slide(pyramid_slide, out, client, CONFIG, RunOptions(model=str(test_bundle)))
-    assert report["scheduler"]["workers"] == 2 and report["scheduler"]["address"].startswith("tcp://127.0.0.1")
+    assert report.scheduler["workers"] == 2 and report.scheduler["address"].startswith("tcp://127.0.0.1")
     np.testing.assert_array_equal(np.asarray(zarr.open_array(str(out / "labels/mask/0"), mode="r")[...]), local_mask)
 
 
@@ -80,8 +81,8 @@ def test_interrupted_cli_run_resumes_on_the_cluster(tmp_path, pyramid_slide, tes
 
     resumed = subprocess.run(command(out) + ["--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    report = json.loads((out / "report.json").read_text())
-    assert report["tiles"]["resumed"] == len(done) and report["status"] == "complete"
+    report = read_report(out)
+    assert report.tiles.resumed == len(done) and report.status == "complete"
     for level in ("0", "1", "2"):
         np.testing.assert_array_equal(
             np.asarray(zarr.open_array(str(out / "labels" / "mask" / level), mode="r")[...]),
@@ -100,7 +101,7 @@ def test_the_driver_never_imports_torch(tmp_path, pyramid_slide, test_bundle, re
         f"client = Client({client.scheduler.address!r})\n"
         f"report = segment_slide({str(pyramid_slide)!r}, {str(tmp_path / 'driver.zarr')!r}, "
         f"client, TwoStageConfig(tile_size=256), RunOptions(model={str(test_bundle)!r}))\n"
-        "print(report['status'], 'torch' in sys.modules)\n"
+        "print(report.status, 'torch' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -121,11 +122,11 @@ def test_killing_a_worker_mid_run_still_gives_the_same_output(
 
     out = tmp_path / "killed.zarr"
     report = segment_slide(pyramid_slide, out, client, CONFIG, RunOptions(model=str(test_bundle)), progress=kill_once)
-    assert killed and killed[0] < report["tiles"]["total"]
+    assert killed and killed[0] < report.tiles.total
     assert victim.wait(timeout=30) != 0
     assert len(client.scheduler_info(n_workers=-1)["workers"]) == 1
     np.testing.assert_array_equal(np.asarray(zarr.open_array(str(out / "labels/mask/0"), mode="r")[...]), local_mask)
-    assert report["status"] == "complete"
+    assert report.status == "complete"
 
 
 def test_local_cluster_workers_get_malloc_settings() -> None:
@@ -153,20 +154,20 @@ def test_a_cluster_without_workers_is_waited_for_then_one_clear_error(tmp_path, 
     from distributed import Client, LocalCluster
 
     from wsiseg.errors import InputError
-    from wsiseg.run import slides
+    from wsiseg.run import worker
 
     with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
-        monkeypatch.setattr(slides, "WORKER_WAIT_S", 1.0)
+        monkeypatch.setattr(worker, "WORKER_WAIT_S", 1.0)
         out = tmp_path / "none.zarr"
         with pytest.raises(InputError, match="has no workers after 1 s; start some with 'dask worker ADDRESS'"):
             segment_slide(pyramid_slide, out, client, None, RunOptions(model=str(test_bundle)))
         assert not (out / "report.json").exists()
 
-        monkeypatch.setattr(slides, "WORKER_WAIT_S", 60.0)
+        monkeypatch.setattr(worker, "WORKER_WAIT_S", 60.0)
         joining = threading.Timer(0.5, cluster.scale, args=(1,))
         joining.start()
         try:
-            workers = slides._connected_workers(client)
+            workers = worker.connected_workers(client)
         finally:
             joining.join()
         assert workers == list(cluster.scheduler.workers)

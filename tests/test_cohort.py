@@ -23,8 +23,10 @@ from wsiseg.cli import main
 from wsiseg.config import RunOptions, TwoStageConfig
 from wsiseg.errors import InputError
 from wsiseg.run import segment_slide
-from wsiseg.run.cohort import MANIFEST_FIELDS, find_slides, is_cohort, plan_outputs, segment_cohort
+from wsiseg.run.cohort import MANIFEST_FIELDS, segment_cohort
+from wsiseg.run.inputs import find_slides, is_cohort, plan_outputs
 from wsiseg.uncertainty import TileSelection
+from wsiseg.run.report import RunReport, TileCounts, read_report
 
 CONFIG = TwoStageConfig(selection=TileSelection.budget(0.5), tile_size=128)
 
@@ -45,8 +47,8 @@ def _mask(out: Path) -> np.ndarray:
     return np.asarray(zarr.open_array(str(out / "labels" / "mask" / "0"), mode="r")[...])
 
 
-def _report(out: Path) -> dict:
-    return json.loads((out / "report.json").read_text())
+def _report(out: Path) -> RunReport:
+    return read_report(out)
 
 
 def _manifest(out_dir: Path) -> list[dict[str, str]]:
@@ -158,7 +160,7 @@ def test_cohort_outputs_manifest_and_masks(cohort) -> None:
         single = cohort.root / "single" / Path(row["output"]).name
         segment_slide(row["slide"], single, cohort.client, CONFIG, cohort.options)
         assert np.array_equal(_mask(Path(row["output"])), _mask(single))
-        assert _report(Path(row["output"]))["input"]["path"] == str(Path(row["slide"]).resolve())
+        assert _report(Path(row["output"])).input.path == str(Path(row["slide"]).resolve())
     assert not np.array_equal(_mask(out / "slides_s0.zarr"), _mask(out / "other_s0.zarr"))
 
 
@@ -183,9 +185,9 @@ def test_running_again_skips_finished_and_resumes_interrupted(cohort) -> None:
     assert [m["status"] for m in _manifest(out)] == ["failed", "skipped", "resumed", "resumed"]
     for name in ("s1.zarr", "other_s0.zarr"):
         report = _report(out / name)
-        assert report["status"] == "complete" and report["tiles"]["resumed"] >= 1
+        assert report.status == "complete" and report.tiles.resumed >= 1
         assert np.array_equal(_mask(out / name), before[name])
-    assert _report(out / "other_s0.zarr")["tiles"]["resumed"] == 6
+    assert _report(out / "other_s0.zarr").tiles.resumed == 6
 
 
 def test_same_stem_in_the_same_folder_structure_never_shares_an_output(cohort) -> None:
@@ -195,7 +197,7 @@ def test_same_stem_in_the_same_folder_structure_never_shares_an_output(cohort) -
     assert [r["status"] for r in rows] == ["done", "done"]
     assert [Path(r["output"]).name for r in rows] == ["x_scans_s.zarr", "y_scans_s.zarr"]
     for slide, row in zip(slides, rows):
-        assert _report(Path(row["output"]))["input"]["path"] == str(slide.resolve())
+        assert _report(Path(row["output"])).input.path == str(slide.resolve())
     assert not np.array_equal(_mask(out / "x_scans_s.zarr"), _mask(out / "y_scans_s.zarr"))
 
 
@@ -215,4 +217,4 @@ def test_console_script_on_a_folder_exits_1_when_a_slide_failed(tmp_path, test_b
     lines = result.stdout.strip().splitlines()
     assert lines[-1] == f"2 slides: 1 done, 0 resumed, 0 skipped, 1 failed; manifest {out / 'manifest.csv'}"
     assert any(line.startswith("failed   ") and "broken.tif" in line for line in lines)
-    assert _report(out / "good.zarr")["tiles"] == {"total": 6, "refined": 3, "refined_fraction": 0.5, "resumed": 0}
+    assert _report(out / "good.zarr").tiles == TileCounts(total=6, refined=3, refined_fraction=0.5, resumed=0)

@@ -182,7 +182,8 @@ def test_training_with_ifbfnet_lad_and_aux(tmp_path) -> None:
     from test_train import make_folder
 
     from wsiseg.bundle import load_bundle
-    from wsiseg.train.fit import TrainConfig, train
+    from wsiseg.train.config import TrainConfig
+    from wsiseg.train.fit import train
 
     make_folder(tmp_path / "d", n=4)
     config = TrainConfig(dataset="folder", data_root=str(tmp_path / "d"), arch="ifbfnet", backbone="resnet_lite",
@@ -192,3 +193,10 @@ def test_training_with_ifbfnet_lad_and_aux(tmp_path) -> None:
     assert bundle.model.spec["arch"] == "ifbfnet"
     assert bundle.config["training"]["loss"] == "lad" and bundle.config["training"]["lad_window"] == 3
     assert np.isfinite(bundle.config["training"]["history"]["baseline"][0])
+
+
+def test_the_configs_loss_names_are_the_registered_losses() -> None:
+    from wsiseg.train.config import LOSS_NAMES
+    from wsiseg.train.losses import LOSSES
+
+    assert tuple(LOSSES) == LOSS_NAMES

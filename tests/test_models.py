@@ -157,7 +157,7 @@ def test_forward_gflop_equals_torch_flop_counter(arch: str, backbone: str) -> No
 def test_build_model_defaults_to_the_network_training_builds() -> None:
     from dataclasses import fields
 
-    from wsiseg.train.fit import TrainConfig
+    from wsiseg.train.config import TrainConfig
 
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     model = build_model(defaults["arch"], 1)

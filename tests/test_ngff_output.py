@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -18,6 +17,7 @@ from wsiseg.resample import read_scaled
 from wsiseg.uncertainty import TileSelection
 
 from conftest import write_pyramid
+from wsiseg.run.report import read_report
 
 CONFIG = TwoStageConfig(ratio=4, selection=TileSelection.budget(0.5), tile_size=256, halo=32, stage1_block=64,
                         stage1_halo=32)
@@ -115,8 +115,8 @@ def test_full_pixels_copy_the_slide_and_no_unit_without_a_pixel_size(runs, slide
     assert _transforms(root["labels/mask"]) == ([1.0, 1.0], [0.0, 0.0])
     for group in (root, root["labels/mask"], root["maps/probability"]):
         assert all("unit" not in axis for axis in _multiscale(group)["axes"])
-    report = json.loads((runs["full"] / "report.json").read_text())
-    assert report["outputs"]["image"] == {"pixels": "full", "levels": 3, "shape_yx": [768, 1000]}
+    report = read_report(runs["full"])
+    assert report.outputs["image"] == {"pixels": "full", "levels": 3, "shape_yx": [768, 1000]}
 
 
 def test_mpp_option_gives_the_unit_and_scales(runs) -> None:

@@ -34,7 +34,7 @@ def _read(out, name):
 def test_streamed_instances_equal_the_whole_image_up_to_relabelling(objects_run) -> None:
     out, report = objects_run
     mask, streamed = _read(out, "labels/mask/0"), _read(out, "labels/objects/0")
-    summary = report["outputs"]["objects"]
+    summary = report.outputs["objects"]
     expected, _ = whole_image_instances(mask, MAX_SIZE, summary["min_distance_px"])
     assert streamed.dtype == np.uint32 and summary["max_size_px"] == MAX_SIZE
     ids = np.unique(streamed[streamed > 0])
@@ -68,7 +68,7 @@ def test_table_matches_regionprops_of_the_whole_image(objects_run) -> None:
     table = pq.read_table(out / "objects.parquet").to_pydict()
     streamed = _read(out, "labels/objects/0")
     props = {p.label: p for p in regionprops(streamed)}
-    assert table["id"] == sorted(props) and len(table["id"]) == report["outputs"]["objects"]["count"]
+    assert table["id"] == sorted(props) and len(table["id"]) == report.outputs["objects"]["count"]
     # The slide has 0.5 um pixels and the mask is at level 0.
     for row, object_id in enumerate(table["id"]):
         p = props[object_id]
@@ -90,7 +90,7 @@ def test_geojson_holds_one_detection_per_object_with_its_measurements(objects_ru
     import shapely.geometry
 
     out, report = objects_run
-    assert report["outputs"]["geojson"] == "objects.geojson"
+    assert report.outputs["geojson"] == "objects.geojson"
     features = json.loads((out / "objects.geojson").read_text())["features"]
     table = pq.read_table(out / "objects.parquet").to_pydict()
     assert len(features) == len(table["id"])

@@ -15,7 +15,7 @@ import pytest
 from wsiseg import output
 from wsiseg.errors import DiskFullError, InputError, OutputBusyError
 from wsiseg.guard import OutputLock, check_output_path, disk_full_error, is_wsiseg_output, lock_path
-from wsiseg.output import ArraySpec, prepare_output, write_report
+from wsiseg.output import ArraySpec, prepare_output, write_json_atomic
 
 SIGNATURE = {"model": "tiny", "tile": 32}
 ARRAYS = [ArraySpec("labels/mask/0", (64, 64), (32, 32), "uint8")]
@@ -77,7 +77,7 @@ def test_overwrite_refuses_wsiseg_output_with_foreign_entry(tmp_path: Path) -> N
 def test_overwrite_replaces_clean_wsiseg_output(tmp_path: Path) -> None:
     out = tmp_path / "CMU.zarr"
     make_output(out)
-    write_report(out, {"done": True})
+    write_json_atomic(out / "report.json", {"done": True})
     (out / "overlay.png").write_bytes(b"png")
     record, resumed = prepare_output(out, {**SIGNATURE, "tile": 64}, ARRAYS, overwrite=True, resume=False)
     assert not resumed
@@ -274,7 +274,7 @@ def test_write_report_on_full_device_leaves_nothing(tmp_path: Path) -> None:
     # The partial file points at /dev/full, whose writes fail with ENOSPC.
     (tmp_path / "report.json.partial").symlink_to("/dev/full")
     with pytest.raises(OSError) as err:
-        write_report(tmp_path, {"x": "y" * 100_000})
+        write_json_atomic(tmp_path / "report.json", {"x": "y" * 100_000})
     assert err.value.errno == errno.ENOSPC
     assert isinstance(disk_full_error(err.value, tmp_path), DiskFullError)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
@@ -286,13 +286,13 @@ def test_write_report_failing_flush_leaves_nothing(tmp_path: Path, monkeypatch: 
 
     monkeypatch.setattr(output.os, "fsync", no_space)
     with pytest.raises(OSError):
-        write_report(tmp_path, {"done": True})
+        write_json_atomic(tmp_path / "report.json", {"done": True})
     assert not (tmp_path / "report.json").exists()
     assert not (tmp_path / "report.json.partial").exists()
 
 
 def test_write_report_writes_json(tmp_path: Path) -> None:
-    path = write_report(tmp_path, {"done": True, "out": tmp_path})
+    path = write_json_atomic(tmp_path / "report.json", {"done": True, "out": tmp_path})
     assert json.loads(path.read_text()) == {"done": True, "out": str(tmp_path)}
     assert not (tmp_path / "report.json.partial").exists()
 

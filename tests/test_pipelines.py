@@ -86,19 +86,22 @@ def test_paper_tables_write_table3_table4_and_losses_and_reuse_their_runs(tmp_pa
     assert again == [(r["method"], r["dice"], r["refined"]) for r in table3 if r["arch"] == "unet"] and len(again) == 4
 
 
-def test_default_threshold_rule_picks_the_fewest_refinements_within_half_a_point() -> None:
-    from wsiseg.evaluate import MethodScores
+def test_default_model_variants_and_the_one_threshold_rule() -> None:
+    """The pipeline picks thresholds with wsiseg calibrate's rule; the H&E variants train on NuInsSeg at 0.2-0.5 um."""
+    import wsiseg.calibrate
 
-    rule = _load("train_default_model").choose_threshold
-
-    def row(method, threshold, dice):
-        return MethodScores(method, threshold, dice, 0, 0, 0, 0, 1)
-
-    rows = [row("baseline", None, 0.860), row("two-stage", 1.0, 0.858), row("two-stage", 0.6, 0.859),
-            row("two-stage", 0.5, 0.861), row("two-stage", 0.4, 0.866), row("two-stage", 0.0, 0.871)]
-    assert rule(rows) == 0.5  # the first threshold (from the top) that matches the baseline
-    assert rule(rows, floor=0.865) == 0.4
-    assert rule([row("baseline", None, 0.95), row("two-stage", 1.0, 0.70), row("two-stage", 0.0, 0.80)]) == 0.0
+    pipeline = _load("train_default_model")
+    assert not hasattr(pipeline, "choose_threshold") and pipeline.MAX_LOSS == 0.005
+    he = pipeline.training_config(Path("nuinsseg"), "he", Path("bowl.safetensors"))
+    assert (he.dataset, he.mpp, he.scale_jitter, he.init_from) == ("nuinsseg", 0.316, 0.58, "bowl.safetensors")
+    assert he.mpp / (1 + he.scale_jitter) == pytest.approx(0.2, abs=1e-3) and he.mpp * 1.58 == pytest.approx(0.5, abs=1e-3)
+    both = pipeline.training_config(Path("nuinsseg"), "he-bowl", Path("b.safetensors"), bowl_root=Path("bowl"))
+    assert both.extra_datasets == ("bowl=bowl",)
+    with pytest.raises(ValueError, match="give --bowl-root"):
+        pipeline.training_config(Path("nuinsseg"), "he-bowl", Path("b.safetensors"))
+    assert pipeline.training_config(Path("n"), "he-gaps", Path("b")).touching_gaps
+    assert set(pipeline.PROVENANCE["nuinsseg"]) >= {"license", "citation"} and "CC BY 4.0" in pipeline.PROVENANCE["nuinsseg"]["license"]
+    assert wsiseg.calibrate.choose_threshold  # the rule the pipeline calls
 
 
 @pytest.mark.parametrize("variant", ["finetuned", "synthetic", "synthetic-more", "synthetic-long"])
@@ -107,6 +110,7 @@ def test_default_model_fine_tuned_variants_need_the_bundle_to_start_from(tmp_pat
     assert pipeline.VARIANTS[variant]["brightfield_repeats"] == 4
     assert pipeline.VARIANTS[variant].get("synthetic_he", 0.0) == {"finetuned": 0.0, "synthetic": 0.3}.get(variant, 0.5)
     config = pipeline.training_config(tmp_path, variant, tmp_path / "start.safetensors", workers=3)
+    assert config.dataset == "bowl"
     assert (config.init_from, config.workers, config.stage) == (str(tmp_path / "start.safetensors"), 3, "all")
     assert config.epochs == {"synthetic-long": 50}.get(variant, 10) and config.lr == 3e-4 and config.image_size == 0
     with pytest.raises(ValueError, match="needs --init-from"):
@@ -124,19 +128,24 @@ def test_default_model_packaging_keeps_the_rules_threshold_unless_one_is_given(t
 
     from wsiseg.bundle import load_bundle
     from wsiseg.evaluate import MethodScores
-    from wsiseg.train.fit import TrainConfig, train
+    from wsiseg.train.config import TrainConfig
+    from wsiseg.train.fit import train
 
     make_bowl(tmp_path / "bowl", n=6)
     run = train(TrainConfig(dataset="bowl", data_root=str(tmp_path / "bowl"), image_size=32, patches=4, halo=4, ratio=2,
                             epochs=0, batch_size=2, stage="all", val_images=1), tmp_path / "run.safetensors")
     pipeline = _load("train_default_model")
-    common = ["--data-root", str(tmp_path / "bowl"), "--bundle", str(run)]
+    common = ["--variant", "bowl", "--data-root", str(tmp_path / "bowl"), "--bundle", str(run)]
     assert pipeline.main([*common, "--out", str(tmp_path / "rule.safetensors"), "--results", str(tmp_path / "r1")]) == 0
-    rows = [MethodScores(**row) for row in load_bundle(tmp_path / "rule.safetensors").config["evaluation"]["rows"]]
-    assert load_bundle(tmp_path / "rule.safetensors").config["threshold"] == pipeline.choose_threshold(rows) != 0.45
+    from wsiseg.calibrate import choose_threshold
+
+    packaged = load_bundle(tmp_path / "rule.safetensors").config
+    rows = [MethodScores(**row) for row in packaged["evaluation"]["rows"]]
+    assert packaged["threshold"] == choose_threshold(rows, 0.005)[0] != 0.45
+    assert packaged["training_data"]["license"] == "CC0 1.0" and packaged["mpp"] == 0.4
 
     assert pipeline.main([*common, "--out", str(tmp_path / "given.safetensors"), "--results", str(tmp_path / "r2"),
-                          "--threshold", "0.45", "--evaluation", str(tmp_path / "r1" / "default_model.json")]) == 0
+                          "--threshold", "0.45", "--evaluation", str(tmp_path / "r1" / "bowl_model.json")]) == 0
     given = load_bundle(tmp_path / "given.safetensors").config
     assert given["threshold"] == 0.45 and given["evaluation"]["rows"] == [r.__dict__ for r in rows]
-    assert "default threshold: 0.45" in (tmp_path / "r2" / "default_model.md").read_text()
+    assert "default threshold: 0.45" in (tmp_path / "r2" / "bowl_model.md").read_text()

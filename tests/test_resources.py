@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from wsiseg.config import RunOptions, TwoStageConfig
 from wsiseg.run import segment_slide
 from wsiseg.run.worker import open_descriptors
 from wsiseg.uncertainty import TileSelection
+from wsiseg.run.report import read_report
 
 CONFIG = TwoStageConfig(tile_size=128, halo=32, stage1_block=64, stage1_halo=32, selection=TileSelection.budget(0.5))
 SLIDES = 50
@@ -49,7 +49,7 @@ def test_fifty_slides_leave_descriptors_and_memory_flat(tmp_path, test_bundle, r
     for i, slide in enumerate(slides):
         out = tmp_path / f"out-{i:02d}.zarr"
         segment_slide(slide, out, client, CONFIG, RunOptions(model=str(test_bundle)))
-        assert json.loads((out / "report.json").read_text())["status"] == "complete"
+        assert read_report(out).status == "complete"
         states.append(_worker_state(client))
 
     at10, at50 = states[9], states[SLIDES - 1]

@@ -24,6 +24,7 @@ from wsiseg.guard import OutputLock, lock_path
 from wsiseg.run import segment_slide
 from wsiseg.tiling import downsample_mean
 from wsiseg.uncertainty import TileSelection
+from wsiseg.run.report import read_report
 
 CONFIG = TwoStageConfig(ratio=4, selection=TileSelection.budget(0.25), tile_size=256, halo=32,
                         stage1_block=64, stage1_halo=32)
@@ -127,7 +128,7 @@ def test_a_held_lock_refuses_a_second_run_and_a_stale_one_does_not(tmp_path, pyr
         assert not out.exists() and held.path.is_file()
     assert not held.path.exists()
     report = _run(pyramid_slide, out, local_client, test_bundle)
-    assert report["status"] == "complete" and (out / "report.json").is_file()
+    assert report.status == "complete" and (out / "report.json").is_file()
     assert not lock_path(out).exists()
 
     # A lock left by a process of this host that has ended does not block a run.
@@ -192,8 +193,8 @@ def test_disk_full_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, pyr
 
     monkeypatch.setattr(slides, "open_array", real_open_array)  # space freed
     report = _run(pyramid_slide, out, local_client, test_bundle, resume=True)
-    assert report["status"] == "complete"
-    assert json.loads((out / "report.json").read_text())["status"] == "complete"
+    assert report.status == "complete"
+    assert read_report(out).status == "complete"
     expected, got = _mask_levels(reference), _mask_levels(out)
     assert sorted(got) == sorted(expected) and len(got) > 1
     for level in expected:
@@ -225,6 +226,6 @@ def test_cli_prints_each_slide_warning_as_one_line(tmp_path, pyramid_slide, test
     assert warnings[0].startswith("Warning: level 2 of ") and "cut.tif is truncated" in warnings[0]
     assert warnings[0].endswith("; using levels 0-1 only")
     assert "Traceback" not in result.stderr
-    report = json.loads((out / "report.json").read_text())
-    assert report["input"]["warnings"] == [warnings[0].removeprefix("Warning: ")]
+    report = read_report(out)
+    assert report.input.warnings == [warnings[0].removeprefix("Warning: ")]
     assert zarr.open_array(str(out / "labels/mask/0"), mode="r").shape == (768, 1000)

@@ -15,6 +15,7 @@ from wsiseg.errors import InputError
 from wsiseg.run import segment_full_resolution, segment_image, segment_slide
 from wsiseg.tiling import Box, TileGrid
 from wsiseg.uncertainty import TileSelection
+from wsiseg.run.report import TileCounts, read_report
 
 SELECTION = TileSelection.budget(0.5)
 GEOMETRY = {"tile_size": 256, "halo": 32, "stage1_block": 64, "stage1_halo": 32}
@@ -43,8 +44,8 @@ def test_dask_result_equals_in_memory_engine(reference_run, slide_image, test_bu
     torch.set_num_threads(1)  # the workers' setting, so that float reductions match
     expected = segment_image(slide_image, bundle.model1, bundle.model2, CONFIG, device="cpu", batch_size=4)
 
-    assert report["stage1"] == {"level": 2, "coarsen": 1, "scale": [4.0, 4.0], "shape": [192, 250]}
-    assert report["tiles"] == {"total": 12, "refined": 6, "refined_fraction": 0.5, "resumed": 0}
+    assert report.stage1 == {"level": 2, "coarsen": 1, "scale": [4.0, 4.0], "shape": [192, 250]}
+    assert report.tiles == TileCounts(total=12, refined=6, refined_fraction=0.5, resumed=0)
     np.testing.assert_array_equal(_read(out, "labels/refined/0").astype(bool), expected.refined)
     np.testing.assert_allclose(_read(out, "maps/tile_scores/0"), expected.tile_scores, atol=1e-6)
     np.testing.assert_allclose(_read(out, "maps/probability/0"), expected.stage1_probabilities, atol=1e-6)
@@ -52,7 +53,7 @@ def test_dask_result_equals_in_memory_engine(reference_run, slide_image, test_bu
     mask = _read(out, "labels/mask/0")
     np.testing.assert_array_equal(mask, expected.mask)
     assert 0.2 < mask.mean() < 0.8  # a mask with structure, not a constant
-    assert report["label_pixels"] == {"background": int((mask == 0).sum()), "tissue": int((mask == 1).sum())}
+    assert report.label_pixels == {"background": int((mask == 0).sum()), "tissue": int((mask == 1).sum())}
 
 
 def test_output_opens_with_ome_zarr_reader(reference_run) -> None:
@@ -79,8 +80,8 @@ def test_output_opens_with_ome_zarr_reader(reference_run) -> None:
     mask_node = next(n for n in Reader(parse_url(str(out)))() if n.zarr.path.rstrip("/").endswith("labels/mask"))
     assert any(type(spec).__name__ == "Label" for spec in mask_node.specs)
     np.testing.assert_array_equal(np.asarray(mask_node.data[1]), _read(out, "labels/mask/0")[::2, ::2])
-    report = json.loads((out / "report.json").read_text())
-    assert report["status"] == "complete" and report["outputs"]["levels"] == 3
+    report = read_report(out)
+    assert report.status == "complete" and report.outputs["levels"] == 3
     assert (out / "overlay.png").stat().st_size > 1000
     assert not (out / ".wsiseg" / "context").exists()  # scratch removed
 
@@ -123,7 +124,7 @@ def test_each_level0_tile_is_decoded_at_most_once_and_only_for_selected_windows(
             for tx in range(window.x0 // 128, -(-window.x1 // 128)):
                 needed.add(ty * 8 + tx)
     assert set(run) == needed
-    assert report["tiles"]["refined"] == 6 and len(needed) < 6 * 8  # fewer than all 48 tiles
+    assert report.tiles.refined == 6 and len(needed) < 6 * 8  # fewer than all 48 tiles
 
 
 def test_interrupted_run_resumes_without_redoing_tiles(tmp_path, pyramid_slide, test_bundle, local_client, reference_run) -> None:
@@ -151,7 +152,7 @@ def test_interrupted_run_resumes_without_redoing_tiles(tmp_path, pyramid_slide, 
     redone = {tuple(t) for line in after_lines for t in json.loads(line).get("tiles", [])}
     assert not (redone & before), "finished tiles were recomputed"
     assert not any("stage1" in json.loads(line) for line in after_lines)
-    assert report["tiles"]["resumed"] == len(before)
+    assert report.tiles.resumed == len(before)
     reference, _ = reference_run
     np.testing.assert_array_equal(_read(out, "labels/mask/0"), _read(reference, "labels/mask/0"))
     np.testing.assert_array_equal(_read(out, "labels/mask/1"), _read(reference, "labels/mask/1"))
@@ -167,7 +168,7 @@ def test_full_resolution_mode_equals_in_memory_baseline(tmp_path, pyramid_slide,
     torch.set_num_threads(1)
     expected = segment_full_resolution(slide_image, load_bundle(test_bundle).model, CONFIG, "cpu", batch_size=4)
     np.testing.assert_array_equal(_read(out, "labels/mask/0"), expected.mask)
-    assert report["mode"] == "full-resolution" and report["tiles"]["refined"] == 12
+    assert report.mode == "full-resolution" and report.tiles.refined == 12
     assert not (out / "probability").exists()
 
 
@@ -245,10 +246,10 @@ def test_slide_is_rescaled_to_the_models_pixel_size(tmp_path, pyramid_slide, sli
     out = tmp_path / "rescaled.zarr"
     config = TwoStageConfig(ratio=2, tile_size=128, halo=32, stage1_block=64, stage1_halo=32, selection=SELECTION)
     report = _run(chained, out, local_client, coarse, config, geojson=True)
-    working = report["working_resolution"]
+    working = report.working_resolution
     assert (working["level"], working["coarsen"], working["size_yx"]) == (1, 1, [384, 500])
     assert working["scale_mismatch"] == 1.0
-    assert report["stage1"]["level"] == 2 and report["stage1"]["scale"] == [2.0, 2.0]
+    assert report.stage1["level"] == 2 and report.stage1["scale"] == [2.0, 2.0]
     torch.set_num_threads(1)
     half = downsample_mean(slide_image, 2)  # the pixels of level 1
     expected = segment_image(half, loaded.model1, loaded.model2, config, device="cpu")
@@ -271,7 +272,7 @@ def test_slide_is_rescaled_to_the_models_pixel_size(tmp_path, pyramid_slide, sli
 
     fine = save_bundle(tmp_path / "fine.safetensors", loaded.models, {**loaded.config, "mpp": 0.25})
     report = _run(pyramid_slide, tmp_path / "fine.zarr", local_client, fine, config)
-    assert report["working_resolution"]["level"] == 0 and "not upsampled" in report["working_resolution"]["decision"]
+    assert report.working_resolution["level"] == 0 and "not upsampled" in report.working_resolution["decision"]
 
 
 def test_a_non_integer_pixel_size_ratio_is_resampled(tmp_path, pyramid_slide, slide_image, test_bundle, local_client) -> None:
@@ -286,11 +287,11 @@ def test_a_non_integer_pixel_size_ratio_is_resampled(tmp_path, pyramid_slide, sl
     config = TwoStageConfig(ratio=2, tile_size=128, halo=32, stage1_block=64, stage1_halo=32, selection=SELECTION)
     out = tmp_path / "fractional.zarr"
     report = _run(pyramid_slide, out, local_client, bundle, config, pixels="full")
-    working = report["working_resolution"]
+    working = report.working_resolution
     assert (working["level"], working["size_yx"]) == (0, [480, 625]) and working["coarsen"] == pytest.approx(1.6)
     assert working["decision"] == "downsampled by 1.6 to the model's pixel size"
     # Model 1: 3.2 x level 0 = level 1 (2x) resampled by 1.6.
-    assert report["stage1"]["level"] == 1 and report["stage1"]["shape"] == [240, 313]
+    assert report.stage1["level"] == 1 and report.stage1["shape"] == [240, 313]
     assert _read(out, "labels/mask/0").shape == (480, 625)
     expected = read_scaled(ImageSource(slide_image), 0, 1.6, Box(0, 480, 0, 625))
     np.testing.assert_array_equal(_read(out, "0"), expected.transpose(2, 0, 1))
@@ -310,7 +311,7 @@ def test_models_are_loaded_once_per_process_and_threads_fit_the_cores(tmp_path, 
     original = bundle_module.load_bundle
     monkeypatch.setattr(bundle_module, "load_bundle", lambda path: loads.append(str(path)) or original(path))
     report = _run(pyramid_slide, tmp_path / "once.zarr", local_client, fresh)
-    assert report["tiles"]["total"] == 12  # 12 tiles + 12 stage-1 blocks + reads: dozens of tasks
+    assert report.tiles.total == 12  # 12 tiles + 12 stage-1 blocks + reads: dozens of tasks
     # One load, in this process's worker cache, which also answered the driver's
     # planning question (describe_bundle): not one per task, none in the driver.
     assert loads.count(str(fresh.resolve())) == 1
@@ -348,4 +349,4 @@ def test_uniform_unrefined_tiles_are_written_as_the_in_memory_engine_composes_th
     unrefined = [grid.tile(r, c) for r, c in grid.tiles() if not expected.refined[r, c]]
     all_foreground = sum(bool((mask[t.slices()] == 1).all()) for t in unrefined)
     assert 1 <= all_foreground < len(unrefined)  # both the shortcut and the upsampling were taken
-    assert report["label_pixels"]["foreground"] == int(mask.sum())
+    assert report.label_pixels["foreground"] == int(mask.sum())

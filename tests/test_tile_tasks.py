@@ -63,7 +63,7 @@ def test_threshold_above_one_refines_nothing_and_equals_upsampled_model1(rng) ->
     config = TwoStageConfig(ratio=4, tile_size=64, halo=8, selection=TileSelection.threshold(1.01))
     result = segment_image(image, model1, model2, config, device="cpu", probabilities=True)
     assert not result.refined.any()
-    assert result.counts["tiles_refined"] == 0 and result.counts["tiles_total"] == 3 * 4
+    assert result.tiles.refined == 0 and result.tiles.total == 3 * 4
 
     low = downsample_mean(image, 4)
     low_probs = _whole(model1, low)  # (3, 38, 51)
@@ -86,7 +86,7 @@ def test_threshold_zero_refines_all_and_tiled_model2_equals_whole_image(rng, sha
     config = TwoStageConfig(ratio=4, tile_size=32, halo=halo, blend=8, selection=TileSelection.threshold(0.0))
     result = segment_image(image, model1, model2, config, device="cpu", batch_size=3, probabilities=True)
     assert result.refined.all()
-    assert result.counts["tiles_refined"] == TileGrid(*shape, 32).num_tiles
+    assert result.tiles.refined == TileGrid(*shape, 32).num_tiles
 
     # Reference: Model 2 on the whole image, its context sampled from Model 1's
     # features of the whole low-resolution image at Model 2's feature centres.
@@ -206,7 +206,7 @@ def test_full_resolution_mode_equals_whole_image_model(rng) -> None:
     assert result.refined.all() and result.stage1_probabilities is None
     expected = _whole(model, image)
     np.testing.assert_allclose(result.probabilities, expected.numpy(), atol=2e-5)
-    assert result.counts["tiles_refined"] == result.counts["tiles_total"] == 3 * 4
+    assert result.tiles.refined == result.tiles.total == 3 * 4
 
 
 def test_real_architecture_runs_and_reports_counts_and_timings(rng) -> None:
@@ -221,9 +221,9 @@ def test_real_architecture_runs_and_reports_counts_and_timings(rng) -> None:
     assert result.mask.shape == (200, 260) and result.mask.dtype == np.uint8
     assert result.probabilities.shape == (2, 200, 260)
     np.testing.assert_allclose(result.probabilities.sum(0), 1.0, atol=1e-5)
-    assert result.counts["tiles_total"] == 4 * 5
-    assert result.counts["tiles_refined"] == 5  # round(0.25 * 20)
-    assert set(result.timings) == {"stage1", "select", "stage2", "compose", "total"}
+    assert result.tiles.total == 4 * 5
+    assert result.tiles.refined == 5  # round(0.25 * 20)
+    assert set(result.timings.to_dict()) == {"stage1", "select", "stage2", "compose", "total"}
     assert ("stage2", 20, 20) in stages and stages[0][0] == "stage1"  # tiles written, refined or not
 
 

@@ -134,10 +134,10 @@ def test_glass_margin_gets_no_foreground_and_no_refinement(tmp_path, margin_slid
     assert not mask[:, 612:].any() and plain[:, 612:].any()
     assert np.array_equal(mask[:, :600], plain[:, :600])
     assert not refined[:, 5:].any()  # tiles from column 640 on are glass
-    assert report["tissue"]["fraction"] == pytest.approx(tissue.mean(), abs=1e-4)
-    assert report["tissue"]["tiles"] == 6 * 5  # 6 rows x tile columns 0-4 (the fifth holds columns 512-612)
-    assert report["domain"]["tissue_tiles"] == 30
-    assert bare["tissue"] is None and "tissue" not in json.loads(
+    assert report.tissue["fraction"] == pytest.approx(tissue.mean(), abs=1e-4)
+    assert report.tissue["tiles"] == 6 * 5  # 6 rows x tile columns 0-4 (the fifth holds columns 512-612)
+    assert report.domain["tissue_tiles"] == 30
+    assert bare.tissue is None and "tissue" not in json.loads(
         (tmp_path / "off.zarr/labels/.zattrs").read_text())["labels"]
     labels = json.loads((tmp_path / "on.zarr/labels/.zattrs").read_text())["labels"]
     assert labels == ["mask", "refined", "tissue"]
@@ -148,7 +148,7 @@ def test_glass_margin_gets_no_foreground_and_no_refinement(tmp_path, margin_slid
     full_mask = np.asarray(zarr.open_array(str(tmp_path / "full.zarr/labels/mask/0"), mode="r")[...])
     full_refined = np.asarray(zarr.open_array(str(tmp_path / "full.zarr/labels/refined/0"), mode="r")[...])
     assert full_refined[:, :5].all() and not full_refined[:, 5:].any()
-    assert full["tiles"]["refined"] == 30 and not full_mask[:, 612:].any() and full_mask[:, :600].any()
+    assert full.tiles.refined == 30 and not full_mask[:, 612:].any() and full_mask[:, :600].any()
 
 
 def test_a_bundle_with_a_pixel_size_warns_on_a_slide_without_one(tmp_path, test_bundle, local_client, slide_image) -> None:
@@ -159,13 +159,13 @@ def test_a_bundle_with_a_pixel_size_warns_on_a_slide_without_one(tmp_path, test_
     with_mpp = save_bundle(tmp_path / "mpp.safetensors", bundle.models, {**bundle.config, "mpp": 0.5})
     slide = write_pyramid(tmp_path / "nompp.tif", slide_image, mpp=None)
     report = segment_slide(slide, tmp_path / "out.zarr", local_client, CONFIG, RunOptions(model=str(with_mpp)))
-    assert [w for w in report["warnings"] if "pixel size" in w] == [
+    assert [w for w in report.warnings if "pixel size" in w] == [
         "the model was trained at 0.5 um/pixel but nompp.tif records no pixel size, so it is segmented at its "
         "own pixels; give --mpp UM (micrometres per pixel) to match"
     ]
     given = segment_slide(slide, tmp_path / "given.zarr", local_client, CONFIG,
                           RunOptions(model=str(with_mpp), mpp=0.5))
-    assert not [w for w in given["warnings"] if "pixel size" in w]
+    assert not [w for w in given.warnings if "pixel size" in w]
 
 
 def test_the_example_slides_glass_gets_no_foreground(tmp_path, local_client) -> None:
@@ -179,8 +179,8 @@ def test_the_example_slides_glass_gets_no_foreground(tmp_path, local_client) -> 
     mask = np.asarray(zarr.open_array(str(out / "labels/mask/0"), mode="r")[...])
     tissue = np.asarray(zarr.open_array(str(out / "labels/tissue/0"), mode="r")[...])
     assert mask.shape == (2967, 2220) and tissue.shape == (742, 555)
-    assert report["tissue"]["background"] == "bright"
-    assert report["tissue"]["fraction"] == pytest.approx(0.385, abs=0.01)
+    assert report.tissue["background"] == "bright"
+    assert report.tissue["fraction"] == pytest.approx(0.385, abs=0.01)
     assert not mask[:, -40:].any()  # glass at the right edge
     assert not tissue[:, -10:].any()
     assert mask[tissue.repeat(4, 0).repeat(4, 1)[:2967, :2220] == 0].sum() == 0

@@ -14,7 +14,8 @@ from wsiseg.errors import InputError
 from wsiseg.metrics import confusion, dice, dice_iou
 from wsiseg.tiling import linear_resample
 from wsiseg.train.datasets import DatasetError, open_dataset
-from wsiseg.train.fit import TrainConfig, checkpoint_path, sample_windows, train
+from wsiseg.train.config import TrainConfig
+from wsiseg.train.fit import checkpoint_path, sample_windows, train
 from wsiseg.train.losses import cross_entropy_loss, focal_loss
 
 RNG = np.random.default_rng(0)

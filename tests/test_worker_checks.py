@@ -13,6 +13,7 @@ from wsiseg.config import RunOptions, TwoStageConfig
 from wsiseg.run import segment_slide
 from wsiseg.run.worker import default_malloc, malloc_settings
 from wsiseg.uncertainty import TileSelection
+from wsiseg.run.report import read_report
 
 CONFIG = TwoStageConfig(selection=TileSelection.budget(0.5), tile_size=256, halo=32, stage1_block=64, stage1_halo=32)
 MALLOC_WARNING = (
@@ -49,13 +50,12 @@ def test_workers_with_the_example_config_give_no_warning(tmp_path, pyramid_slide
     client, _ = checked_cluster
     assert list(client.run(malloc_settings).values()) == [WORKER_MALLOC_ENVIRON]
     report = segment_slide(pyramid_slide, tmp_path / "good.zarr", client, CONFIG, RunOptions(model=str(test_bundle)))
-    assert report["status"] == "complete" and report["warnings"] == []
+    assert report.status == "complete" and report.warnings == []
 
 
 def test_a_plain_dask_worker_gives_one_warning(tmp_path, pyramid_slide, test_bundle, checked_cluster) -> None:
     """A ``dask worker`` started without the example config runs with the nanny's
     MALLOC_TRIM_THRESHOLD_=65536: one line says so and how to start it."""
-    import json
 
     client, address = checked_cluster
     plain = dask_worker(address, example_config=False)
@@ -65,10 +65,10 @@ def test_a_plain_dask_worker_gives_one_warning(tmp_path, pyramid_slide, test_bun
         assert found == [WORKER_MALLOC_ENVIRON, {**dict.fromkeys(WORKER_MALLOC_ENVIRON), "MALLOC_TRIM_THRESHOLD_": "65536"}]
         out = tmp_path / "plain.zarr"
         report = segment_slide(pyramid_slide, out, client, CONFIG, RunOptions(model=str(test_bundle)))
-        assert report["status"] == "complete" and report["scheduler"]["workers"] == 2
-        assert report["warnings"] == [MALLOC_WARNING.format(slow=1, total=2)]
-        assert [line for line in report["warnings"] if "dask-worker.yaml" in line] == report["warnings"]
-        assert json.loads((out / "report.json").read_text())["warnings"] == report["warnings"]
+        assert report.status == "complete" and report.scheduler["workers"] == 2
+        assert report.warnings == [MALLOC_WARNING.format(slow=1, total=2)]
+        assert [line for line in report.warnings if "dask-worker.yaml" in line] == report.warnings
+        assert read_report(out).warnings == report.warnings
     finally:
         kill_group(plain)
         deadline = time.time() + 60
@@ -87,10 +87,10 @@ def test_bundle_trained_on_resized_images_gives_one_warning(tmp_path, pyramid_sl
     resized = save_bundle(tmp_path / "resized.safetensors", bundle.models, {**bundle.config, "image_size": 128})
     report = segment_slide(pyramid_slide, tmp_path / "resized.zarr", local_client, CONFIG,
                            RunOptions(model=str(resized)))
-    assert report["warnings"] == [
+    assert report.warnings == [
         "this bundle was trained on images resized to 128 x 128 (--image-size); slides are segmented at their "
         "own pixel size, which may not match; train with --image-size 0 for slides"
     ]
     default = segment_slide(pyramid_slide, tmp_path / "default.zarr", local_client, CONFIG,
                             RunOptions(model=str(test_bundle)))
-    assert default["status"] == "complete" and default["warnings"] == []
+    assert default.status == "complete" and default.warnings == []

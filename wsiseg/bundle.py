@@ -34,7 +34,8 @@ if TYPE_CHECKING:  # torch is imported where models are built: reading a header 
 
 #: How commands refer to the model shipped inside the package.
 DEFAULT_MODEL = "wsiseg:default"
-DEFAULT_MODEL_FILE = "default.safetensors"
+#: The bundles shipped inside the package (``wsiseg/data``), by name: ``--model NAME`` or ``wsiseg:NAME``.
+SHIPPED_MODELS = {"default": "default.safetensors", "bowl": "bowl.safetensors"}
 
 BUNDLE_FORMAT = "wsiseg-bundle"
 BUNDLE_VERSION = 1
@@ -425,19 +426,39 @@ def _check_dtypes(
         )
 
 
-def resolve_model(ref: str | os.PathLike[str] | None) -> Path:
-    """The file behind a model reference: a path, or :data:`DEFAULT_MODEL`.
+def shipped_name(ref: str | os.PathLike[str] | None) -> str | None:
+    """The name of a shipped bundle ``ref`` means (None: the default), or None for a path.
 
-    The default model ships inside the package (``wsiseg/data``), so each
-    Dask worker resolves it in its own installation.
+    ``wsiseg:NAME`` always names one; a bare ``NAME`` of :data:`SHIPPED_MODELS`
+    does when no file of that name exists.
     """
-    if ref is None or str(ref) == DEFAULT_MODEL:
+    if ref is None:
+        return "default"
+    text = str(ref)
+    if text.startswith("wsiseg:"):
+        name = text.removeprefix("wsiseg:")
+        if name not in SHIPPED_MODELS:
+            raise BundleError(f"wsiseg ships no model {name!r}; choose one of {', '.join(SHIPPED_MODELS)} or give a path")
+        return name
+    if text in SHIPPED_MODELS and not Path(text).exists():
+        return text
+    return None
+
+
+def resolve_model(ref: str | os.PathLike[str] | None) -> Path:
+    """The file behind a model reference: a path, or a shipped bundle (:func:`shipped_name`).
+
+    Shipped bundles live inside the package (``wsiseg/data``), so each Dask
+    worker resolves them in its own installation.
+    """
+    name = shipped_name(ref)
+    if name is not None:
         from importlib.resources import files
 
-        path = Path(str(files("wsiseg") / "data" / DEFAULT_MODEL_FILE))
+        path = Path(str(files("wsiseg") / "data" / SHIPPED_MODELS[name]))
         if not path.is_file():
             raise BundleError(
-                "no default model is shipped with this wsiseg; pass --model BUNDLE "
+                f"the model {name!r} is not shipped with this wsiseg; pass --model BUNDLE "
                 "(a bundle written by 'wsiseg train' or wsiseg.save_bundle)"
             )
         return path

@@ -18,6 +18,7 @@ import click
 from wsiseg import __version__
 from wsiseg.config import TwoStageConfig
 from wsiseg.errors import WsisegError
+from wsiseg.train.config import train_defaults
 
 #: The flow's defaults, shown in help texts (stated once, in wsiseg.config).
 FLOW_DEFAULTS = TwoStageConfig()
@@ -277,7 +278,7 @@ def segment(slides: tuple[Path, ...], **opts: Any) -> None:
     OUT/manifest.csv lists every slide, and the exit status is 1 when one failed.
     """
     from wsiseg.config import RunOptions
-    from wsiseg.run.cohort import is_cohort
+    from wsiseg.run.job import prepare_run
     from wsiseg.uncertainty import TileSelection
 
     if not slides and opts["from_list"] is None:
@@ -299,57 +300,54 @@ def segment(slides: tuple[Path, ...], **opts: Any) -> None:
     options = RunOptions(**{k: opts[k] for k in (
         "model", "full_resolution", "device", "batch_size", "backend", "overwrite", "resume", "geojson",
         "pixels", "mpp", "objects", "max_object_size", "table_format", "tissue")})
+    run = prepare_run(slides, opts["out"], overrides, options, opts["from_list"], opts["parallel"])
     bars = ProgressBars(enabled=not opts["quiet"])
     try:
-        if is_cohort(slides, opts["from_list"]):
-            _segment_cohort(slides, opts, overrides, options, bars)
+        if run.is_cohort:
+            _segment_cohort(run, opts, bars)
         else:
-            _segment_one(slides[0], opts, overrides, options, bars)
+            _segment_one(run, opts, bars)
     finally:
         bars.close()
 
 
-def _segment_one(slide: Path, opts: dict[str, Any], overrides: dict[str, Any], options: Any,
-                 bars: ProgressBars) -> None:
+def _segment_one(run: Any, opts: dict[str, Any], bars: ProgressBars) -> None:
     """One slide named: any error stops the run (exit 2)."""
-    from wsiseg.run.slides import segment_one
+    from wsiseg.run.cohort import run_segment
 
-    def announce(slide: Path, out: Path, warnings: tuple[str, ...] = ()) -> None:
-        bars.close()
-        if not opts["quiet"]:
-            click.echo(f"{slide} -> {out}", err=True)
-        for warning in warnings:  # printed even with --quiet: the run uses less of the slide than it holds
-            click.echo(f"Warning: {warning}", err=True)
-
-    out, report = segment_one(slide, opts["out"], overrides, options, opts["scheduler"], opts["workers"], bars,
-                              announce)
-    bars.close()
-    for warning in report.get("warnings", []):  # the run's own (workers, bundle); the slide's came first
+    (job,) = run.jobs
+    if not opts["quiet"]:
+        click.echo(f"{job.path} -> {job.output}", err=True)
+    for warning in job.warnings:  # printed even with --quiet, before a long run
         click.echo(f"Warning: {warning}", err=True)
-    tiles = report["tiles"]
+    progress = None if opts["quiet"] else (lambda slide, stage, done, total: bars(stage, done, total))
+    (outcome,) = run_segment(run, opts["scheduler"], opts["workers"], progress)
+    bars.close()
+    report = outcome.report
+    for warning in [w for w in report.warnings if w not in job.warnings]:  # the run's own (workers, domain check)
+        click.echo(f"Warning: {warning}", err=True)
     click.echo(
-        f"{out}: {tiles['refined']} of {tiles['total']} tiles refined "
-        f"({100 * tiles['refined_fraction']:.1f} %), {report['timings']['total']:.1f} s"
+        f"{job.output}: {report.tiles.refined} of {report.tiles.total} tiles refined "
+        f"({100 * report.tiles.refined_fraction:.1f} %), {report.timings.total:.1f} s"
     )
 
 
-def _segment_cohort(slides: tuple[Path, ...], opts: dict[str, Any], overrides: dict[str, Any], options: Any,
-                    bars: ProgressBars) -> None:
+def _segment_cohort(run: Any, opts: dict[str, Any], bars: ProgressBars) -> None:
     """Folders, lists, several slides: a line per slide, a summary, exit status 1 when one failed."""
-    from wsiseg.run.cohort import run_cohort
+    from wsiseg.run.cohort import MANIFEST_NAME, run_segment
 
-    def done(row: dict[str, Any], warnings: Any) -> None:
+    def done(outcome: Any) -> None:
         bars.close()
+        row = outcome.row()
         click.echo(_cohort_line(row))
-        for warning in warnings:
+        for warning in outcome.warnings:
             click.echo(f"Warning: {row['slide']}: {warning}", err=True)
 
     progress = _slide_bars(bars) if opts["parallel"] == 1 and not opts["quiet"] else None
-    rows, manifest = run_cohort(slides, opts["out"], overrides, options, opts["from_list"], opts["scheduler"],
-                                opts["workers"], opts["parallel"], progress, done)
-    counts = {status: sum(row["status"] == status for row in rows) for status in COHORT_STATUSES}
-    click.echo(f"{len(rows)} slides: " + ", ".join(f"{n} {status}" for status, n in counts.items())
-               + f"; manifest {manifest}")
+    outcomes = run_segment(run, opts["scheduler"], opts["workers"], progress, done)
+    counts = {status: sum(o.status == status for o in outcomes) for status in COHORT_STATUSES}
+    click.echo(f"{len(outcomes)} slides: " + ", ".join(f"{n} {status}" for status, n in counts.items())
+               + f"; manifest {run.out_dir / MANIFEST_NAME}")
     if counts["failed"]:
         sys.exit(EXIT_SLIDES_FAILED)
 
@@ -396,6 +394,9 @@ def info(slide: Path, backend: str) -> None:
 DATASET_CHOICE = click.Choice(["ph2", "bowl", "kitti", "bdd", "folder", "nuinsseg"])
 
 
+#: ``wsiseg train``'s option defaults: :class:`~wsiseg.train.config.TrainConfig`'s, stated there once.
+TRAIN = train_defaults()
+
 TRAIN_LABELS = {"loading": "images  ", "stage1": "Model 1 ", "stage2": "Model 2 ", "baseline": "baseline",
                 "scoring": "scoring "}
 
@@ -404,74 +405,77 @@ TRAIN_LABELS = {"loading": "images  ", "stage1": "Model 1 ", "stage2": "Model 2 
 @click.option("--dataset", required=True, type=DATASET_CHOICE, help="Data set, read from its released layout.")
 @click.option("--data-root", required=True, type=click.Path(path_type=Path), help="Folder of the data set.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Bundle to write (.safetensors).")
-@click.option("--arch", default="unet", show_default=True,
+@click.option("--arch", default=TRAIN["arch"], show_default=True,
               help="Architecture: unet, segnet, fcn, deeplabv3, ifbfnet (see 'wsiseg models').")
-@click.option("--backbone", default="resnet_lite", show_default=True, help="Backbone (see 'wsiseg models').")
-@click.option("--backbone-weights", type=click.Path(path_type=Path), default=None,
+@click.option("--backbone", default=TRAIN["backbone"], show_default=True, help="Backbone (see 'wsiseg models').")
+@click.option("--backbone-weights", type=click.Path(path_type=Path), default=TRAIN["backbone_weights"],
               help="Local file of pretrained backbone weights (never downloaded).")
-@click.option("--ratio", default=FLOW_DEFAULTS.ratio, show_default=True, help="Model 1's downsampling factor R.")
-@click.option("--epochs", default=20, show_default=True, help="Epochs per phase.")
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--lr", default=1e-4, show_default=True, help="Adam learning rate.")
-@click.option("--loss", type=click.Choice(["focal", "ce", "ohem", "lad"]), default="focal", show_default=True,
+@click.option("--ratio", default=TRAIN["ratio"], show_default=True, help="Model 1's downsampling factor R.")
+@click.option("--epochs", default=TRAIN["epochs"], show_default=True, help="Epochs per phase.")
+@click.option("--batch-size", default=TRAIN["batch_size"], show_default=True)
+@click.option("--lr", default=TRAIN["lr"], show_default=True, help="Adam learning rate.")
+@click.option("--loss", type=click.Choice(["focal", "ce", "ohem", "lad"]), default=TRAIN["loss"], show_default=True,
               help="focal (the two-stage paper), ce, ohem (IFBFNet's) or lad (locally adaptive).")
-@click.option("--aux-weight", default=0.4, show_default=True, help="Weight of an auxiliary head's loss (IFBFNet).")
-@click.option("--lad-window", default=5, show_default=True, help="Window of the locally adaptive loss.")
-@click.option("--lad-power", default=3.0, show_default=True, help="Minkowski power of the locally adaptive loss.")
-@click.option("--sampling", type=click.Choice(["random", "weighted", "highest"]), default="weighted", show_default=True,
+@click.option("--aux-weight", default=TRAIN["aux_weight"], show_default=True, help="Weight of an auxiliary head's loss (IFBFNet).")
+@click.option("--lad-window", default=TRAIN["lad_window"], show_default=True, help="Window of the locally adaptive loss.")
+@click.option("--lad-power", default=TRAIN["lad_power"], show_default=True, help="Minkowski power of the locally adaptive loss.")
+@click.option("--sampling", type=click.Choice(["random", "weighted", "highest"]), default=TRAIN["sampling"], show_default=True,
               help="How stage 2 picks a patch from Model 1's tile uncertainty.")
-@click.option("--image-size", default=768, show_default=True,
+@click.option("--image-size", default=TRAIN["image_size"], show_default=True,
               help="Resize images to this square (the paper's protocol); 0 keeps the native pixel size.")
-@click.option("--crop-size", default=256, show_default=True, help="Crop side when --image-size is 0.")
-@click.option("--patches", default=16, show_default=True, help="About this many tiles per image when resizing (4, 16, 64, 128).")
-@click.option("--tile-size", type=int, default=None, help="Tile side when --image-size is 0 (default crop/4).")
-@click.option("--halo", default=FLOW_DEFAULTS.halo, show_default=True, help="Context pixels around each tile.")
-@click.option("--finetune/--no-finetune", default=True, show_default=True, help="Start Model 2 from Model 1.")
-@click.option("--context/--no-context", default=True, show_default=True, help="Give Model 2 Model 1's features.")
-@click.option("--stage", type=click.Choice(["two-stage", "baseline", "all"]), default="two-stage", show_default=True)
-@click.option("--model1-from", type=click.Path(path_type=Path), default=None,
+@click.option("--crop-size", default=TRAIN["crop_size"], show_default=True, help="Crop side when --image-size is 0.")
+@click.option("--patches", default=TRAIN["patches"], show_default=True, help="About this many tiles per image when resizing (4, 16, 64, 128).")
+@click.option("--tile-size", type=int, default=TRAIN["tile_size"], help="Tile side when --image-size is 0 (default crop/4).")
+@click.option("--halo", default=TRAIN["halo"], show_default=True, help="Context pixels around each tile.")
+@click.option("--finetune/--no-finetune", default=TRAIN["finetune"], show_default=True, help="Start Model 2 from Model 1.")
+@click.option("--context/--no-context", default=TRAIN["context"], show_default=True, help="Give Model 2 Model 1's features.")
+@click.option("--stage", type=click.Choice(["two-stage", "baseline", "all"]), default=TRAIN["stage"], show_default=True)
+@click.option("--model1-from", type=click.Path(path_type=Path), default=TRAIN["model1_from"],
               help="Skip stage 1 and use this bundle's Model 1 (same --arch, --backbone, --ratio, --input): "
                    "stage-2 settings compared on one Model 1.")
-@click.option("--init-from", type=click.Path(path_type=Path), default=None,
+@click.option("--init-from", type=click.Path(path_type=Path), default=TRAIN["init_from"],
               help="Fine-tune a bundle: each model starts from this bundle's model of the same role (same --arch, "
                    "--backbone, --ratio, --input), e.g. wsiseg/data/default.safetensors on your own images.")
-@click.option("--augment/--no-augment", default=True, show_default=True, help="The paper's augmentation (the next four).")
-@click.option("--brightness", default=0.1, show_default=True, help="Brightness jitter: multiply by U(1-b, 1+b).")
-@click.option("--contrast", default=0.1, show_default=True, help="Contrast jitter: scale deviations from the mean by U(1-c, 1+c).")
-@click.option("--translate", default=0.1, show_default=True, help="Translation: upscale by up to this fraction, then crop.")
-@click.option("--rotate/--no-rotate", default=None,
+@click.option("--augment/--no-augment", default=TRAIN["augment"], show_default=True, help="The paper's augmentation (the next four).")
+@click.option("--brightness", default=TRAIN["brightness"], show_default=True, help="Brightness jitter: multiply by U(1-b, 1+b).")
+@click.option("--contrast", default=TRAIN["contrast"], show_default=True, help="Contrast jitter: scale deviations from the mean by U(1-c, 1+c).")
+@click.option("--translate", default=TRAIN["translate"], show_default=True, help="Translation: upscale by up to this fraction, then crop.")
+@click.option("--rotate/--no-rotate", default=TRAIN["rotate"],
               help="Rotations by 90 degrees and vertical flips (default: where orientation is arbitrary: PH2, BOWL).")
-@click.option("--stain-jitter", default=0.0, show_default=True,
+@click.option("--stain-jitter", default=TRAIN["stain_jitter"], show_default=True,
               help="H&E stain augmentation (Tellez et al.): each stain's density times U(1-s, 1+s), shifted; 0 off.")
-@click.option("--scale-jitter", default=0.0, show_default=True,
+@click.option("--scale-jitter", default=TRAIN["scale_jitter"], show_default=True,
               help="With --image-size 0: crops at a random scale in [1/(1+j), 1+j] (20x and 40x alike); 0 off.")
-@click.option("--brightfield-repeats", default=1, show_default=True,
+@click.option("--brightfield-repeats", default=TRAIN["brightfield_repeats"], show_default=True,
               help="Draw bright-field images (light background) this many times per epoch, fluorescence once: "
                    "more weight for stained tissue where a data set holds little of it.")
-@click.option("--synthetic-he", default=0.0, show_default=True,
+@click.option("--synthetic-he", default=TRAIN["synthetic_he"], show_default=True,
               help="Replace this fraction of training crops by an H&E-like rendering of their nucleus mask "
                    "(stroma, fibres, cytoplasm, glass; binary nucleus masks); 0 off.")
-@click.option("--input", "input_transform", type=click.Choice(["rgb", "hematoxylin"]), default="rgb", show_default=True,
+@click.option("--input", "input_transform", type=click.Choice(["rgb", "hematoxylin"]), default=TRAIN["input_transform"], show_default=True,
               help="What the network sees: the RGB image, or the hematoxylin density of colour deconvolution "
                    "(one nuclear-stain channel; stains look alike). Recorded in the bundle.")
-@click.option("--multiclass", is_flag=True, help="KITTI / BDD: 19 classes instead of vehicle vs rest.")
-@click.option("--split-seed", default=0, show_default=True, help="Seed of the 70/30 split.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--mpp", type=float, default=None,
+@click.option("--multiclass", is_flag=True, default=TRAIN["multiclass"], help="KITTI / BDD: 19 classes instead of vehicle vs rest.")
+@click.option("--split-seed", default=TRAIN["split_seed"], show_default=True, help="Seed of the 70/30 split.")
+@click.option("--seed", default=TRAIN["seed"], show_default=True)
+@click.option("--mpp", type=float, default=TRAIN["mpp"],
               help="Micrometres per pixel the models train at (recorded in the bundle); crops are resampled to it "
                    "from the data set's own pixel size where that is known (default: the data set's).")
-@click.option("--data-mpp", type=float, default=None,
+@click.option("--data-mpp", type=float, default=TRAIN["data_mpp"],
               help="Micrometres per pixel of the data set's images (default: its own; NuInsSeg about 0.2, BOWL 0.4).")
-@click.option("--add-dataset", "extra_datasets", multiple=True, metavar="NAME=ROOT",
+@click.option("--touching-gaps/--no-touching-gaps", default=TRAIN["touching_gaps"], show_default=True,
+              help="Train on masks whose touching nuclei are kept apart by a background gap (their borders), so "
+                   "that --objects splits them; needs instances (NuInsSeg, BOWL, a folder of id masks).")
+@click.option("--add-dataset", "extra_datasets", multiple=True, default=TRAIN["extra_datasets"], metavar="NAME=ROOT",
               help="More training data (its train split), e.g. bowl=data/stage1_train; scored on --dataset only.")
-@click.option("--threshold", default=FLOW_DEFAULTS.selection.value, show_default=True,
+@click.option("--threshold", default=TRAIN["threshold"], show_default=True,
               help="Default tile threshold stored in the bundle.")
-@click.option("--freeze-bn-after", type=int, default=None,
+@click.option("--freeze-bn-after", type=int, default=TRAIN["freeze_bn_after"],
               help="After this many epochs of each phase, train against frozen BatchNorm statistics "
                    "(for data mixing very different images, e.g. fluorescence and brightfield).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--val-images", default=0, show_default=True, help="Test images scored at the end (0: all).")
-@click.option("--workers", default=0, show_default=True,
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=TRAIN["device"], show_default=True)
+@click.option("--val-images", default=TRAIN["val_images"], show_default=True, help="Test images scored at the end (0: all).")
+@click.option("--workers", default=TRAIN["workers"], show_default=True,
               help="Processes that make training batches ahead of the step (0: in this process); on a GPU, "
                    "about the number of CPU cores. N >= 1 gives the same batches for every N, not those of 0.")
 def train(out: Path, **opts: Any) -> None:
@@ -479,7 +483,8 @@ def train(out: Path, **opts: Any) -> None:
 
     Resumes from OUT.ckpt when an earlier run with the same settings was interrupted.
     """
-    from wsiseg.train.fit import TrainConfig, checkpoint_path, train as run_training
+    from wsiseg.train.config import TrainConfig
+    from wsiseg.train.fit import checkpoint_path, train as run_training
 
     _quiet_libraries()
     config = TrainConfig(**{k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items()})
@@ -523,9 +528,15 @@ def train(out: Path, **opts: Any) -> None:
               help="Where the timed inference runs: the paper's comparison is CPU seconds per image.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
               help="Folder for evaluation.csv / .json / speed_vs_dice.png (default: evaluation-<bundle name>).")
+@click.option("--scan-mpp", type=float, default=None, metavar="UM",
+              help="Resample the images to this pixel size first, as if scanned so (0.5: 20x), then score them "
+                   "as 'wsiseg segment' would segment such a slide (needs a data set with a pixel size).")
+@click.option("--work-mpp", type=float, default=None, metavar="UM",
+              help="Segment at this pixel size instead of the bundle's rule (upsampling too).")
 def evaluate(bundle: Path, **opts: Any) -> None:
-    """Dice, IoU, refined fraction and time per image: baseline vs two-stage over thresholds."""
-    from wsiseg.evaluate import evaluate_bundle, format_table
+    """Dice, IoU, refined fraction and time per image: baseline vs two-stage over thresholds;
+    AJI and panoptic quality of the objects where the truth has instances."""
+    from wsiseg.evaluate import PixelSizes, evaluate_bundle, format_table
 
     _quiet_libraries()
     bar = ProgressBars(labels={"images": "images       "})
@@ -534,7 +545,7 @@ def evaluate(bundle: Path, **opts: Any) -> None:
             bundle, opts["dataset"], opts["data_root"], tuple(opts["thresholds"]), opts["baseline"], opts["split"],
             opts["split_seed"], opts["multiclass"], opts["limit"],
             {"tile_size": opts["tile_size"], "halo": opts["halo"]}, opts["device"], opts["out"],
-            lambda done, total: bar("images", done, total),
+            lambda done, total: bar("images", done, total), PixelSizes(opts["scan_mpp"], opts["work_mpp"]),
         )
     finally:
         bar.close()

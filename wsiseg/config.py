@@ -26,6 +26,13 @@ from typing import Any
 from wsiseg.errors import BundleError, InputError
 from wsiseg.uncertainty import UNCERTAINTY_MEASURES, TileSelection
 
+#: The network ``wsiseg train`` builds unless told otherwise (and the shipped model's), and its backbone:
+#: small enough to train on a CPU.
+DEFAULT_ARCH = "unet"
+DEFAULT_BACKBONE = "resnet_lite"
+#: What a network may see: the RGB image, or the hematoxylin density of colour deconvolution.
+INPUT_TRANSFORMS = ("rgb", "hematoxylin")
+
 #: Tile side used when none is given. On a tiled slide the tile is the multiple
 #: of the file's own tile nearest to this (see :func:`wsiseg.run.plan.auto_tile_size`).
 AUTO_TILE_SIZE = 512
@@ -89,15 +96,20 @@ class TwoStageConfig:
 
 @dataclass(frozen=True)
 class BundleSettings:
-    """A bundle's recorded settings, typed.
+    """A bundle's recorded settings, typed: written by :meth:`to_config`, read by :meth:`from_config`.
 
     Attributes
     ----------
     flow : TwoStageConfig
-        The flow the models were trained and scored with; ``tile_size`` is
-        the tile of the training images (None when not recorded).
+        The flow the models were trained and scored with (its selection a
+        threshold: the default one); ``tile_size`` is the tile of the
+        training images (None when not recorded).
     mpp : float or None
-        Micrometres per pixel of the training images.
+        Micrometres per pixel the models were trained at.
+    mpp_range : (float, float) or None
+        The pixel sizes the training crops spanned (scale jitter): a slide
+        inside it is read as it is (see :func:`wsiseg.run.plan.working_scale`).
+        None: within 5 % of ``mpp``.
     classes : tuple of str or None
         Class names, background first.
     image_size : int or None
@@ -106,8 +118,19 @@ class BundleSettings:
 
     flow: TwoStageConfig = field(default_factory=TwoStageConfig)
     mpp: float | None = None
+    mpp_range: tuple[float, float] | None = None
     classes: tuple[str, ...] | None = None
     image_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.flow.selection.kind != "threshold":
+            raise InputError(f"a bundle's default selection is a threshold, not {self.flow.selection.describe()}")
+        if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
+            raise InputError(f"mpp must be positive, got {self.mpp!r}")
+        if self.mpp_range is not None:
+            low, high = self.mpp_range
+            if self.mpp is None or not 0 < low <= self.mpp <= high:
+                raise InputError(f"mpp_range must hold mpp between two positive bounds, got {self.mpp_range!r}")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], source: str = "bundle") -> BundleSettings:
@@ -131,16 +154,32 @@ class BundleSettings:
             classes = config.get("classes")
             if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
                 raise InputError(f"classes must be a list of names, got {classes!r}")
-            mpp = _typed(config, "mpp", float, None)
-            if mpp is not None and not mpp > 0:
-                raise InputError(f"mpp must be positive, got {mpp!r}")
-            return cls(flow, mpp, tuple(classes) if classes else None, _typed(config, "image_size", int, None) or None)
+            mpp_range = config.get("mpp_range")
+            if mpp_range is not None and not (
+                isinstance(mpp_range, list) and len(mpp_range) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in mpp_range)
+            ):
+                raise InputError(f"mpp_range must be a list of two numbers, got {mpp_range!r}")
+            return cls(flow, _typed(config, "mpp", float, None),
+                       (float(mpp_range[0]), float(mpp_range[1])) if mpp_range else None,
+                       tuple(classes) if classes else None, _typed(config, "image_size", int, None) or None)
         except InputError as exc:
             raise BundleError(f"{source}: its config is invalid ({exc})") from exc
 
+    def to_config(self) -> dict[str, Any]:
+        """The keys :meth:`from_config` reads, as a bundle's JSON config stores them."""
+        flow = self.flow
+        return {
+            "ratio": flow.ratio, "tile_size": flow.tile_size, "halo": flow.halo, "uncertainty": flow.uncertainty,
+            "threshold": flow.selection.value, "context": flow.context,
+            "classes": list(self.classes) if self.classes else None, "image_size": self.image_size,
+            "mpp": self.mpp, "mpp_range": list(self.mpp_range) if self.mpp_range else None,
+        }
+
     def for_slides(self) -> TwoStageConfig:
         """The flow on slides: the bundle's, with the tile chosen per slide
-        (the training images' tile is sized for those small images)."""
+        (the training images' tile is sized for those small images; the run's
+        report says which tile it used)."""
         return replace(self.flow, tile_size=None)
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from wsiseg.guard import RECORD_DIR
 from wsiseg.ngff import MAPS, MASK_GROUP, OBJECTS_GROUP, TISSUE_GROUP
+from wsiseg.run.report import read_report
 
 
 def is_output(path: Path) -> bool:
@@ -25,39 +25,32 @@ def describe_output(path: str | Path) -> list[str]:
 
     out = Path(path)
     root = zarr.open_group(str(out), mode="r")
-    report = _report(out)
+    report = read_report(out)
     if "multiscales" not in root.attrs or report is None:
         return [f"output:    {out} (wsiseg run not finished: run the same command with --resume)"]
     lines = [f"output:    {out} (OME-Zarr {root.attrs['multiscales'][0]['version']} image, wsiseg run complete)",
-             f"slide:     {report['input']['path']}"]
-    pixels = report["outputs"].get("image", {}).get("pixels")
+             f"slide:     {report.input.path}"]
+    pixels = report.outputs.get("image", {}).get("pixels")
     note = {"low": " (low: Model 1's view)", "full": " (full)"}.get(pixels, "")
     lines.append(f"pixels:    {_group_line(root, '')}{note}")
     classes = root[MASK_GROUP].attrs["image-label"].get("properties", [])
     names = ", ".join(f"{p['label-value']} {p['class']}" for p in classes)
     lines.append(f"mask:      {_group_line(root, MASK_GROUP)}; classes {names}")
-    tiles = report["tiles"]
-    lines.append(f"refined:   {tiles['refined']} of {tiles['total']} tiles")
-    tissue = report.get("tissue")
+    tiles = report.tiles
+    lines.append(f"refined:   {tiles.refined} of {tiles.total} tiles")
+    tissue = report.tissue
     if tissue and TISSUE_GROUP in root:
-        lines.append(f"tissue:    {100 * tissue['fraction']:.1f} % of the slide, {tissue['tiles']} of {tiles['total']} "
+        lines.append(f"tissue:    {100 * tissue['fraction']:.1f} % of the slide, {tissue['tiles']} of {tiles.total} "
                      f"tiles ({_group_line(root, TISSUE_GROUP)})")
-    objects = report["outputs"].get("objects")
+    objects = report.outputs.get("objects")
     if objects and OBJECTS_GROUP in root:
         lines.append(f"objects:   {objects['count']} ({_group_line(root, OBJECTS_GROUP)}); table {objects['table']}")
     if MAPS in root:
         lines.append("maps:      " + ", ".join(sorted(root[MAPS].group_keys())))
-    if report["outputs"].get("geojson"):
-        lines.append(f"geojson:   {report['outputs']['geojson']}")
-    lines.extend(f"warning:   {warning}" for warning in report.get("warnings", []))
+    if report.outputs.get("geojson"):
+        lines.append(f"geojson:   {report.outputs['geojson']}")
+    lines.extend(f"warning:   {warning}" for warning in report.warnings)
     return lines
-
-
-def _report(out: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((out / "report.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _group_line(root: Any, name: str) -> str:

@@ -18,18 +18,17 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from wsiseg.bundle import Bundle
 from wsiseg.config import BundleSettings
-from wsiseg.metrics import confusion, dice_iou
+from wsiseg.metrics import IGNORE, confusion, dice_iou, instance_scores
 from wsiseg.models.base import SegmentationModel
-from wsiseg.train.datasets import Sample, SegmentationData, resize_sample
+from wsiseg.train.datasets import Sample, SegmentationData, resize_image, resize_sample
 from wsiseg.run.in_memory import segment_full_resolution, segment_image
 from wsiseg.uncertainty import TileSelection
 
@@ -51,6 +50,71 @@ class MethodScores:
     #: Mean over images of the Dice between this row's mask and the baseline's
     #: (no truth involved); None for the baseline row and without a baseline.
     agreement: float | None = None
+    #: Object scores where the truth has instances (means over images, see
+    #: :func:`~wsiseg.metrics.instance_scores`) of the objects ``--objects`` makes; else None.
+    aji: float | None = None
+    pq: float | None = None
+    dq: float | None = None
+    sq: float | None = None
+
+
+@dataclass(frozen=True)
+class PixelSizes:
+    """What pixel size images are scored at (all None: the data set's, with the bundle's rule).
+
+    Attributes
+    ----------
+    scan_mpp : float or None
+        Resample each image to this pixel size first, as if it had been scanned
+        so (0.5: a 20x slide), before the bundle's rule applies
+        (:func:`~wsiseg.run.plan.scale_factor`).
+    work_mpp : float or None
+        Segment at exactly this pixel size instead of the rule's choice
+        (upsampling too). Masks are always scored at the truth's own pixels.
+    """
+
+    scan_mpp: float | None = None
+    work_mpp: float | None = None
+
+    def __post_init__(self) -> None:
+        from wsiseg.errors import InputError
+
+        for name in ("scan_mpp", "work_mpp"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise InputError(f"--{name.replace('_', '-')} must be a positive number of micrometres, not {value}")
+
+
+class _Tally:
+    """One row's running sums over the images."""
+
+    def __init__(self, num_labels: int) -> None:
+        self.num_labels = num_labels
+        self.per_image: list[tuple[float, float, float, float]] = []
+        self.pooled = np.zeros((num_labels, num_labels), np.int64)
+        self.agreements: list[float] = []
+        self.objects: list[tuple[float, float, float, float]] = []
+
+    def add(self, mask: np.ndarray, truth: np.ndarray, refined: float, seconds: float,
+            baseline_mask: np.ndarray | None, objects: tuple[float, float, float, float] | None) -> None:
+        counts = confusion(mask, truth, self.num_labels)
+        self.pooled += counts
+        self.per_image.append((*dice_iou(counts), refined, seconds))
+        if baseline_mask is not None:
+            self.agreements.append(dice_iou(confusion(mask, baseline_mask, self.num_labels))[0])
+        if objects is not None:
+            self.objects.append(objects)
+
+    def scores(self, method: str, threshold: float | None) -> MethodScores:
+        values = np.asarray(self.per_image) if self.per_image else np.full((1, 4), np.nan)
+        objects = np.asarray(self.objects).mean(axis=0) if self.objects else (None,) * 4
+        return MethodScores(
+            method=method, threshold=threshold, dice=float(values[:, 0].mean()), iou=float(values[:, 1].mean()),
+            dice_pooled=dice_iou(self.pooled)[0], refined_fraction=float(values[:, 2].mean()),
+            seconds_per_image=float(values[:, 3].mean()), images=len(self.per_image),
+            agreement=float(np.mean(self.agreements)) if self.agreements else None,
+            **{k: None if v is None else float(v) for k, v in zip(("aji", "pq", "dq", "sq"), objects)},
+        )
 
 
 def evaluate(
@@ -62,6 +126,7 @@ def evaluate(
     device: str = "auto",
     progress: Callable[[int, int], None] | None = None,
     overrides: dict[str, Any] | None = None,
+    pixel_sizes: PixelSizes = PixelSizes(),
 ) -> list[MethodScores]:
     """Score the baseline (if any) and the two-stage pipeline at each threshold.
 
@@ -78,6 +143,10 @@ def evaluate(
         ``progress(done, total)`` images.
     overrides : dict, optional
         :class:`~wsiseg.config.TwoStageConfig` fields to change from the bundle's (None ignored).
+    pixel_sizes : PixelSizes
+        Where the data set's pixel size is known, images are brought to the
+        bundle's as ``wsiseg segment`` brings slides (or as ``pixel_sizes``
+        says); masks are scored at the truth's own pixels.
 
     Returns
     -------
@@ -85,64 +154,121 @@ def evaluate(
         Baseline first (when there is one), then two-stage by threshold.
     """
     settings = BundleSettings.from_config(bundle.config)
-    base = settings.flow.with_overrides(**(overrides or {}))
+    flow = settings.flow.with_overrides(**(overrides or {}))
     baseline = baseline if baseline is not None else bundle.models.get("model")
-    num_labels = max(2, data.num_classes)
     methods: list[tuple[str, float | None]] = ([("baseline", None)] if baseline is not None else [])
     if bundle.is_two_stage:
         methods += [("two-stage", t) for t in thresholds]
-    per_image: dict[int, list[tuple[float, float, float, float]]] = {i: [] for i in range(len(methods))}
-    pooled = {i: np.zeros((num_labels, num_labels), np.int64) for i in range(len(methods))}
-    agreements: dict[int, list[float]] = {i: [] for i in range(len(methods))}
+    tallies = [_Tally(max(2, data.num_classes)) for _ in methods]
+    steps = _pixel_steps(data.mpp, settings, pixel_sizes)
     for done, sample in enumerate(samples, 1):
         image, truth = resize_sample(*data.load(sample), settings.image_size)
+        true_objects = data.instances(sample) if not settings.image_size else None
         baseline_mask: np.ndarray | None = None
-        for index, (method, threshold) in enumerate(methods):
+        for tally, (method, threshold) in zip(tallies, methods):
             start = time.perf_counter()
             if method == "baseline":
-                result = segment_full_resolution(image, baseline, base, device)
+                run = partial(segment_full_resolution, model=baseline, config=flow, device=device)
             else:
-                cfg = replace(base, selection=TileSelection.threshold(threshold))
-                result = segment_image(image, bundle.model1, bundle.model2, cfg, device)
+                cfg = replace(flow, selection=TileSelection.threshold(threshold))
+                run = partial(segment_image, model1=bundle.model1, model2=bundle.model2, config=cfg, device=device)
+            mask, objects, refined = _segment_at(image, steps, run, with_objects=true_objects is not None)
             seconds = time.perf_counter() - start
-            counts = confusion(result.mask, truth, num_labels)
-            pooled[index] += counts
-            d, j = dice_iou(counts)
-            per_image[index].append((d, j, result.counts["refined_fraction"], seconds))
+            scores = None
+            if true_objects is not None:
+                found = instance_scores(objects, true_objects, ignore=truth == IGNORE)
+                scores = (found.aji, found.pq, found.dq, found.sq)
+            tally.add(mask, truth, refined, seconds, baseline_mask, scores)
             if method == "baseline":
-                baseline_mask = result.mask
-            elif baseline_mask is not None:
-                agreements[index].append(dice_iou(confusion(result.mask, baseline_mask, num_labels))[0])
+                baseline_mask = mask
         if progress:
             progress(done, len(samples))
-    rows = []
-    for index, (method, threshold) in enumerate(methods):
-        values = np.asarray(per_image[index]) if per_image[index] else np.zeros((0, 4))
-        rows.append(MethodScores(
-            method=method,
-            threshold=threshold,
-            dice=float(values[:, 0].mean()) if len(values) else float("nan"),
-            iou=float(values[:, 1].mean()) if len(values) else float("nan"),
-            dice_pooled=dice_iou(pooled[index])[0],
-            refined_fraction=float(values[:, 2].mean()) if len(values) else float("nan"),
-            seconds_per_image=float(values[:, 3].mean()) if len(values) else float("nan"),
-            images=len(values),
-            agreement=float(np.mean(agreements[index])) if agreements[index] else None,
-        ))
-    return rows
+    return [tally.scores(method, threshold) for tally, (method, threshold) in zip(tallies, methods)]
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """Pixel sizes of one evaluation: the data's, as scanned, and worked at (None: unknown, nothing resampled)."""
+
+    data: float | None = None
+    scan: float | None = None
+    work: float | None = None
+
+
+def _pixel_steps(data_mpp: float | None, settings: BundleSettings, pixel_sizes: PixelSizes) -> _Steps:
+    """Where images are resampled to: as scanned, then as the bundle's rule (or ``work_mpp``) says."""
+    from wsiseg.errors import InputError
+    from wsiseg.run.plan import scale_factor
+
+    if data_mpp is None:
+        if pixel_sizes.scan_mpp or pixel_sizes.work_mpp:
+            raise InputError("this data set records no pixel size, so it cannot be resampled to another")
+        return _Steps()
+    scan = pixel_sizes.scan_mpp or data_mpp
+    if pixel_sizes.work_mpp:
+        work = pixel_sizes.work_mpp
+    elif settings.mpp:
+        work = scan * scale_factor(scan, settings.mpp, settings.mpp_range)[0]
+    else:
+        work = scan
+    return _Steps(data_mpp, scan, work)
+
+
+def _segment_at(
+    image: np.ndarray, steps: _Steps, run: Callable[[np.ndarray], Any], with_objects: bool
+) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """``run``'s mask of ``image`` resampled as ``steps`` say, its objects (made as ``wsiseg segment
+    --objects`` makes them, at the working pixels), both back at the image's own pixels (nearest);
+    and the refined fraction."""
+    from wsiseg.instances import stream_instances
+    from wsiseg.run.objects import object_sizes
+
+    shape = image.shape[:2]
+    x = image
+    if steps.data is not None and steps.scan != steps.data:
+        x = resize_image(x, _size(shape, steps.data / steps.scan))
+    if steps.data is not None and steps.work != steps.scan:
+        x = resize_image(x, _size(shape, steps.data / steps.work), antialias=steps.work > steps.scan)
+    result = run(x)
+    objects = None
+    if with_objects:
+        max_size, min_distance = object_sizes(OBJECT_TILE, steps.work, None)
+        objects = stream_instances(result.mask, max(OBJECT_TILE, max_size), max_size, min_distance)[0]
+        objects = resize_labels(objects, shape)
+    return resize_labels(result.mask, shape), objects, result.tiles.refined_fraction
+
+
+#: Tile of the object split in evaluation (as on slides: ids do not depend on it, the largest object does).
+OBJECT_TILE = 512
+
+
+def _size(shape: tuple[int, ...], factor: float) -> tuple[int, int]:
+    return max(1, round(shape[0] * factor)), max(1, round(shape[1] * factor))
+
+
+def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``(h, w)`` labels resampled to ``shape`` by the nearest pixel centre (no new values)."""
+    if labels.shape == tuple(shape):
+        return labels
+    rows = np.minimum(((np.arange(shape[0]) + 0.5) * labels.shape[0] / shape[0]).astype(np.int64), labels.shape[0] - 1)
+    cols = np.minimum(((np.arange(shape[1]) + 0.5) * labels.shape[1] / shape[1]).astype(np.int64), labels.shape[1] - 1)
+    return labels[np.ix_(rows, cols)]
 
 
 def format_table(rows: list[MethodScores]) -> list[str]:
-    """Rows as aligned text lines ("vs base": Dice of the row's masks against the baseline's)."""
+    """Rows as aligned text lines ("vs base": Dice of the row's masks against the baseline's; AJI and PQ
+    where the truth has objects)."""
+    objects = any(r.pq is not None for r in rows)
     lines = [f"{'method':10s} {'thresh':>6s} {'Dice':>7s} {'IoU':>7s} {'pooled':>7s} {'refined':>8s} {'s/image':>8s}"
-             f" {'vs base':>7s}"]
+             f" {'vs base':>7s}" + (f" {'AJI':>6s} {'PQ':>6s} {'DQ':>6s} {'SQ':>6s}" if objects else "")]
     for r in rows:
         threshold = "" if r.threshold is None else f"{r.threshold:g}"
         agreement = "" if r.agreement is None else f"{100 * r.agreement:6.2f}%"
-        lines.append(
-            f"{r.method:10s} {threshold:>6s} {100 * r.dice:6.2f}% {100 * r.iou:6.2f}% {100 * r.dice_pooled:6.2f}% "
-            f"{100 * r.refined_fraction:7.1f}% {r.seconds_per_image:8.4f} {agreement:>7s}"
-        )
+        line = (f"{r.method:10s} {threshold:>6s} {100 * r.dice:6.2f}% {100 * r.iou:6.2f}% {100 * r.dice_pooled:6.2f}% "
+                f"{100 * r.refined_fraction:7.1f}% {r.seconds_per_image:8.4f} {agreement:>7s}")
+        if objects:
+            line += "".join(f" {'':>6s}" if v is None else f" {v:6.4f}" for v in (r.aji, r.pq, r.dq, r.sq))
+        lines.append(line)
     return lines
 
 
@@ -179,6 +305,7 @@ def evaluate_bundle(
     device: str = "cpu",
     out_dir: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    pixel_sizes: PixelSizes = PixelSizes(),
 ) -> tuple[list[MethodScores], dict[str, Path]]:
     """``wsiseg evaluate``: score a bundle on a data set's split and write the results.
 
@@ -202,11 +329,13 @@ def evaluate_bundle(
     bundle = load_bundle(bundle_path)
     data, samples, seed = scored_split(bundle, dataset, data_root, split, split_seed, multiclass, limit)
     baseline = load_bundle(baseline_path).model if baseline_path else None
-    rows = evaluate(bundle, data, samples, thresholds or PAPER_THRESHOLDS, baseline, device, progress, overrides)
+    rows = evaluate(bundle, data, samples, thresholds or PAPER_THRESHOLDS, baseline, device, progress, overrides,
+                    pixel_sizes)
     paths = write_results(
         rows, out_dir or Path(f"evaluation-{bundle_path.stem}"),
         f"{bundle_path.name} on {dataset} ({split}, {len(samples)} images)",
-        {"bundle": str(bundle_path), "dataset": dataset, "split": split, "split_seed": seed},
+        {"bundle": str(bundle_path), "dataset": dataset, "split": split, "split_seed": seed,
+         "data_mpp": data.mpp, "scan_mpp": pixel_sizes.scan_mpp, "work_mpp": pixel_sizes.work_mpp},
     )
     return rows, paths
 

@@ -288,16 +288,15 @@ def _run_in_threads(function: Callable[..., None], calls: list[tuple[Any, ...]])
             pass
 
 
-def write_report(out: Path, report: Mapping[str, Any]) -> Path:
-    """Write ``report.json`` atomically (it marks the output complete).
+def write_json_atomic(path: Path, value: Mapping[str, Any]) -> Path:
+    """Write ``value`` as JSON to ``path`` atomically (``report.json``: it marks an output complete).
 
-    The text goes to ``report.json.partial``, is flushed to the disk and then
+    The text goes to ``<path>.partial``, is flushed to the disk and then
     renamed. When any step fails (a full disk, say) the partial file is
-    removed and the error re-raised, so a failed write leaves no report.
+    removed and the error re-raised, so a failed write leaves no file.
     """
-    path = out / "report.json"
-    partial = out / "report.json.partial"
-    text = json.dumps(report, indent=2, sort_keys=False, default=_json_default)
+    partial = path.with_name(path.name + ".partial")
+    text = json.dumps(value, indent=2, sort_keys=False, default=_json_default)
     try:
         with open(partial, "w") as handle:
             handle.write(text)

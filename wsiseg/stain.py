@@ -24,8 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-#: The input transforms a model can be built with.
-INPUT_TRANSFORMS = ("rgb", "hematoxylin")
+from wsiseg.config import INPUT_TRANSFORMS  # noqa: F401 - the input transforms a model can be built with
 
 #: Hematoxylin optical density (scikit-image's units) mapped to 1. Nuclei in BOWL's
 #: bright-field images have a median of about 0.07 and a 90th percentile of 0.15.

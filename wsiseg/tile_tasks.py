@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from wsiseg.ngff import COMPOSED, CONTEXT, IMAGE, MASK, PROBABILITY, REFINED, TILE_SCORES, TISSUE, UNCERTAINTY
+from wsiseg.ngff import COMPOSED, CONTEXT, IMAGE, MASK, PROBABILITY, TISSUE, UNCERTAINTY
 from wsiseg.resample import read_scaled
 from wsiseg.tiling import Box, blend_weights, round_up, stage1_crop
 from wsiseg.uncertainty import probabilities_to_labels, tile_integrals, uniform_label, uncertainty_map

@@ -9,16 +9,12 @@ from typing import TypeVar
 from wsiseg.errors import ModelConfigError
 from wsiseg.models.backbones import available_backbones
 from wsiseg.models.base import SegmentationModel
-from wsiseg.stain import INPUT_TRANSFORMS, InputTransform
+from wsiseg.config import DEFAULT_BACKBONE, INPUT_TRANSFORMS
+from wsiseg.stain import InputTransform
 
 ModelClass = TypeVar("ModelClass", bound=type[SegmentationModel])
 
 _REGISTRY: dict[str, type[SegmentationModel]] = {}
-
-#: The network ``wsiseg train`` builds unless told otherwise (and the shipped model's).
-DEFAULT_ARCH = "unet"
-#: The backbone of :data:`DEFAULT_ARCH` unless told otherwise: small enough to train on a CPU.
-DEFAULT_BACKBONE = "resnet_lite"
 
 
 def register_model(name: str) -> Callable[[ModelClass], ModelClass]:

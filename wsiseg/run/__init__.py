@@ -6,6 +6,9 @@
   (:mod:`wsiseg.run.slides`).
 - :func:`segment_cohort`: many slides (:func:`find_slides`) on one cluster,
   several in flight, with a manifest (:mod:`wsiseg.run.cohort`).
+- :func:`prepare_run` then :func:`run_segment`: what ``wsiseg segment`` does,
+  one function that prepares the jobs (:mod:`wsiseg.run.job`) and one that
+  runs them; every slide run returns a :class:`RunReport` (:func:`read_report`).
 
 Both plan with :mod:`wsiseg.run.plan`, run the tile tasks of
 :mod:`wsiseg.tile_tasks` through :func:`wsiseg.run.driver.run_flow`, and differ
@@ -23,10 +26,15 @@ _EXPORTS = {
     "segment_image": "wsiseg.run.in_memory",
     "segment_full_resolution": "wsiseg.run.in_memory",
     "segment_slide": "wsiseg.run.slides",
-    "bundle_settings": "wsiseg.run.slides",
-    "default_output": "wsiseg.run.slides",
-    "find_slides": "wsiseg.run.cohort",
+    "run_job": "wsiseg.run.slides",
+    "prepare_run": "wsiseg.run.job",
+    "bundle_settings": "wsiseg.run.job",
+    "default_output": "wsiseg.run.inputs",
+    "find_slides": "wsiseg.run.inputs",
     "segment_cohort": "wsiseg.run.cohort",
+    "run_segment": "wsiseg.run.cohort",
+    "RunReport": "wsiseg.run.report",
+    "read_report": "wsiseg.run.report",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -24,9 +24,8 @@ import numpy as np
 from wsiseg.run.plan import Plan
 from wsiseg.tiling import Box, neighbourhood
 from wsiseg.tissue import tile_tissue
-from wsiseg.tile_tasks import (
-    REFINED, TILE_SCORES, TISSUE, compose_tiles, detect_tissue_task, read_pieces, refine_tiles, stage1_block,
-)
+from wsiseg.ngff import REFINED, TILE_SCORES, TISSUE
+from wsiseg.tile_tasks import compose_tiles, detect_tissue_task, read_pieces, refine_tiles, stage1_block
 from wsiseg.uncertainty import TileSelection, scores_from_integrals
 
 #: ``progress(stage, done, total)``: stage ``"stage1"`` (blocks), ``"stage2"`` (tiles) or ``"finish"``.

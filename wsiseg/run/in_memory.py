@@ -9,7 +9,7 @@ executor that calls each task at once in this thread. Evaluation uses them.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from wsiseg.errors import InputError
 from wsiseg.run.driver import ProgressCallback, run_flow
 from wsiseg.run.executors import InlineExecutor
 from wsiseg.run.plan import ModelFacts, Plan, make_plan
+from wsiseg.run.report import TileCounts, Timings
 from wsiseg.slide import Level
 from wsiseg.tiling import Box
 from wsiseg.ngff import COMPOSED, IMAGE, MASK, PROBABILITY, UNCERTAINTY
@@ -45,11 +46,12 @@ class SegmentationResult:
         ``(rows, cols)`` bool, the tiles Model 2 (or the baseline) ran on.
     tile_size : int
         Side of the tiles of ``refined``.
-    counts : dict
-        ``tiles_total``, ``tiles_refined``, ``refined_fraction``, ``pixels``,
-        ``stage2_input_pixels`` (halo included).
-    timings : dict
+    tiles : TileCounts
+        ``total``, ``refined``, ``refined_fraction``: the names of a slide's report.
+    timings : Timings
         Seconds: ``stage1``, ``select``, ``stage2`` (compose included), ``compose``, ``total``.
+    stage2_input_pixels : int
+        Pixels Model 2 (or the baseline) read, halos included.
     """
 
     mask: np.ndarray
@@ -59,8 +61,9 @@ class SegmentationResult:
     tile_scores: np.ndarray | None
     refined: np.ndarray
     tile_size: int
-    counts: dict[str, float] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
+    tiles: TileCounts
+    timings: Timings
+    stage2_input_pixels: int = 0
 
 
 class ImageSource:
@@ -194,9 +197,8 @@ def _run(
     flow = run_flow(plan, config.selection, InlineExecutor(), progress=progress)
     for runner in runners.values():
         synchronize(runner.device)
-    timings = dict(flow.timings)
-    timings["compose"] = flow.task_seconds.get("stage2", {}).get("compose", 0.0)
-    timings["total"] = time.perf_counter() - start
+    timings = Timings(**flow.timings, compose=flow.task_seconds.get("stage2", {}).get("compose", 0.0),
+                      total=time.perf_counter() - start)
     stage1 = not full_resolution
     return SegmentationResult(
         mask=store.array(MASK),
@@ -206,20 +208,11 @@ def _run(
         tile_scores=flow.scores,
         refined=flow.refined,
         tile_size=plan.tile_size,
-        counts=_counts(plan, flow.refined),
+        tiles=TileCounts.of(flow.refined),
         timings=timings,
+        stage2_input_pixels=_stage2_input_pixels(plan, flow.refined),
     )
 
 
-def _counts(plan: Plan, refined: np.ndarray) -> dict[str, float]:
-    grid = plan.grid
-    input_pixels = sum(
-        int(np.prod(grid.window(int(r), int(c), plan.halo).shape)) for r, c in np.argwhere(refined)
-    )
-    return {
-        "tiles_total": grid.num_tiles,
-        "tiles_refined": int(refined.sum()),
-        "refined_fraction": float(refined.sum()) / grid.num_tiles,
-        "pixels": grid.height * grid.width,
-        "stage2_input_pixels": input_pixels,
-    }
+def _stage2_input_pixels(plan: Plan, refined: np.ndarray) -> int:
+    return sum(int(np.prod(plan.grid.window(int(r), int(c), plan.halo).shape)) for r, c in np.argwhere(refined))

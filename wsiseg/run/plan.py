@@ -343,11 +343,37 @@ def view_for(source: Any, downsample: float) -> tuple[int, float]:
     return level, downsample / float(np.mean(source.levels[level].downsample))
 
 
-def working_scale(source: Any, model_mpp: float | None, rescale: bool) -> tuple[tuple[int, float], dict[str, Any]]:
-    """Level and coarsening factor at which the image matches the model's pixel size.
+def scale_factor(
+    image_mpp: float, model_mpp: float, mpp_range: tuple[float, float] | None = None
+) -> tuple[float, str]:
+    """How much to downsample an image of ``image_mpp`` for a model, and why.
 
-    Any factor above 1 (beyond :data:`SCALE_TOLERANCE`) is honoured, whole or
-    not (see :func:`view_for`); slides coarser than the model are not upsampled.
+    A model is fed pixel sizes within ``mpp_range`` (the range its training
+    crops spanned; without one, ``model_mpp`` itself) as they are, with
+    :data:`SCALE_TOLERANCE` of slack; a finer image is downsampled to the
+    range's finest size; a coarser one is never upsampled.
+
+    Returns
+    -------
+    factor, decision
+        ``factor`` >= 1 (1: as it is); ``decision`` one of ``"native"``,
+        ``"downsampled"``, ``"coarser"`` (coarser than the model was trained on).
+    """
+    low, high = mpp_range or (model_mpp, model_mpp)
+    if image_mpp * (1 + SCALE_TOLERANCE) < low:
+        return low / image_mpp, "downsampled"
+    if image_mpp > high * (1 + SCALE_TOLERANCE):
+        return 1.0, "coarser"
+    return 1.0, "native"
+
+
+def working_scale(
+    source: Any, model_mpp: float | None, rescale: bool, mpp_range: tuple[float, float] | None = None
+) -> tuple[tuple[int, float], dict[str, Any]]:
+    """Level and coarsening factor at which the image matches the model's pixel sizes (:func:`scale_factor`).
+
+    Any factor above 1 is honoured, whole or not (see :func:`view_for`);
+    slides coarser than the model are not upsampled.
 
     Returns
     -------
@@ -356,17 +382,23 @@ def working_scale(source: Any, model_mpp: float | None, rescale: bool) -> tuple[
     """
     mpp = source.mpp
     note: dict[str, Any] = {"model_mpp": model_mpp, "slide_mpp": list(mpp) if mpp else None}
+    if mpp_range:
+        note["model_mpp_range"] = list(mpp_range)
     if not rescale or not model_mpp or not mpp:
         note["decision"] = "native pixels" if rescale else "native pixels (rescaling off)"
         return (0, 1), note
-    factor = float(model_mpp) / float(np.mean(mpp))
-    if factor <= 1 + SCALE_TOLERANCE:
+    slide_mpp = float(np.mean(mpp))
+    factor, decision = scale_factor(slide_mpp, float(model_mpp), mpp_range)
+    if decision != "downsampled":
         note["decision"] = "native pixels" + (
-            "" if factor >= 1 - SCALE_TOLERANCE else " (the slide's pixels are coarser than the model's; not upsampled)"
+            " (the slide's pixels are coarser than the model's; not upsampled)" if decision == "coarser" else ""
         )
-        note["scale_mismatch"] = round(factor, 3)
+        note["scale_mismatch"] = round(float(model_mpp) / slide_mpp, 3)
         return (0, 1), note
     level, coarsen = view_for(source, factor)
     done = float(np.mean(source.levels[level].downsample)) * coarsen
-    note.update(decision=f"downsampled by {done:.4g} to the model's pixel size", scale_mismatch=round(factor / done, 3))
+    target = slide_mpp * factor
+    note.update(decision=f"downsampled by {done:.4g} to the model's pixel size" + (
+        f" ({target:.3g} um, the finest it was trained at)" if mpp_range else ""
+    ), scale_mismatch=round(factor / done, 3))
     return (level, coarsen), note

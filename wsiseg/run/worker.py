@@ -15,6 +15,10 @@ afresh and the stale copy leaves the cache.
 - :class:`WsisegWorkerPlugin` empties every cache when a worker closes.
 - :func:`malloc_settings` tells the driver, at planning, how a worker's
   malloc is set (:func:`default_malloc` judges it).
+- The driver's pre-flight before a slide runs: :func:`load_models_on_workers`
+  (every worker loads the bundle; the first describes its models) after
+  :func:`connected_workers` (waiting for a first worker), and
+  :func:`malloc_warnings` (workers with slow malloc settings).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from wsiseg import cache
+from wsiseg.errors import InputError
+from wsiseg.run.plan import ModelFacts
 
 #: Bundles and runners kept per process: a cohort uses one model, a comparison two.
 BUNDLES = cache.register("bundles", cache.BoundedCache(maxsize=2, on_evict=lambda _: None), lambda key: key[0])
@@ -192,3 +198,79 @@ class WsisegWorkerPlugin(WorkerPlugin):  # type: ignore[misc]
 
     def teardown(self, worker: Any) -> None:
         cache.release_all()
+
+
+# --------------------------------------------------------------------------- pre-flight, from the driver
+
+
+def load_models_on_workers(
+    client: Any, model_ref: str, full_resolution: bool
+) -> tuple[ModelFacts, dict[str, Any], list[str]]:
+    """Every worker loads (and checksums) the bundle now, in parallel; the first describes it.
+
+    Returns
+    -------
+    (facts, model info, warnings)
+        The warnings (one line each) say what of the workers' setup slows the run.
+    """
+    workers = connected_workers(client)
+    described = client.gather([
+        client.submit(describe_bundle, model_ref, workers=[worker], allow_other_workers=True, pure=False)
+        for worker in workers
+    ])[0]
+    roles = described["roles"]
+    if full_resolution and "model" not in roles:
+        raise InputError(
+            "--full-resolution needs a bundle with a single full-resolution model (role 'model'); "
+            f"this one holds {', '.join(sorted(roles))}"
+        )
+    if not full_resolution and not {"model1", "model2"} <= set(roles):
+        raise InputError("this bundle holds no Model 1 / Model 2 pair; use --full-resolution with it")
+    stage2 = roles["model" if full_resolution else "model2"]
+    facts = ModelFacts(
+        {role: facts["feature_stride"] for role, facts in roles.items()}, stage2["num_classes"],
+        {role: facts["grid_stride"] for role, facts in roles.items()},
+    )
+    info = {"bundle": model_ref, "checksum": described["checksum"],
+            "roles": {role: facts["spec"] for role, facts in roles.items()}}
+    return facts, info, malloc_warnings(client)
+
+
+#: Seconds a run waits for a first worker to join a cluster that has none yet.
+WORKER_WAIT_S = 60.0
+
+
+def connected_workers(client: Any) -> list[str]:
+    """The addresses of the cluster's workers, waiting up to ``WORKER_WAIT_S`` for a first one
+    (a scheduler started before its workers; a local cluster's workers still registering)."""
+    workers = list(client.scheduler_info(n_workers=-1)["workers"])
+    if workers:
+        return workers
+    try:
+        client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+    except TimeoutError:
+        raise InputError(
+            f"the Dask cluster at {client.scheduler.address} has no workers after {WORKER_WAIT_S:g} s; "
+            "start some with 'dask worker ADDRESS'"
+        ) from None
+    return list(client.scheduler_info(n_workers=-1)["workers"])
+
+
+def malloc_warnings(client: Any) -> list[str]:
+    """One line when worker processes run with glibc's or the nanny's malloc settings.
+
+    Workers that are threads of this process (a local cluster without
+    processes) are left out: they run with the settings of the process the user started.
+    """
+    here = process_id()
+    processes = client.run(process_id, on_error="ignore")  # a worker lost meanwhile is not judged
+    settings = {address: found for address, found in client.run(malloc_settings, on_error="ignore").items()
+                if address in processes and tuple(processes[address]) != here}
+    slow = sum(default_malloc(found) for found in settings.values())
+    if not slow:
+        return []
+    return [
+        f"{slow} of {len(settings)} workers run with glibc's or Dask's default malloc settings, which slow "
+        "torch 1.5-3x on the CPU; start them with DASK_CONFIG pointing to a folder holding "
+        "examples/dask-worker.yaml (see README)"
+    ]

@@ -26,11 +26,10 @@ uninterrupted run would.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,219 +37,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wsiseg.config import TwoStageConfig
+from wsiseg.config import BundleSettings, TwoStageConfig
 from wsiseg.errors import InputError, WsisegError
 from wsiseg.models import SegmentationModel, build_model
-from wsiseg.models.registry import DEFAULT_ARCH, DEFAULT_BACKBONE
 from wsiseg.models.base import logits_to_probabilities
 from wsiseg.runtime import resolve_device
-from wsiseg.stain import INPUT_TRANSFORMS
 from wsiseg.tiling import Box, TileGrid, linear_resample, pixel_centres
 from wsiseg.tissue import has_dark_background
 from wsiseg.train.augment import Augmentation, random_crop
 from wsiseg.train.synthetic_he import render_he
-from wsiseg.train.datasets import SegmentationData, open_dataset, resize_sample
-from wsiseg.train.losses import get_loss
-from wsiseg.uncertainty import SAMPLING_STRATEGIES, sample_tiles, tile_scores, uncertainty_map
+from wsiseg.train.config import PHASES, TrainConfig
+from wsiseg.train.datasets import IGNORE, SegmentationData, open_dataset, resize_sample, touching_borders
+from wsiseg.uncertainty import TileSelection, sample_tiles, tile_scores, uncertainty_map
 
-PHASES = {"two-stage": ("stage1", "stage2"), "baseline": ("baseline",), "all": ("stage1", "stage2", "baseline")}
 CHECKPOINT_FORMAT = 1
 
 #: ``progress(phase, done, total, info)``: phase ``"loading"`` (training images decoded; ``info``
 #: None) or a training phase (steps; ``info`` has ``epoch`` and ``loss``).
 TrainProgress = Callable[[str, int, int, "dict[str, Any] | None"], None]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a training run (each item a ``wsiseg train`` flag).
-
-    Attributes
-    ----------
-    dataset, data_root : the data set and its folder.
-    multiclass : KITTI / BDD: 19 classes instead of vehicle vs rest.
-    arch, backbone, backbone_weights : the network (weights: a local file).
-    ratio : R, Model 1's downsampling factor.
-    image_size : resize every image to this square (paper: 768); 0 keeps the
-        native pixel size and trains on random ``crop_size`` crops.
-    patches : about this many tiles per image when resizing (4, 16, 64, 128).
-    tile_size : tile side at native size (default ``crop_size // 4``).
-    halo : context pixels around each tile, as at inference.
-    epochs, batch_size, lr, loss : optimisation (Adam); loss focal, ce, ohem or lad.
-    aux_weight : weight of an auxiliary head's loss (IFBFNet; the paper: 0.4).
-    lad_window, lad_power : the locally adaptive loss's window and Minkowski power.
-    sampling : how stage 2 picks a tile: random, weighted or highest.
-    finetune : start Model 2 from Model 1 (else from scratch).
-    context : give Model 2 Model 1's features.
-    stage : ``two-stage``, ``baseline`` or ``all``.
-    model1_from : a bundle whose Model 1 (same arch, backbone, ratio and input)
-        is used as it is: stage 1 is skipped, so several stage-2 settings can
-        share one Model 1 (the paper's Table 4 ablations).
-    init_from : a bundle (same arch, backbone, ratio and input) whose models
-        start this run's models of the same role: Model 1, Model 2 and the
-        baseline are fine-tuned from it, e.g. the shipped model on one's own
-        images. It must hold every model the stage trains.
-    augment : the paper's augmentation: horizontal flips, ``brightness`` and
-        ``contrast`` jitter, ``translate`` (upscale by up to this fraction, then
-        crop) and rotations where ``rotate`` (None: where the data set's
-        orientation is arbitrary); and, where non-zero, H&E ``stain_jitter``
-        (:func:`~wsiseg.stain.hed_jitter`) and ``scale_jitter`` (native-size
-        crops taken at a random scale, see :func:`~wsiseg.train.augment.random_crop`).
-    brightfield_repeats : bright-field images (light background, see
-        :func:`~wsiseg.tissue.has_dark_background`) are drawn this many times
-        per epoch, fluorescence and dark-field images once: more weight for
-        the stained tissue a data set like BOWL holds few of.
-    synthetic_he : this fraction of training crops (with ``augment``) has its
-        image replaced by an H&E-like rendering of its mask
-        (:func:`~wsiseg.train.synthetic_he.render_he`): nuclei among stroma,
-        fibres, cytoplasm and glass. Binary nucleus masks only.
-    input_transform : ``rgb`` or ``hematoxylin`` (:class:`~wsiseg.stain.InputTransform`),
-        built into the models and so recorded in the bundle.
-    split_seed, seed : the 70/30 split and the training randomness.
-    mpp : micrometres per pixel the models train at, recorded so that
-        ``wsiseg segment`` can bring slides to it. Where the data set's own
-        pixel size is known (``data_mpp``), native-size crops are resampled by
-        ``data_mpp / mpp``; else the images are taken to be at ``mpp``. None:
-        the data set's own pixel size, if known.
-    data_mpp : micrometres per pixel of the data set's images (default: its
-        own, e.g. NuInsSeg's estimate, see ``ESTIMATED_MPP``).
-    extra_datasets : more training data, ``"name=root"`` each (their train
-        splits, each resampled from its own pixel size to ``mpp``); scored on
-        the main data set only.
-    threshold : default tile-selection threshold stored in the bundle.
-    freeze_bn_after : after this many epochs of a phase, BatchNorm layers use
-        and keep their running statistics (the remaining epochs train the
-        weights against the normalisation inference will use). Needed when
-        batches mix very different images (BOWL: fluorescence and
-        brightfield), whose per-batch statistics the running average fits
-        badly. None: the usual training-mode BatchNorm throughout.
-    device : auto, cpu or cuda.
-    val_images : images of the test split scored at the end (0: all).
-    workers : processes that crop, render and augment batches ahead of the
-        training step (0: in this process). Worth it on a GPU, where making
-        batches, not the network, sets the pace.
-    """
-
-    dataset: str
-    data_root: str
-    multiclass: bool = False
-    arch: str = DEFAULT_ARCH
-    backbone: str = DEFAULT_BACKBONE
-    backbone_weights: str | None = None
-    ratio: int = TwoStageConfig.ratio
-    image_size: int = 768
-    crop_size: int = 256
-    patches: int = 16
-    tile_size: int | None = None
-    halo: int = TwoStageConfig.halo
-    epochs: int = 20
-    batch_size: int = 8
-    lr: float = 1e-4
-    loss: str = "focal"
-    aux_weight: float = 0.4
-    lad_window: int = 5
-    lad_power: float = 3.0
-    sampling: str = "weighted"
-    finetune: bool = True
-    context: bool = True
-    stage: str = "two-stage"
-    model1_from: str | None = None
-    init_from: str | None = None
-    augment: bool = True
-    brightness: float = 0.1
-    contrast: float = 0.1
-    translate: float = 0.1
-    rotate: bool | None = None
-    stain_jitter: float = 0.0
-    scale_jitter: float = 0.0
-    input_transform: str = "rgb"
-    brightfield_repeats: int = 1
-    synthetic_he: float = 0.0
-    split_seed: int = 0
-    seed: int = 0
-    mpp: float | None = None
-    data_mpp: float | None = None
-    extra_datasets: tuple[str, ...] = ()
-    threshold: float = TwoStageConfig().selection.value
-    freeze_bn_after: int | None = None
-    device: str = "auto"
-    val_images: int = 0
-    workers: int = 0
-
-    def __post_init__(self) -> None:
-        if self.stage not in PHASES:
-            raise InputError(f"unknown stage {self.stage!r}; choose one of {', '.join(PHASES)}")
-        if self.sampling not in SAMPLING_STRATEGIES:
-            raise InputError(f"unknown sampling {self.sampling!r}; choose one of {', '.join(SAMPLING_STRATEGIES)}")
-        self.loss_function()
-        if self.ratio < 1 or self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise InputError("ratio and batch size must be >= 1, epochs >= 0 and the learning rate > 0")
-        side = self.image_size or self.crop_size
-        if side % self.ratio:
-            raise InputError(f"the training image side {side} must be a multiple of the ratio {self.ratio}")
-        if self.input_transform not in INPUT_TRANSFORMS:
-            raise InputError(f"unknown input {self.input_transform!r}; choose one of {', '.join(INPUT_TRANSFORMS)}")
-        if self.brightfield_repeats < 1:
-            raise InputError(f"--brightfield-repeats must be at least 1, got {self.brightfield_repeats}")
-        if self.stain_jitter < 0 or self.scale_jitter < 0:
-            raise InputError("--stain-jitter and --scale-jitter must be >= 0")
-        if not 0.0 <= self.synthetic_he <= 1.0:
-            raise InputError(f"--synthetic-he is a fraction of the crops, between 0 and 1, got {self.synthetic_he}")
-        if self.synthetic_he and self.multiclass:
-            raise InputError("--synthetic-he renders nuclei from binary masks; it does not apply with --multiclass")
-        if self.model1_from is not None and "stage1" not in PHASES[self.stage]:
-            raise InputError(f"--model1-from needs a stage that trains Model 2, not {self.stage!r}")
-        if self.model1_from is not None and self.init_from is not None:
-            raise InputError("give --model1-from or --init-from, not both")
-        if self.workers < 0:
-            raise InputError(f"--workers must be 0 or more, got {self.workers}")
-        if self.patches < 1:
-            raise InputError(f"--patches must be at least 1, got {self.patches}")
-        for value, flag in ((self.mpp, "--mpp"), (self.data_mpp, "--data-mpp")):
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise InputError(f"{flag} must be a positive number of micrometres per pixel, not {value}")
-        if (self.mpp is not None or self.data_mpp is not None or self.extra_datasets) and self.image_size:
-            raise InputError("--mpp, --data-mpp and --add-dataset resample native-size crops: use them with --image-size 0")
-        for entry in self.extra_datasets:
-            if "=" not in entry:
-                raise InputError(f"--add-dataset takes NAME=ROOT (e.g. bowl=data/stage1_train), not {entry!r}")
-        if self.tile + 2 * self.halo > side:
-            raise InputError(f"tile {self.tile} plus twice the halo {self.halo} exceeds the training image side {side}")
-
-    @property
-    def side(self) -> int:
-        """Side of the square training images."""
-        return self.image_size or self.crop_size
-
-    @property
-    def tile(self) -> int:
-        """Tile side: ``round(image_size / sqrt(patches))`` when resizing (16 patches of
-        768 give 192-pixel tiles; 128 give 68, a 12 x 12 grid), else ``tile_size``."""
-        if self.image_size:
-            return max(1, round(self.image_size / math.sqrt(self.patches)))
-        return self.tile_size or self.crop_size // 4
-
-    def loss_function(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The configured loss, with the locally adaptive loss's options bound."""
-        if self.loss == "lad":
-            return get_loss("lad", window=self.lad_window, power=self.lad_power)
-        return get_loss(self.loss)
-
-    def signature(self) -> dict[str, Any]:
-        """The settings that must match for a checkpoint to be resumed.
-
-        Settings added after checkpoints were first written are left out while
-        at their defaults, so that those checkpoints still resume.
-        """
-        ignored = {"device", "val_images", "workers"}
-        return {
-            f.name: getattr(self, f.name) for f in fields(self)
-            if f.name not in ignored and not (f.name in _ADDED_LATER and getattr(self, f.name) == f.default)
-        }
-
-
-#: TrainConfig fields newer than the checkpoint format (see :meth:`TrainConfig.signature`).
-_ADDED_LATER = frozenset({"init_from", "brightfield_repeats", "synthetic_he", "data_mpp", "extra_datasets"})
 
 
 # --------------------------------------------------------------------------- data
@@ -276,7 +80,10 @@ class TrainingImages:
             own_mpp = config.data_mpp if source is data and config.data_mpp is not None else source.mpp
             scale = own_mpp / model_mpp if own_mpp and model_mpp else 1.0
             for sample in samples:
-                self.items.append(resize_sample(*source.load(sample), config.image_size or None))
+                image, mask = source.load(sample)
+                if config.touching_gaps:
+                    mask = _with_gaps(mask, source.instances(sample))
+                self.items.append(resize_sample(image, mask, config.image_size or None))
                 self.scales.append(scale)
                 if progress:
                     progress("loading", len(self.items), total, None)
@@ -345,6 +152,26 @@ class TrainingImages:
         n, size = int(self.repeats.sum()), self.config.batch_size
         full, rest = divmod(n, size)
         return full + (1 if rest >= 2 or (rest and n < 2) else 0)
+
+
+def _with_gaps(mask: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
+    """``mask`` with the borders of touching objects set to background (unchanged without instances)."""
+    if ids is None:
+        return mask
+    gapped = mask.copy()
+    gapped[touching_borders(ids) & (mask != IGNORE)] = 0
+    return gapped
+
+
+def bundle_settings(config: TrainConfig, data: SegmentationData) -> BundleSettings:
+    """What the bundle of a run of ``config`` on ``data`` records for its users: the flow it was
+    trained for (default threshold, tile, halo), its pixel size and the range its crops spanned."""
+    mpp = training_mpp(config, data)
+    jitter = 1 + (config.scale_jitter if config.augment and not config.image_size else 0.0)
+    flow = TwoStageConfig(ratio=config.ratio, tile_size=config.tile, halo=config.halo,
+                          selection=TileSelection.threshold(config.threshold), context=config.context)
+    return BundleSettings(flow, mpp, (mpp / jitter, mpp * jitter) if mpp and jitter > 1 else None,
+                          tuple(data.class_names), config.image_size or None)
 
 
 def training_mpp(config: TrainConfig, data: SegmentationData) -> float | None:
@@ -487,6 +314,31 @@ def _new_model(config: TrainConfig, num_classes: int, role: str) -> Segmentation
     )
 
 
+#: The model each phase trains.
+ROLES = {"stage1": "model1", "stage2": "model2", "baseline": "model"}
+
+
+@dataclass
+class TrainingState:
+    """What a run has made so far: checkpointed after every epoch and resumed from it."""
+
+    models: dict[str, SegmentationModel] = field(default_factory=dict)
+    history: dict[str, list[float]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    done_phases: list[str] = field(default_factory=list)
+    #: The phase in progress and its finished epochs, with its optimiser's state.
+    phase: str | None = None
+    epoch: int = 0
+    optimizer: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Path, config: TrainConfig) -> None:
+        _save_checkpoint(path, {
+            "format": CHECKPOINT_FORMAT, "config": config.signature(), "phase": self.phase, "epoch": self.epoch,
+            "done_phases": self.done_phases, "models": {r: m.state_dict() for r, m in self.models.items()},
+            "optimizer": self.optimizer, "history": self.history, "seconds": self.seconds,
+        })
+
+
 def train(
     config: TrainConfig,
     out: str | Path,
@@ -512,135 +364,162 @@ def train(
     out.parent.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     data = open_dataset(config.dataset, config.data_root, config.multiclass)
-    roles = {"stage1": "model1", "stage2": "model2", "baseline": "model"}
-    if config.model1_from is not None:
-        given = _models_from(config.model1_from, "--model1-from", config, data.num_classes, ["model1"])
-    elif config.init_from is not None:
-        needed = [roles[phase] for phase in PHASES[config.stage]]
-        given = _models_from(config.init_from, "--init-from", config, data.num_classes, needed)
-    else:
-        given = {}
+    given = _given_models(config, data)
     images = TrainingImages(data, config, progress)
-    loss_fn = config.loss_function()
     ckpt_path = checkpoint_path(out)
-    state = _load_checkpoint(ckpt_path, config)
-    models: dict[str, SegmentationModel] = {}
-    history: dict[str, list[float]] = {}
-    seconds: dict[str, float] = {}
-    done_phases: list[str] = []
-    if state:
-        history = {k: list(v) for k, v in state["history"].items()}
-        seconds = {k: float(v) for k, v in state.get("seconds", {}).items()}
-        done_phases = list(state["done_phases"])
-        for role, weights in state["models"].items():
-            models[role] = _new_model(config, data.num_classes, role)
-            models[role].load_state_dict(weights)
-    elif config.model1_from is not None:
-        models["model1"] = given["model1"]
-        done_phases = ["stage1"]
-    steps = images.steps_per_epoch()
-    channels_last = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    state = _resumed_state(ckpt_path, config, data.num_classes, given)
     for phase in PHASES[config.stage]:
-        if phase in done_phases:
-            continue
-        role = roles[phase]
-        start_epoch = 0
-        if role not in models:
-            if role in given:
-                models[role] = given[role]
-            elif phase == "stage2" and config.finetune:
-                # A fresh model holding Model 1's weights (a deepcopy would also copy tensors a
-                # model keeps from its last forward pass, such as IFBFNet's auxiliary logits).
-                models[role] = _new_model(config, data.num_classes, role)
-                models[role].load_state_dict(models["model1"].state_dict())
-            else:
-                models[role] = _new_model(config, data.num_classes, role)
-        model = models[role].to(device, memory_format=channels_last).train()
-        optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
-        if state and state.get("phase") == phase:
-            optimiser.load_state_dict(state["optimizer"])
-            start_epoch = int(state["epoch"])
-        model1 = models["model1"].to(device, memory_format=channels_last) if phase == "stage2" else None
-        history.setdefault(phase, [])
-        for epoch in range(start_epoch, config.epochs):
-            epoch_started = time.perf_counter()
-            rng = _epoch_rng(config, phase, epoch)
-            model.train()
-            if config.freeze_bn_after is not None and epoch >= config.freeze_bn_after:
-                freeze_batchnorm(model)
-            total, count = 0.0, 0
-            for step, (x, y) in enumerate(images.batches(rng), 1):
-                x, y = x.to(device), y.to(device)
-                if phase == "stage1":
-                    logits, _ = model(F.avg_pool2d(x, config.ratio).contiguous(memory_format=channels_last))
-                    target = y
-                elif phase == "stage2":
-                    batch = sample_windows(model1, model, x, y, config, rng)
-                    logits, _ = model(batch.images.contiguous(memory_format=channels_last), batch.context)
-                    target = batch.masks
-                else:
-                    logits, _ = model(x.contiguous(memory_format=channels_last))
-                    target = y
-                outputs = [logits, getattr(model, "aux_logits", None)]
-                if phase == "stage1":  # Model 1 is scored at full resolution
-                    outputs = [
-                        None if o is None else F.interpolate(o, scale_factor=config.ratio, mode="bilinear", align_corners=False)
-                        for o in outputs
-                    ]
-                loss = loss_fn(outputs[0], target)
-                if outputs[1] is not None and config.aux_weight:
-                    loss = loss + config.aux_weight * loss_fn(outputs[1], target)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                total += float(loss.detach())
-                count += 1
-                if progress:
-                    progress(phase, epoch * steps + step, config.epochs * steps, {"epoch": epoch + 1, "loss": total / count})
-            history[phase].append(total / max(count, 1))
-            seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - epoch_started
-            _save_checkpoint(ckpt_path, {
-                "format": CHECKPOINT_FORMAT,
-                "config": config.signature(),
-                "phase": phase,
-                "epoch": epoch + 1,
-                "done_phases": done_phases,
-                "models": {r: m.state_dict() for r, m in models.items()},
-                "optimizer": optimiser.state_dict(),
-                "history": history,
-                "seconds": seconds,
-            })
-        model.eval()
-        done_phases.append(phase)
-        _save_checkpoint(ckpt_path, {
-            "format": CHECKPOINT_FORMAT, "config": config.signature(), "phase": None, "epoch": 0,
-            "done_phases": done_phases, "models": {r: m.state_dict() for r, m in models.items()},
-            "optimizer": {}, "history": history, "seconds": seconds,
-        })
-    for model in models.values():
+        if phase not in state.done_phases:
+            _train_phase(phase, state, given, images, data.num_classes, config, device, ckpt_path, progress)
+    for model in state.models.values():
         model.to("cpu", memory_format=torch.contiguous_format).eval()
     bundle_config = {
-        "ratio": config.ratio,
-        "tile_size": config.tile,
-        "halo": config.halo,
-        "uncertainty": "entropy",
-        "threshold": config.threshold,
-        "context": config.context,
-        "classes": list(data.class_names),
+        **bundle_settings(config, data).to_config(),
         "num_classes": data.num_classes,
-        "image_size": config.image_size or None,
-        "mpp": training_mpp(config, data),
         "dataset": config.dataset,
         "training": {
-            **asdict(config), "history": history, "train_images": len(images.items),
-            "seconds": {phase: round(value, 3) for phase, value in seconds.items()},
+            **asdict(config), "history": state.history, "train_images": len(images.items),
+            "seconds": {phase: round(value, 3) for phase, value in state.seconds.items()},
         },
     }
-    validation = _validate(Bundle(dict(models), bundle_config), data, config, evaluate_progress)
-    bundle_config["validation"] = validation
-    path = save_bundle(out, models, bundle_config)
+    bundle_config["validation"] = _validate(Bundle(dict(state.models), bundle_config), data, config, evaluate_progress)
+    path = save_bundle(out, state.models, bundle_config)
     ckpt_path.unlink(missing_ok=True)
     return path
+
+
+def _given_models(config: TrainConfig, data: SegmentationData) -> dict[str, SegmentationModel]:
+    """The models a run starts from: ``--model1-from``'s Model 1, or ``--init-from``'s of every role it trains."""
+    if config.model1_from is not None:
+        return _models_from(config.model1_from, "--model1-from", config, data.num_classes, ["model1"])
+    if config.init_from is not None:
+        needed = [ROLES[phase] for phase in PHASES[config.stage]]
+        return _models_from(config.init_from, "--init-from", config, data.num_classes, needed)
+    return {}
+
+
+def _resumed_state(
+    ckpt_path: Path, config: TrainConfig, num_classes: int, given: dict[str, SegmentationModel]
+) -> TrainingState:
+    """The checkpoint's state, else a fresh one (with ``--model1-from``'s Model 1 as stage 1 done)."""
+    saved = _load_checkpoint(ckpt_path, config)
+    if saved:
+        models = {}
+        for role, weights in saved["models"].items():
+            models[role] = _new_model(config, num_classes, role)
+            models[role].load_state_dict(weights)
+        return TrainingState(
+            models, {k: list(v) for k, v in saved["history"].items()},
+            {k: float(v) for k, v in saved.get("seconds", {}).items()}, list(saved["done_phases"]),
+            saved.get("phase"), int(saved.get("epoch", 0)), saved.get("optimizer") or {},
+        )
+    if config.model1_from is not None:
+        return TrainingState({"model1": given["model1"]}, done_phases=["stage1"])
+    return TrainingState()
+
+
+def _phase_model(
+    phase: str, state: TrainingState, given: dict[str, SegmentationModel], config: TrainConfig, num_classes: int
+) -> SegmentationModel:
+    """The model ``phase`` trains: resumed, given, Model 1's weights (stage 2 with fine-tuning) or fresh."""
+    role = ROLES[phase]
+    if role in state.models:
+        return state.models[role]
+    if role in given:
+        return given[role]
+    model = _new_model(config, num_classes, role)
+    if phase == "stage2" and config.finetune:
+        # A fresh model holding Model 1's weights (a deepcopy would also copy tensors a
+        # model keeps from its last forward pass, such as IFBFNet's auxiliary logits).
+        model.load_state_dict(state.models["model1"].state_dict())
+    return model
+
+
+def _train_phase(
+    phase: str,
+    state: TrainingState,
+    given: dict[str, SegmentationModel],
+    images: TrainingImages,
+    num_classes: int,
+    config: TrainConfig,
+    device: torch.device,
+    ckpt_path: Path,
+    progress: TrainProgress | None,
+) -> None:
+    """Train one phase's model for its remaining epochs, checkpointing after each."""
+    channels_last = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    role = ROLES[phase]
+    state.models[role] = _phase_model(phase, state, given, config, num_classes)
+    model = state.models[role].to(device, memory_format=channels_last).train()
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
+    start_epoch = 0
+    if state.phase == phase:
+        optimiser.load_state_dict(state.optimizer)
+        start_epoch = state.epoch
+    model1 = state.models["model1"].to(device, memory_format=channels_last) if phase == "stage2" else None
+    loss_fn = config.loss_function()
+    steps = images.steps_per_epoch()
+    state.history.setdefault(phase, [])
+    for epoch in range(start_epoch, config.epochs):
+        epoch_started = time.perf_counter()
+        rng = _epoch_rng(config, phase, epoch)
+        model.train()
+        if config.freeze_bn_after is not None and epoch >= config.freeze_bn_after:
+            freeze_batchnorm(model)
+        total, count = 0.0, 0
+        for step, (x, y) in enumerate(images.batches(rng), 1):
+            loss = _train_step(phase, model, model1, x.to(device), y.to(device), optimiser, loss_fn, config, rng,
+                               channels_last)
+            total += loss
+            count += 1
+            if progress:
+                progress(phase, epoch * steps + step, config.epochs * steps, {"epoch": epoch + 1, "loss": total / count})
+        state.history[phase].append(total / max(count, 1))
+        state.seconds[phase] = state.seconds.get(phase, 0.0) + time.perf_counter() - epoch_started
+        state.phase, state.epoch, state.optimizer = phase, epoch + 1, optimiser.state_dict()
+        state.save(ckpt_path, config)
+    model.eval()
+    state.done_phases.append(phase)
+    state.phase, state.epoch, state.optimizer = None, 0, {}
+    state.save(ckpt_path, config)
+
+
+def _train_step(
+    phase: str,
+    model: SegmentationModel,
+    model1: SegmentationModel | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimiser: torch.optim.Optimizer,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    config: TrainConfig,
+    rng: np.random.Generator,
+    channels_last: torch.memory_format,
+) -> float:
+    """One optimiser step of ``phase`` on a batch ``x (N, 3, S, S)``, ``y (N, S, S)``; its loss."""
+    if phase == "stage1":
+        logits, _ = model(F.avg_pool2d(x, config.ratio).contiguous(memory_format=channels_last))
+        target = y
+    elif phase == "stage2":
+        batch = sample_windows(model1, model, x, y, config, rng)
+        logits, _ = model(batch.images.contiguous(memory_format=channels_last), batch.context)
+        target = batch.masks
+    else:
+        logits, _ = model(x.contiguous(memory_format=channels_last))
+        target = y
+    outputs = [logits, getattr(model, "aux_logits", None)]
+    if phase == "stage1":  # Model 1 is scored at full resolution
+        outputs = [
+            None if o is None else F.interpolate(o, scale_factor=config.ratio, mode="bilinear", align_corners=False)
+            for o in outputs
+        ]
+    loss = loss_fn(outputs[0], target)
+    if outputs[1] is not None and config.aux_weight:
+        loss = loss + config.aux_weight * loss_fn(outputs[1], target)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    return float(loss.detach())
 
 
 def _models_from(path: str, flag: str, config: TrainConfig, num_classes: int, roles: list[str]) -> dict[str, SegmentationModel]:
