@@ -49,10 +49,11 @@ COMMON = dict(arch="unet", backbone="resnet_lite", ratio=4, image_size=0, crop_s
 #: bright-field images drawn 4 times per epoch and synthetic H&E renderings of their masks.
 BOWL = dict(COMMON, dataset="bowl", epochs=40, lr=1e-3)
 BOWL_ROUND = dict(BOWL, epochs=10, lr=3e-4, stain_jitter=0.2, scale_jitter=0.25, brightfield_repeats=4)
-#: NuInsSeg (real H&E nuclei): fine-tuned from the BOWL bundle, 30 epochs per model at Adam 3e-4, crops
+#: NuInsSeg (real H&E nuclei): fine-tuned from the BOWL bundle (``he``), 30 epochs per model at Adam 3e-4, crops
 #: resampled from NuInsSeg's 0.2 um pixels to pixel sizes between 0.2 and 0.5 um (20x and 40x slides alike:
 #: the model's pixel size 0.316 um with scale jitter 0.58), H&E stain jitter 0.2
-#: (benchmarks/RESULTS.md, "A default model trained on real H&E nuclei").
+#: (benchmarks/RESULTS.md, "A default model trained on real H&E nuclei"); ``he-gaps`` then fine-tunes that
+#: round (``--init-from``) 30 more epochs at 1e-4 with the borders of touching nuclei as background.
 HE = dict(COMMON, dataset="nuinsseg", epochs=30, lr=3e-4, mpp=0.316, scale_jitter=0.58, stain_jitter=0.2)
 VARIANTS: dict[str, dict[str, Any]] = {
     "bowl": BOWL,
@@ -63,7 +64,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "synthetic-long": dict(BOWL_ROUND, epochs=50, synthetic_he=0.5),
     "he": HE,
     "he-bowl": dict(HE, extra_datasets=("bowl",)),
-    "he-gaps": dict(HE, touching_gaps=True),
+    "he-gaps": dict(HE, lr=1e-4, touching_gaps=True),
 }
 #: The variants that fine-tune the bundle given by ``--init-from``.
 FINE_TUNED = ("finetuned", "synthetic", "synthetic-more", "synthetic-long", "he", "he-bowl", "he-gaps")

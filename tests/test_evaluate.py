@@ -30,11 +30,12 @@ def test_object_scores_are_those_of_the_objects_segment_makes(tmp_path) -> None:
     # Model 1 alone marks nothing: no object found.
     assert (rows[1].aji, rows[1].pq, rows[1].dq) == (0.0, 0.0, 0.0)
     # Everything marked: the objects --objects makes of an all-foreground mask, scored against the truth.
-    max_size, min_distance = object_sizes(512, data.mpp, None)
+    max_size, min_distance, min_area = object_sizes(512, data.mpp, None)
+    assert (max_size, min_distance, min_area) == (200, 10, 200)  # 40 um, 2 um and 8 um^2 at 0.2 um
     expected = []
     for sample in data.samples:
         image, mask = data.load(sample)
-        found, _ = whole_image_instances(np.ones(mask.shape, np.uint8), max_size, min_distance)
+        found, _ = whole_image_instances(np.ones(mask.shape, np.uint8), max_size, min_distance, min_area=min_area)
         scores = instance_scores(found, data.instances(sample), ignore=mask == 255)
         expected.append((scores.aji, scores.pq))
     assert rows[0].aji == pytest.approx(np.mean([e[0] for e in expected]))
@@ -45,14 +46,15 @@ def test_object_scores_are_those_of_the_objects_segment_makes(tmp_path) -> None:
 def test_images_are_scored_at_the_pixel_sizes_a_slide_would_be_segmented_at() -> None:
     ranged = BundleSettings(TwoStageConfig(), mpp=0.316, mpp_range=(0.2, 0.5))
     fixed = BundleSettings(TwoStageConfig(), mpp=0.4)
-    # In the range: as they are; finer: down to the range's finest; coarser: never upsampled.
-    assert _pixel_steps(0.2, ranged, PixelSizes()) == _Steps(0.2, 0.2, 0.2)
+    # Finer than the model: down to its pixel size; coarser, within its range or not: never upsampled.
+    assert _pixel_steps(0.2, ranged, PixelSizes()) == _Steps(0.2, 0.2, 0.316)
     assert _pixel_steps(None, ranged, PixelSizes()) == _Steps()  # unknown: nothing resampled
     with pytest.raises(InputError, match="records no pixel size"):
         _pixel_steps(None, ranged, PixelSizes(scan_mpp=0.5))
     with pytest.raises(InputError, match="positive"):
         PixelSizes(work_mpp=0)
-    assert (_pixel_steps(0.2, ranged, PixelSizes()).work, _pixel_steps(0.1, ranged, PixelSizes()).work) == (0.2, 0.2)
+    assert _pixel_steps(0.1, ranged, PixelSizes()).work == pytest.approx(0.316)
+    assert _pixel_steps(0.31, ranged, PixelSizes()).work == 0.31  # within 5 %
     assert _pixel_steps(0.2, ranged, PixelSizes(scan_mpp=0.5)).work == 0.5
     assert _pixel_steps(0.2, ranged, PixelSizes(scan_mpp=1.0)).work == 1.0
     assert _pixel_steps(0.2, fixed, PixelSizes()).work == pytest.approx(0.4)

@@ -274,3 +274,19 @@ def test_background_only() -> None:
     reference, too_large = whole_image_instances(empty, 16, 3)
     assert not reference.any() and too_large == 0
     assert tile_objects(empty, Box(0, 100, 0, 70), Box(0, 32, 0, 32), (100, 70), 16, 3).num_objects == 0
+
+
+def test_objects_under_the_minimum_area_are_dropped_and_streaming_stays_exact(mask) -> None:
+    component = disc((40, 40), 15, 12, 7) | disc((40, 40), 15, 21.8, 7)
+    labels = split_component(component, MIN_DISTANCE)
+    areas = np.bincount(labels.ravel())[1:]
+    kept = split_component(component, MIN_DISTANCE, min_area=int(areas.min()) + 1)
+    assert kept.max() == 1 and (kept > 0).sum() == areas.max()  # the smaller half is gone, the other is 1
+    assert split_component(component, MIN_DISTANCE, min_area=int(component.sum()) + 1).max() == 0
+    # Over a whole image, tile by tile: the same objects as at once, none smaller than the minimum.
+    reference, _ = whole_image_instances(mask, MAX_SIZE, MIN_DISTANCE, tile_size=TILE, min_area=100)
+    instances, table = stream_instances(mask, TILE, MAX_SIZE, MIN_DISTANCE, min_area=100)
+    np.testing.assert_array_equal(instances, reference)
+    sizes = np.bincount(instances.ravel())[1:]
+    assert sizes.min() >= 100 and len(table["id"]) == sizes.size
+    assert sizes.size < np.unique(whole_image_instances(mask, MAX_SIZE, MIN_DISTANCE)[0]).size - 1

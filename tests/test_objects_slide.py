@@ -35,7 +35,7 @@ def test_streamed_instances_equal_the_whole_image_up_to_relabelling(objects_run)
     out, report = objects_run
     mask, streamed = _read(out, "labels/mask/0"), _read(out, "labels/objects/0")
     summary = report.outputs["objects"]
-    expected, _ = whole_image_instances(mask, MAX_SIZE, summary["min_distance_px"])
+    expected, _ = whole_image_instances(mask, MAX_SIZE, summary["min_distance_px"], min_area=summary["min_area_px"])
     assert streamed.dtype == np.uint32 and summary["max_size_px"] == MAX_SIZE
     ids = np.unique(streamed[streamed > 0])
     np.testing.assert_array_equal(ids, np.arange(1, ids.size + 1))  # unique, 1..N over the slide

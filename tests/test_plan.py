@@ -106,7 +106,7 @@ def test_a_non_integer_pixel_size_ratio_is_resampled_not_rounded() -> None:
     """A 0.25 um/pixel slide for a 0.4 um/pixel model: factor 1.6, area-resampled from level 0."""
     slide = _slide()
     working, note = working_scale(slide, 0.4, rescale=True)
-    assert working == (0, pytest.approx(1.6)) and note["decision"] == "downsampled by 1.6 to the model's pixel size"
+    assert working == (0, pytest.approx(1.6)) and note["decision"] == "downsampled by 1.6 to the model's pixel size (0.4 um)"
     assert note["scale_mismatch"] == 1.0
     plan = make_plan(slide, None, None, FACTS, TwoStageConfig(ratio=4), working=working)
     assert plan.work_shape == (25000, 18750) and plan.work_downsample == pytest.approx((1.6, 1.6))

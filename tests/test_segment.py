@@ -289,7 +289,7 @@ def test_a_non_integer_pixel_size_ratio_is_resampled(tmp_path, pyramid_slide, sl
     report = _run(pyramid_slide, out, local_client, bundle, config, pixels="full")
     working = report.working_resolution
     assert (working["level"], working["size_yx"]) == (0, [480, 625]) and working["coarsen"] == pytest.approx(1.6)
-    assert working["decision"] == "downsampled by 1.6 to the model's pixel size"
+    assert working["decision"] == "downsampled by 1.6 to the model's pixel size (0.8 um)"
     # Model 1: 3.2 x level 0 = level 1 (2x) resampled by 1.6.
     assert report.stage1["level"] == 1 and report.stage1["shape"] == [240, 313]
     assert _read(out, "labels/mask/0").shape == (480, 625)

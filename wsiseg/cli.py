@@ -255,6 +255,9 @@ def format_duration(seconds: float) -> str:
 @click.option("--max-object-size", type=int, default=None, metavar="PX",
               help="With --objects: regions wider or taller than this many mask pixels are not nuclei and are "
                    "left out of the objects (default: the halo, at most the tile size).")
+@click.option("--min-object-area", type=int, default=None, metavar="PX",
+              help="With --objects: objects of fewer mask pixels are specks, not nuclei, and are left out "
+                   "(default: 8 square micrometres; none without a pixel size).")
 @click.option("--table-format", type=click.Choice(["parquet", "csv"]), default="parquet", show_default=True,
               help="With --objects: the table's format.")
 @click.option("--geojson", is_flag=True,
@@ -299,7 +302,7 @@ def segment(slides: tuple[Path, ...], **opts: Any) -> None:
     overrides = {"selection": selection, **{k: opts[k] for k in ("tile_size", "halo", "ratio", "uncertainty", "blend")}}
     options = RunOptions(**{k: opts[k] for k in (
         "model", "full_resolution", "device", "batch_size", "backend", "overwrite", "resume", "geojson",
-        "pixels", "mpp", "objects", "max_object_size", "table_format", "tissue")})
+        "pixels", "mpp", "objects", "max_object_size", "min_object_area", "table_format", "tissue")})
     run = prepare_run(slides, opts["out"], overrides, options, opts["from_list"], opts["parallel"])
     bars = ProgressBars(enabled=not opts["quiet"])
     try:

@@ -108,8 +108,8 @@ class BundleSettings:
         Micrometres per pixel the models were trained at.
     mpp_range : (float, float) or None
         The pixel sizes the training crops spanned (scale jitter): a slide
-        inside it is read as it is (see :func:`wsiseg.run.plan.working_scale`).
-        None: within 5 % of ``mpp``.
+        coarser than ``mpp`` but inside it is read as it is, one coarser still
+        with a warning (see :func:`wsiseg.run.plan.scale_factor`). None: ``mpp`` only.
     classes : tuple of str or None
         Class names, background first.
     image_size : int or None
@@ -228,7 +228,10 @@ class RunOptions:
         Also write nucleus instances (``labels/objects``) and their table.
     max_object_size : int or None
         Regions wider or taller than this (mask pixels) are not objects;
-        default: the halo, at most the tile size.
+        default: 40 um (128 pixels without a pixel size), at most the tile size.
+    min_object_area : int or None
+        Objects of fewer mask pixels are specks, not nuclei; default 8 um^2
+        (none dropped without a pixel size).
     table_format : {"parquet", "csv"}
         The objects table's format.
     tissue : bool
@@ -253,6 +256,7 @@ class RunOptions:
     mpp: float | None = None
     objects: bool = False
     max_object_size: int | None = None
+    min_object_area: int | None = None
     table_format: str = "parquet"
     tissue: bool = True
     tiles_per_task: int = 4
@@ -267,6 +271,8 @@ class RunOptions:
             raise InputError(f"--table-format must be parquet or csv, not {self.table_format!r}")
         if self.mpp is not None and not (self.mpp > 0 and math.isfinite(self.mpp)):
             raise InputError(f"--mpp must be a positive number of micrometres per pixel, not {self.mpp}")
+        if self.min_object_area is not None and self.min_object_area < 0:
+            raise InputError(f"--min-object-area must be 0 or more, got {self.min_object_area}")
         for name in ("batch_size", "tiles_per_task", "max_in_flight", "max_object_size"):
             value = getattr(self, name)
             if value is not None and value < 1:

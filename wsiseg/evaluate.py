@@ -232,8 +232,9 @@ def _segment_at(
     result = run(x)
     objects = None
     if with_objects:
-        max_size, min_distance = object_sizes(OBJECT_TILE, steps.work, None)
-        objects = stream_instances(result.mask, max(OBJECT_TILE, max_size), max_size, min_distance)[0]
+        max_size, min_distance, min_area = object_sizes(OBJECT_TILE, steps.work, None)
+        objects = stream_instances(result.mask, max(OBJECT_TILE, max_size), max_size, min_distance,
+                                   min_area=min_area)[0]
         objects = resize_labels(objects, shape)
     return resize_labels(result.mask, shape), objects, result.tiles.refined_fraction
 

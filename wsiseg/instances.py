@@ -91,7 +91,7 @@ class _Component:
         return height <= max_size and width <= max_size
 
 
-def split_component(crop: np.ndarray, min_distance: int) -> np.ndarray:
+def split_component(crop: np.ndarray, min_distance: int, min_area: int = 0) -> np.ndarray:
     """Split one connected component into touching objects.
 
     The input is cut to the component's bounding box and padded by one pixel
@@ -107,6 +107,9 @@ def split_component(crop: np.ndarray, min_distance: int) -> np.ndarray:
         ``(h, w)`` bool holding one 8-connected component (and nothing else).
     min_distance : int
         ``peak_local_max`` minimum distance between markers, pixels.
+    min_area : int
+        Sub-objects of fewer pixels are no object (0); the others keep their
+        marker order, numbered 1..k.
 
     Returns
     -------
@@ -128,12 +131,18 @@ def split_component(crop: np.ndarray, min_distance: int) -> np.ndarray:
     peaks = peak_local_max(dist, min_distance=min_distance, labels=component.astype(int), exclude_border=False)
     if len(peaks) <= 1:  # one object: what the watershed from one marker would give
         out[bbox] = crop[bbox]
-        return out
-    peaks = peaks[np.lexsort((peaks[:, 1], peaks[:, 0]))]
-    markers = np.zeros(component.shape, np.int32)
-    markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1, dtype=np.int32)
-    labels = watershed(-dist, markers, mask=component, connectivity=2)
-    out[bbox] = labels[1:-1, 1:-1]
+    else:
+        peaks = peaks[np.lexsort((peaks[:, 1], peaks[:, 0]))]
+        markers = np.zeros(component.shape, np.int32)
+        markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1, dtype=np.int32)
+        out[bbox] = watershed(-dist, markers, mask=component, connectivity=2)[1:-1, 1:-1]
+    if min_area > 0:
+        areas = np.bincount(out.ravel())
+        kept = areas >= min_area
+        kept[0] = False
+        renumber = np.zeros(areas.size, np.int32)
+        renumber[kept] = np.arange(1, int(kept.sum()) + 1, dtype=np.int32)
+        out = renumber[out]
     return out
 
 
@@ -267,7 +276,8 @@ def _concat(tables: list[dict[str, np.ndarray]], columns: list[str]) -> dict[str
 
 
 def whole_image_instances(
-    mask: np.ndarray, max_size: int, min_distance: int, foreground: int = 1, tile_size: int | None = None
+    mask: np.ndarray, max_size: int, min_distance: int, foreground: int = 1, tile_size: int | None = None,
+    min_area: int = 0,
 ) -> tuple[np.ndarray, int]:
     """The reference definition of the objects, on the whole image at once.
 
@@ -285,6 +295,8 @@ def whole_image_instances(
         ``None``: components numbered in anchor (raster) order. Given: numbered
         tile by tile (the tile holding the anchor, tiles row-major), then in
         anchor order: the ids :func:`stream_instances` gives with this tile size.
+    min_area : int
+        Objects of fewer pixels are dropped (see :func:`split_component`).
 
     Returns
     -------
@@ -305,9 +317,10 @@ def whole_image_instances(
         if not comp.fits(max_size):
             too_large += 1
             continue
-        labels = split_component(comp.crop, min_distance)
+        labels = split_component(comp.crop, min_distance, min_area)
         view = instances[comp.box.slices()]
-        view[comp.crop] = labels[comp.crop] + (next_id - 1)
+        found = labels > 0
+        view[found] = labels[found] + (next_id - 1)
         next_id += int(labels.max())
     return instances, too_large
 
@@ -324,6 +337,7 @@ def tile_objects(
     step: tuple[float, float] = (1.0, 1.0),
     mpp: tuple[float, float] | None = None,
     outlines: bool = True,
+    min_area: int = 0,
 ) -> TileObjects:
     """Pass 1: the objects anchored in ``tile``, counted and measured.
 
@@ -347,6 +361,8 @@ def tile_objects(
     outlines : bool
         Trace each object's polygon (``polygons`` stays empty otherwise: a
         fifth of the time when no GeoJSON is wanted).
+    min_area : int
+        As in :func:`whole_image_instances`.
 
     Returns
     -------
@@ -368,7 +384,7 @@ def tile_objects(
         if not (comp.complete and comp.fits(max_size)):
             too_large += 1
             continue
-        labels = split_component(comp.crop, min_distance)
+        labels = split_component(comp.crop, min_distance, min_area)
         origin = (comp.box.y0, comp.box.x0)
         prob = None
         if probability is not None:
@@ -417,12 +433,13 @@ def tile_instances(
     owners: Mapping[tuple[int, int], tuple[np.ndarray, np.ndarray, int]],
     grid: TileGrid,
     foreground: int = 1,
+    min_area: int = 0,
 ) -> np.ndarray:
     """Pass 2: the instance ids of ``tile``.
 
     Parameters
     ----------
-    window_mask, window, tile, image_shape, max_size, min_distance, foreground
+    window_mask, window, tile, image_shape, max_size, min_distance, foreground, min_area
         As in :func:`tile_objects`.
     owners : dict
         ``(row, col) -> (anchors, counts, first id)`` of the tiles around
@@ -457,8 +474,8 @@ def tile_instances(
         if rank >= anchors.size or anchors[rank] != comp.anchor:
             raise ValueError(f"owner tile {key} did not count the component anchored at {(ay, ax)}")
         first = int(offset) + int(np.sum(np.asarray(counts)[:rank]))
-        labels = split_component(comp.crop, min_distance)
-        ids = np.where(comp.crop, labels.astype(np.int64) + (first - 1), 0)
+        labels = split_component(comp.crop, min_distance, min_area)
+        ids = np.where(labels > 0, labels.astype(np.int64) + (first - 1), 0)
         # The component's part inside the tile.
         y0, y1 = max(box.y0, tile.y0), min(box.y1, tile.y1)
         x0, x1 = max(box.x0, tile.x0), min(box.x1, tile.x1)
@@ -478,6 +495,7 @@ def stream_instances(
     probability: np.ndarray | None = None,
     step: tuple[float, float] = (1.0, 1.0),
     mpp: tuple[float, float] | None = None,
+    min_area: int = 0,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Tile-by-tile objects of an in-memory mask (the streaming algorithm, no Dask).
 
@@ -489,7 +507,7 @@ def stream_instances(
         ``(H, W)`` integer class mask.
     tile_size : int
         Tile side; must be >= ``max_size``.
-    max_size, min_distance, foreground
+    max_size, min_distance, foreground, min_area
         As in :func:`whole_image_instances`.
     probability, step, mpp
         As in :func:`tile_objects` (``probability`` is ``(H, W)``).
@@ -510,7 +528,7 @@ def stream_instances(
         window = grid.window(r, c, max_size)
         prob = None if probability is None else probability[window.slices()]
         passes[r, c] = tile_objects(mask[window.slices()], window, grid.tile(r, c), shape, max_size, min_distance,
-                                    foreground, prob, step, mpp)
+                                    foreground, prob, step, mpp, min_area=min_area)
     offsets = assign_offsets({key: result.num_objects for key, result in passes.items()})
     instances = np.zeros(shape, np.uint32)
     rows, cols = grid.shape
@@ -521,7 +539,7 @@ def stream_instances(
         }
         window, tile = grid.window(r, c, max_size), grid.tile(r, c)
         instances[tile.slices()] = tile_instances(mask[window.slices()], window, tile, shape, max_size, min_distance,
-                                                  owners, grid, foreground)
+                                                  owners, grid, foreground, min_area)
     table = _concat([passes[key].table for key in sorted(passes)], table_columns(mpp))
     total = sum(result.num_objects for result in passes.values())
     return instances, {"id": np.arange(1, total + 1, dtype=np.uint32), **table}

@@ -22,7 +22,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -39,6 +39,10 @@ MAX_OBJECT_PX = 128
 #: Watershed seeds of one region at least this far apart (micrometres; 4 pixels without a pixel size).
 MIN_SEED_DISTANCE_UM = 2.0
 MIN_SEED_DISTANCE_PX = 4
+#: Objects under this area are specks, not nuclei (square micrometres; none are dropped without a pixel
+#: size). 8 um^2 is a disc of 3.2 um: on NuInsSeg it removed the fragments that had halved panoptic
+#: quality's detection term (benchmarks/RESULTS.md, "Nuclei as objects").
+MIN_OBJECT_UM2 = 8.0
 PARTS = f"{RECORD_DIR}/objects"
 
 
@@ -52,7 +56,7 @@ class ObjectsSpec:
         The output folder.
     tile_size, work_shape
         The mask's chunk side and size ``(H, W)``.
-    max_size, min_distance : int
+    max_size, min_distance, min_area : int
         Mask pixels (see :func:`wsiseg.instances.whole_image_instances`).
     foreground : int
         The class split into objects.
@@ -77,6 +81,7 @@ class ObjectsSpec:
     max_size: int
     min_distance: int
     foreground: int
+    min_area: int
     step: tuple[float, float]
     mpp: tuple[float, float] | None
     probability_channel: int | None
@@ -93,12 +98,24 @@ class ObjectsSpec:
         return Path(self.out) / PARTS / f"{row}_{col}.parquet"
 
 
-def object_sizes(tile_size: int, work_mpp: float | None, max_size: int | None) -> tuple[int, int]:
-    """``(max_size, min_distance)`` in mask pixels: the user's or the defaults, at most the tile size."""
+class ObjectSizes(NamedTuple):
+    """How objects are cut, in mask pixels: largest side, seed distance, smallest area."""
+
+    max_size: int
+    min_distance: int
+    min_area: int
+
+
+def object_sizes(
+    tile_size: int, work_mpp: float | None, max_size: int | None, min_area: int | None = None
+) -> ObjectSizes:
+    """The user's sizes or the defaults, in mask pixels; the largest side at most the tile size."""
     if max_size is None:
         max_size = round(MAX_OBJECT_UM / work_mpp) if work_mpp else MAX_OBJECT_PX
+    if min_area is None:
+        min_area = round(MIN_OBJECT_UM2 / work_mpp**2) if work_mpp else 0
     min_distance = max(1, round(MIN_SEED_DISTANCE_UM / work_mpp)) if work_mpp else MIN_SEED_DISTANCE_PX
-    return min(max_size, tile_size), min_distance
+    return ObjectSizes(min(max_size, tile_size), min_distance, min_area)
 
 
 def count_tile(spec: ObjectsSpec, row: int, col: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -109,7 +126,8 @@ def count_tile(spec: ObjectsSpec, row: int, col: int) -> tuple[np.ndarray, np.nd
     window, tile = grid.window(row, col, spec.max_size), grid.tile(row, col)
     mask = np.asarray(open_array(spec.out, MASK)[window.slices()])
     found = tile_objects(mask, window, tile, spec.work_shape, spec.max_size, spec.min_distance, spec.foreground,
-                         _probability(spec, window), spec.step, spec.mpp, outlines=spec.geojson)
+                         _probability(spec, window), spec.step, spec.mpp, outlines=spec.geojson,
+                         min_area=spec.min_area)
     if found.num_objects:
         _write_part(spec, row, col, found)
     return found.anchors, found.counts, found.too_large
@@ -155,7 +173,7 @@ def label_tile(spec: ObjectsSpec, row: int, col: int, owners: dict[tuple[int, in
     window, tile = grid.window(row, col, spec.max_size), grid.tile(row, col)
     mask = np.asarray(open_array(spec.out, MASK)[window.slices()])
     ids = tile_instances(mask, window, tile, spec.work_shape, spec.max_size, spec.min_distance, owners, grid,
-                         spec.foreground)
+                         spec.foreground, spec.min_area)
     open_array(spec.out, OBJECTS)[tile.slices()] = ids
 
 
@@ -172,12 +190,13 @@ def write_objects(plan: Any, out: Path, refined: np.ndarray, options: Any, execu
     mpp = plan.source.mpp
     step = plan.work_downsample
     work_mpp = float(np.mean(mpp)) * float(np.mean(step)) if mpp else None
-    max_size, min_distance = object_sizes(plan.tile_size, work_mpp, options.max_object_size)
+    max_size, min_distance, min_area = object_sizes(plan.tile_size, work_mpp, options.max_object_size,
+                                                    options.min_object_area)
     foreground = 1
     channel = None if plan.full_resolution else (0 if plan.num_classes == 1 else foreground)
     spec = ObjectsSpec(
         out=str(out), tile_size=plan.tile_size, work_shape=plan.work_shape, max_size=max_size,
-        min_distance=min_distance, foreground=foreground, step=step, mpp=mpp, probability_channel=channel,
+        min_distance=min_distance, foreground=foreground, min_area=min_area, step=step, mpp=mpp, probability_channel=channel,
         low_scale=plan.scale, refined=np.asarray(refined, bool),
         class_name=classes[foreground] if foreground < len(classes) else f"class {foreground}",
         geojson=options.geojson,
@@ -207,6 +226,7 @@ def write_objects(plan: Any, out: Path, refined: np.ndarray, options: Any, execu
     shutil.rmtree(parts, ignore_errors=True)
     return {"labels": OBJECTS_GROUP, "levels": levels, "count": count, "class": spec.class_name,
             "table": table, "geojson": geojson, "max_size_px": max_size, "min_distance_px": min_distance,
+            "min_area_px": min_area,
             # Counted per tile: a large irregular region seen in pieces by several tiles counts more than once.
             "too_large_regions_at_most": sum(too_large for _, _, too_large in passes.values())}
 

@@ -348,10 +348,11 @@ def scale_factor(
 ) -> tuple[float, str]:
     """How much to downsample an image of ``image_mpp`` for a model, and why.
 
-    A model is fed pixel sizes within ``mpp_range`` (the range its training
-    crops spanned; without one, ``model_mpp`` itself) as they are, with
-    :data:`SCALE_TOLERANCE` of slack; a finer image is downsampled to the
-    range's finest size; a coarser one is never upsampled.
+    An image finer than the model's pixel size (beyond :data:`SCALE_TOLERANCE`)
+    is downsampled to it: a model trained across a range of pixel sizes still
+    does best at its centre (benchmarks/RESULTS.md, "Pixel size"). A coarser one
+    is never upsampled; up to the coarse end of ``mpp_range`` (the range its
+    training crops spanned) it is what the model was trained on.
 
     Returns
     -------
@@ -359,9 +360,9 @@ def scale_factor(
         ``factor`` >= 1 (1: as it is); ``decision`` one of ``"native"``,
         ``"downsampled"``, ``"coarser"`` (coarser than the model was trained on).
     """
-    low, high = mpp_range or (model_mpp, model_mpp)
-    if image_mpp * (1 + SCALE_TOLERANCE) < low:
-        return low / image_mpp, "downsampled"
+    high = mpp_range[1] if mpp_range else model_mpp
+    if image_mpp * (1 + SCALE_TOLERANCE) < model_mpp:
+        return model_mpp / image_mpp, "downsampled"
     if image_mpp > high * (1 + SCALE_TOLERANCE):
         return 1.0, "coarser"
     return 1.0, "native"
@@ -398,7 +399,6 @@ def working_scale(
     level, coarsen = view_for(source, factor)
     done = float(np.mean(source.levels[level].downsample)) * coarsen
     target = slide_mpp * factor
-    note.update(decision=f"downsampled by {done:.4g} to the model's pixel size" + (
-        f" ({target:.3g} um, the finest it was trained at)" if mpp_range else ""
-    ), scale_mismatch=round(factor / done, 3))
+    note.update(decision=f"downsampled by {done:.4g} to the model's pixel size ({target:.3g} um)",
+                scale_mismatch=round(factor / done, 3))
     return (level, coarsen), note
