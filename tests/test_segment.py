@@ -44,7 +44,8 @@ def test_dask_result_equals_in_memory_engine(reference_run, slide_image, test_bu
     torch.set_num_threads(1)  # the workers' setting, so that float reductions match
     expected = segment_image(slide_image, bundle.model1, bundle.model2, CONFIG, device="cpu", batch_size=4)
 
-    assert report.stage1 == {"level": 2, "coarsen": 1, "scale": [4.0, 4.0], "shape": [192, 250]}
+    assert report.stage1 == {"level": 2, "coarsen": 1, "scale": [4.0, 4.0], "shape": [192, 250], "blocks": 12,
+                             "blocks_run": 12}  # all tissue
     assert report.tiles == TileCounts(total=12, refined=6, refined_fraction=0.5, resumed=0)
     np.testing.assert_array_equal(_read(out, "labels/refined/0").astype(bool), expected.refined)
     np.testing.assert_allclose(_read(out, "maps/tile_scores/0"), expected.tile_scores, atol=1e-6)

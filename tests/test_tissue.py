@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from wsiseg.run.driver import FlowResult
 from wsiseg.run.report import OUT_OF_DOMAIN, domain_check
 from wsiseg.tiling import TileGrid
 from wsiseg.tissue import detect_tissue, sample_tissue, tile_tissue
+from wsiseg.uncertainty import TileSelection
 
 PINK, PURPLE, GLASS = (235, 160, 200), (120, 70, 150), (242, 242, 240)
 
@@ -185,3 +188,68 @@ def test_the_example_slides_glass_gets_no_foreground(tmp_path, local_client) -> 
     assert not tissue[:, -10:].any()
     assert mask[tissue.repeat(4, 0).repeat(4, 1)[:2967, :2220] == 0].sum() == 0
     assert 0.02 < (mask == 1).mean() < 0.3  # nuclei found on the tissue
+
+
+@pytest.fixture(scope="module")
+def corner_slide(tmp_path_factory) -> Path:
+    """1024 x 1280 of glass with tissue-like texture in its top-left 300 x 360 corner only."""
+    rng = np.random.default_rng(11)
+    image = _glass(rng, 1024, 1280)
+    image[:300, :360] = structured_image(rng, 300, 360) // 2 + 60
+    return write_pyramid(tmp_path_factory.mktemp("tissue") / "corner.tif", image)
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_stage1_runs_on_the_tissue_corner_only_and_the_mask_is_unchanged(tmp_path, corner_slide, test_bundle,
+                                                                          local_client) -> None:
+    from wsiseg.run.slides import segment_slide
+
+    config = TwoStageConfig(tile_size=128, halo=32, stage1_block=64, stage1_halo=32,
+                            selection=TileSelection.budget(0.5))
+    options = RunOptions(model=str(test_bundle))
+    corner = segment_slide(corner_slide, tmp_path / "corner.zarr", local_client, config, options)
+    everywhere = segment_slide(corner_slide, tmp_path / "all.zarr", local_client,
+                               replace(config, stage1_on_tissue=False), options)
+
+    def read(run, name):
+        return np.asarray(zarr.open_array(str(tmp_path / f"{run}.zarr" / name), mode="r")[...])
+
+    # Model 1's view is 256 x 320: 4 x 5 blocks of 64; the corner's tiles (and their halos) need 2 x 2 of them.
+    assert (corner.stage1["blocks"], everywhere.stage1["blocks_run"]) == (20, 20)
+    assert corner.stage1["blocks_run"] == 4
+    assert corner.model_gflop["stage1"] == pytest.approx(everywhere.model_gflop["stage1"] * 4 / 20, rel=0.05)
+    # The same tiles refined, the same mask: over tissue from the same maps, elsewhere 0.
+    np.testing.assert_array_equal(read("corner", "labels/refined/0"), read("all", "labels/refined/0"))
+    np.testing.assert_array_equal(read("corner", "labels/mask/0"), read("all", "labels/mask/0"))
+    assert read("corner", "labels/mask/0")[400:].max() == 0 and read("corner", "labels/mask/0")[:300, :360].any()
+    np.testing.assert_array_equal(read("corner", "maps/probability/0")[:, :128, :128],  # the 2 x 2 blocks run
+                                  read("all", "maps/probability/0")[:, :128, :128])
+    # Glass blocks: background probability and no uncertainty, without a forward pass.
+    assert read("corner", "maps/probability/0")[:, 128:].max() == 0.0 and read("corner", "maps/uncertainty/0")[128:].max() == 0.0
+    # The output's pixels are still the whole view (glass blocks read, not segmented).
+    np.testing.assert_array_equal(read("corner", "0"), read("all", "0"))
+
+
+def test_the_blocks_a_tissue_tile_needs_hold_everything_it_reads_from_stage_1() -> None:
+    from wsiseg.run.plan import ModelFacts, make_plan, stage1_blocks_needed
+    from wsiseg.tiling import stage1_crop
+
+    class Source:
+        levels = [SimpleNamespace(shape=(3000, 2500), downsample=(1.0, 1.0), tile_shape=None)]
+        mpp = None
+
+        def best_level_for(self, downsample):
+            return 0, round(downsample)
+
+    facts = ModelFacts({"model1": 1, "model2": 1}, 1, {"model1": 32, "model2": 32})
+    plan = make_plan(Source(), None, None, facts, TwoStageConfig(ratio=3, tile_size=160, halo=32, stage1_block=96))
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        on_tissue = rng.random(plan.grid.shape) < 0.05
+        needed = stage1_blocks_needed(plan, on_tissue)
+        for row, col in np.argwhere(on_tissue):
+            crop = stage1_crop(plan.grid.tile(row, col), plan.scale, plan.low_shape)
+            side = plan.block
+            assert needed[crop.y0 // side : (crop.y1 - 1) // side + 1, crop.x0 // side : (crop.x1 - 1) // side + 1].all()
+        assert not stage1_blocks_needed(plan, np.zeros(plan.grid.shape, bool)).any()

@@ -63,6 +63,12 @@ class TwoStageConfig:
     context : bool
         Give Model 2 Model 1's features (False for a Model 2 trained without
         them, the paper's "context off" ablation).
+    stage1_on_tissue : bool
+        With a tissue mask, Model 1 runs only on the blocks that the tissue
+        tiles read (their windows and the probabilities they are composed
+        from); the other blocks' maps are background without a forward pass,
+        as full resolution treats glass. The mask over tissue is the same
+        either way (``tests/test_tissue.py``).
     """
 
     ratio: int = 4
@@ -74,6 +80,7 @@ class TwoStageConfig:
     stage1_block: int = 512
     stage1_halo: int = 32
     context: bool = True
+    stage1_on_tissue: bool = True
 
     def __post_init__(self) -> None:
         for name in ("ratio", "tile_size", "stage1_block"):

@@ -46,7 +46,8 @@ if TYPE_CHECKING:
     from wsiseg.run.plan import Plan
 
 #: The maps a run stores are named by their paths in an OME-Zarr output (:mod:`wsiseg.ngff`).
-__all__ = ["compose_tiles", "copy_image_band", "detect_tissue_task", "read_pieces", "refine_tiles", "stage1_block"]
+__all__ = ["compose_tiles", "copy_image_band", "detect_tissue_task", "read_pieces", "refine_tiles", "stage1_background",
+           "stage1_block"]
 
 #: Decoded pixels of part of the image: ``(box, (h, w, 3) uint8)``.
 Piece = tuple[Box, np.ndarray]
@@ -130,6 +131,28 @@ def stage1_block(plan: Plan, row: int, col: int) -> dict[str, Any]:
     timings = {"read": read_seconds[0], "model": t1 - t0 - read_seconds[0], "write": time.perf_counter() - t1}
     return {"r0": r0, "c0": c0, "sums": sums.tolist(), "areas": areas.tolist(), "timings": timings,
             "gflop": {"stage1": work["gflop"]}}
+
+
+def stage1_background(plan: Plan, row: int, col: int) -> dict[str, Any]:
+    """A glass block's maps without Model 1 (see :func:`~wsiseg.run.plan.stage1_blocks_needed`).
+
+    Class 0's probability is 1 (a softmax model's; a binary model's P(foreground)
+    is the fill value 0), the uncertainty and context are the fill value 0,
+    and the output's pixels are written when they are the view stage 1 reads.
+    Returns ``timings`` (read and write seconds).
+    """
+    block = plan.block_grid.tile(row, col)
+    store = plan.store
+    t0 = time.perf_counter()
+    pixels = None
+    if plan.image_from_stage1 and store.has(IMAGE):
+        pixels = read_scaled(plan.source, plan.level, plan.coarsen, block)
+    t1 = time.perf_counter()
+    if plan.num_classes > 1:
+        store.array(PROBABILITY)[0, block.y0 : block.y1, block.x0 : block.x1] = 1.0
+    if pixels is not None:
+        store.array(IMAGE)[:, block.y0 : block.y1, block.x0 : block.x1] = pixels.transpose(2, 0, 1)
+    return {"timings": {"read": t1 - t0, "write": time.perf_counter() - t1}}
 
 
 def read_pieces(plan: Plan, boxes: list[Box]) -> tuple[list[Piece], float]:

@@ -21,11 +21,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from wsiseg.run.plan import Plan
+from wsiseg.run.plan import Plan, stage1_blocks_needed
 from wsiseg.tiling import Box, neighbourhood
 from wsiseg.tissue import tile_tissue
 from wsiseg.ngff import REFINED, TILE_SCORES, TISSUE
-from wsiseg.tile_tasks import compose_tiles, detect_tissue_task, read_pieces, refine_tiles, stage1_block
+from wsiseg.tile_tasks import (
+    compose_tiles, detect_tissue_task, read_pieces, refine_tiles, stage1_background, stage1_block,
+)
 from wsiseg.uncertainty import TileSelection, scores_from_integrals
 
 #: ``progress(stage, done, total)``: stage ``"stage1"`` (blocks), ``"stage2"`` (tiles) or ``"finish"``.
@@ -69,6 +71,8 @@ class FlowResult:
         ``(rows, cols)`` float64 fraction of each tile on tissue (None without a tissue mask).
     tissue_summary : dict or None
         How tissue was detected (:meth:`~wsiseg.tissue.TissueResult.summary`).
+    stage1_blocks_run : int or None
+        Stage-1 blocks Model 1 ran on (this run and an interrupted one); None at full resolution.
     """
 
     refined: np.ndarray
@@ -80,6 +84,7 @@ class FlowResult:
     gflop: dict[str, float] = field(default_factory=dict)
     tissue: np.ndarray | None = None
     tissue_summary: dict[str, Any] | None = None
+    stage1_blocks_run: int | None = None
 
 
 def run_flow(
@@ -121,11 +126,16 @@ def run_flow(
     try:
         mark = time.perf_counter()
         tissue_summary, tissue = _tissue(plan, executor, record, done)
-        scores = None if plan.full_resolution else _stage1(plan, executor, record, done, note, progress)
+        on_tissue = np.ones(plan.grid.shape, bool) if tissue is None else tissue > 0
+        blocks_run = None
+        if not plan.full_resolution:
+            needed = stage1_blocks_needed(plan, on_tissue) if tissue is not None and plan.stage1_on_tissue else None
+            scores, blocks_run = _stage1(plan, executor, record, done, note, progress, needed)
+        else:
+            scores = None
         timings["stage1"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
-        on_tissue = np.ones(plan.grid.shape, bool) if tissue is None else tissue > 0
         if scores is None:
             refined = on_tissue
         else:  # tiles off tissue are never refined, nor do they use up a top-n or budget selection
@@ -157,7 +167,7 @@ def run_flow(
         refined=refined, scores=scores, counts=counts, resumed_tiles=len(finished), timings=timings,
         task_seconds={stage: dict(parts) for stage, parts in task_seconds.items()},
         gflop={key: math.fsum(values) for key, values in gflop.items()},
-        tissue=tissue, tissue_summary=tissue_summary,
+        tissue=tissue, tissue_summary=tissue_summary, stage1_blocks_run=blocks_run,
     )
 
 
@@ -182,17 +192,30 @@ def _stage1(
     done: list[dict[str, Any]],
     note: Callable[[str, dict[str, Any]], None],
     progress: ProgressCallback | None,
-) -> np.ndarray:
-    """Stage-1 tasks for every block not done yet; the tile scores from their integrals."""
+    needed: np.ndarray | None = None,
+) -> tuple[np.ndarray, int]:
+    """Stage-1 tasks for every needed block not done yet; the tile scores from their integrals.
+
+    ``needed`` (``(block rows, block cols)`` bool, None: all) marks the blocks
+    Model 1 runs on; the others get background maps from
+    :func:`~wsiseg.tile_tasks.stage1_background` where background is not the
+    arrays' fill value, and add nothing to the scores. Returns the scores and
+    the number of blocks Model 1 ran on.
+    """
     blocks = list(plan.block_grid.tiles())
+    run = [b for b in blocks if needed is None or needed[b]]
     finished = {tuple(e["stage1"]): e for e in done if "stage1" in e}
-    todo = [b for b in blocks if b not in finished]
+    todo = [b for b in run if b not in finished]
     results = list(finished.values())
-    count = len(blocks) - len(todo)
-    for block, result in executor.run((stage1_block, (plan, r, c), (r, c)) for r, c in todo):
-        entry = {"stage1": list(block), **{k: result[k] for k in ("r0", "c0", "sums", "areas")}}
-        record.append(entry)
-        results.append(entry)
+    jobs = [(stage1_block, (plan, r, c), (r, c)) for r, c in todo]
+    if needed is not None and _background_needed(plan):
+        jobs += [(stage1_background, (plan, r, c), None) for r, c in blocks if not needed[r, c]]
+    count = len(blocks) - len(jobs)  # blocks done earlier, or glass needing no task
+    for block, result in executor.run(iter(jobs)):
+        if block is not None:
+            entry = {"stage1": list(block), **{k: result[k] for k in ("r0", "c0", "sums", "areas")}}
+            record.append(entry)
+            results.append(entry)
         note("stage1", result)
         count += 1
         if progress:
@@ -204,7 +227,13 @@ def _stage1(
             r0, c0 = entry["r0"], entry["c0"]
             sums[r0 : r0 + s.shape[0], c0 : c0 + s.shape[1]] += s
             areas[r0 : r0 + a.shape[0], c0 : c0 + a.shape[1]] += a
-    return scores_from_integrals(sums, areas)
+    return scores_from_integrals(sums, areas), len(run)
+
+
+def _background_needed(plan: Plan) -> bool:
+    """Whether glass blocks need a task: background is not the fill value (softmax models), or the
+    output's pixels are the view stage 1 reads."""
+    return plan.num_classes > 1 or plan.image_from_stage1
 
 
 def stage2_jobs(

@@ -110,6 +110,8 @@ class Plan:
     tissue_level, tissue_coarsen : int or None, int
         The thumbnail tissue is detected on (:mod:`wsiseg.tissue`): this level,
         block-averaged by this factor; None: no tissue mask (every tile counts).
+    stage1_on_tissue : bool
+        Model 1 only on the blocks tissue tiles need (:func:`stage1_blocks_needed`).
     """
 
     source: Any
@@ -138,6 +140,7 @@ class Plan:
     image_coarsen: float = 1
     tissue_level: int | None = None
     tissue_coarsen: int = 1
+    stage1_on_tissue: bool = True
 
     @property
     def work_shape(self) -> tuple[int, int]:
@@ -294,6 +297,7 @@ def make_plan(
         num_classes=facts.num_classes, batch_size=batch_size,
         image_level=image_view[0], image_coarsen=image_view[1],
         **(dict(zip(("tissue_level", "tissue_coarsen"), tissue_view(source, config.ratio * work_ds))) if tissue else {}),
+        stage1_on_tissue=config.stage1_on_tissue,
     )
 
 
@@ -402,3 +406,24 @@ def working_scale(
     note.update(decision=f"downsampled by {done:.4g} to the model's pixel size ({target:.3g} um)",
                 scale_mismatch=round(factor / done, 3))
     return (level, coarsen), note
+
+
+def stage1_blocks_needed(plan: Plan, on_tissue: np.ndarray) -> np.ndarray:
+    """``(block rows, block cols)`` bool: the stage-1 blocks that the tissue tiles read.
+
+    For each tile on tissue: its window (tile and halo) grown by one
+    low-resolution pixel, which holds the probabilities it is composed from
+    (:func:`~wsiseg.tiling.stage1_crop`), the uncertainty it is scored on and
+    the context Model 2 samples for it. Blocks outside every such footprint
+    are glass: their maps are background and Model 1 never runs on them.
+    """
+    blocks = plan.block_grid
+    needed = np.zeros(blocks.shape, bool)
+    sy, sx = plan.scale
+    (low_h, low_w), side = plan.low_shape, plan.block
+    for row, col in np.argwhere(on_tissue):
+        window = plan.grid.window(int(row), int(col), plan.halo)
+        y0, y1 = max(0, math.floor(window.y0 / sy) - 1), min(low_h, math.ceil(window.y1 / sy) + 1)
+        x0, x1 = max(0, math.floor(window.x0 / sx) - 1), min(low_w, math.ceil(window.x1 / sx) + 1)
+        needed[y0 // side : (y1 - 1) // side + 1, x0 // side : (x1 - 1) // side + 1] = True
+    return needed

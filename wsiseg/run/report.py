@@ -192,6 +192,7 @@ def build_report(
         },
         stage1=None if plan.full_resolution else {
             "level": plan.level, "coarsen": plan.coarsen, "scale": list(plan.scale), "shape": list(plan.low_shape),
+            "blocks": plan.block_grid.num_tiles, "blocks_run": flow.stage1_blocks_run,
         },
         tissue=None if flow.tissue is None else {**(flow.tissue_summary or {}), "tiles": int((flow.tissue > 0).sum())},
         domain=domain,
