@@ -150,8 +150,10 @@ def run_flow(
         for entry in done:
             counts.update(entry.get("counts", {}))
         finished = {tuple(t) for entry in done for t in entry.get("tiles", [])}
-        written = len(finished)
-        jobs = stage2_jobs(plan, refined, finished, tiles_per_task, executor)
+        resumed = len(finished)
+        glass = _glass_tiles(plan, refined, on_tissue, finished, counts)
+        written = len(finished) + len(glass)
+        jobs = stage2_jobs(plan, refined, finished | glass, tiles_per_task, executor)
         for _, result in executor.run(jobs):
             record.append({"tiles": result["tiles"], "counts": result["counts"]})
             counts.update(result["counts"])
@@ -164,7 +166,7 @@ def run_flow(
         executor.cancel()
         raise
     return FlowResult(
-        refined=refined, scores=scores, counts=counts, resumed_tiles=len(finished), timings=timings,
+        refined=refined, scores=scores, counts=counts, resumed_tiles=resumed, timings=timings,
         task_seconds={stage: dict(parts) for stage, parts in task_seconds.items()},
         gflop={key: math.fsum(values) for key, values in gflop.items()},
         tissue=tissue, tissue_summary=tissue_summary, stage1_blocks_run=blocks_run,
@@ -234,6 +236,25 @@ def _background_needed(plan: Plan) -> bool:
     """Whether glass blocks need a task: background is not the fill value (softmax models), or the
     output's pixels are the view stage 1 reads."""
     return plan.num_classes > 1 or plan.image_from_stage1
+
+
+def _glass_tiles(
+    plan: Plan, refined: np.ndarray, on_tissue: np.ndarray, finished: set[tuple[int, int]], counts: dict[str, list[int]]
+) -> set[tuple[int, int]]:
+    """The unrefined tiles with no tissue pixel: all background, the mask's fill value, so no task
+    composes them; their label histograms go into ``counts``."""
+    if plan.tissue_level is None:
+        return set()
+    glass = set()
+    for row, col in np.argwhere(~on_tissue & ~refined):
+        key = (int(row), int(col))
+        if key in finished:
+            continue
+        histogram = [0] * max(2, plan.num_classes)
+        histogram[0] = int(np.prod(plan.grid.tile(*key).shape))
+        counts[f"{key[0]},{key[1]}"] = histogram
+        glass.add(key)
+    return glass
 
 
 def stage2_jobs(
