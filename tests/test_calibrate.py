@@ -52,6 +52,7 @@ def fabricated(tmp_path):
     return bundle, tmp_path / "data"
 
 
+@pytest.mark.slow
 def test_calibration_picks_the_highest_threshold_as_good_as_the_baseline(fabricated) -> None:
     bundle, data = fabricated
     before = bundle.read_bytes()
@@ -69,6 +70,7 @@ def test_calibration_picks_the_highest_threshold_as_good_as_the_baseline(fabrica
         calibrate(bundle, "folder", data, split="all")
 
 
+@pytest.mark.slow
 def test_calibrate_command_prints_the_table_and_the_choice(fabricated, tmp_path) -> None:
     bundle, data = fabricated
     out = tmp_path / "chosen.safetensors"

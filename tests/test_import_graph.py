@@ -29,22 +29,32 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def imported_names(node: ast.AST, package: str) -> set[str]:
+    """The modules (and ``module.name``) an import statement names; empty for other nodes."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names}
+    if not isinstance(node, ast.ImportFrom):
+        return set()
+    base = node.module or ""
+    if node.level:
+        base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+    return {base, *(f"{base}.{alias.name}" for alias in node.names)}
+
+
+def package_of(path: Path) -> str:
+    return module_name(path).rsplit(".", 0 if path.name == "__init__.py" else 1)[0]
+
+
 def top_level_imports(path: Path) -> set[str]:
     """Modules imported when ``path`` is imported (not inside functions or TYPE_CHECKING blocks)."""
     tree = ast.parse(path.read_text())
     found: set[str] = set()
-    package = module_name(path).rsplit(".", 0 if path.name == "__init__.py" else 1)[0]
+    package = package_of(path)
 
     def visit(body: list[ast.stmt]) -> None:
         for node in body:
-            if isinstance(node, ast.Import):
-                found.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
-                found.add(base)
-                found.update(f"{base}.{alias.name}" for alias in node.names)
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                found.update(imported_names(node, package))
             elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
                 visit(node.body)
                 visit(node.orelse)
@@ -110,17 +120,8 @@ def test_importing_the_driver_side_loads_no_torch() -> None:
 
 def every_import(path: Path) -> set[str]:
     """Every wsiseg module ``path`` imports anywhere: at module level, inside functions, for type checking."""
-    package = module_name(path).rsplit(".", 0 if path.name == "__init__.py" else 1)[0]
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
+    package = package_of(path)
+    found = set().union(*(imported_names(node, package) for node in ast.walk(ast.parse(path.read_text()))))
     return {name for name in found if name.startswith("wsiseg")}
 
 

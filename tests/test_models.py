@@ -16,13 +16,20 @@ BACKBONES = ["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_larg
 COMBINATIONS = [(arch, backbone) for arch in ARCHS for backbone in BACKBONES] + [
     ("ifbfnet", backbone) for backbone in BACKBONES if backbone.startswith("resnet")
 ]
+#: The fast loop checks every architecture on its lightest backbone (IFBFNet's: a ResNet); the full suite
+#: every combination.
+FAST_CASES = {(arch, "resnet_lite") for arch in ARCHS} | {("ifbfnet", "resnet18")}
+CONTRACT_CASES = [
+    pytest.param(arch, backbone, marks=() if (arch, backbone) in FAST_CASES else pytest.mark.slow)
+    for arch, backbone in COMBINATIONS
+]
 
 
 def test_registry_lists_paper_architectures() -> None:
     assert set(ARCHS) <= set(available_models())
 
 
-@pytest.mark.parametrize("arch,backbone", COMBINATIONS)
+@pytest.mark.parametrize("arch,backbone", CONTRACT_CASES)
 def test_contract_context_and_gradients(arch: str, backbone: str) -> None:
     torch.manual_seed(0)
     num_classes = 3

@@ -310,6 +310,7 @@ def test_stage2_highest_picks_the_arg_max_tile_and_feeds_its_context() -> None:
         torch.testing.assert_close(batch.context[i], linear_resample(features1[i], rows, cols))
 
 
+@pytest.mark.slow
 def test_stage2_weighted_sampling_follows_tile_scores() -> None:
     x, y = _grey_tile_batch()
     x[0, :, 32:48, 0:16] = 0.45  # a second, less uncertain tile

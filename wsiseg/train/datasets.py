@@ -194,7 +194,7 @@ def resize_image(image: np.ndarray, size: tuple[int, int], antialias: bool = Tru
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None].float()
     x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)
     return x[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
 
