@@ -220,7 +220,7 @@ def _segment_at(
     """``run``'s mask of ``image`` resampled as ``steps`` say, its objects (made as ``wsiseg segment
     --objects`` makes them, at the working pixels), both back at the image's own pixels (nearest);
     and the refined fraction."""
-    from wsiseg.instances import stream_instances
+    from wsiseg.instances import whole_image_instances
     from wsiseg.run.objects import object_sizes
 
     shape = image.shape[:2]
@@ -232,9 +232,10 @@ def _segment_at(
     result = run(x)
     objects = None
     if with_objects:
+        # The objects --objects streams tile by tile, made at once (the same split, equal up to numbering:
+        # tests/test_objects.py); without the table and outlines it is 20 times faster.
         max_size, min_distance, min_area = object_sizes(OBJECT_TILE, steps.work, None)
-        objects = stream_instances(result.mask, max(OBJECT_TILE, max_size), max_size, min_distance,
-                                   min_area=min_area)[0]
+        objects = whole_image_instances(result.mask, max_size, min_distance, min_area=min_area)[0]
         objects = resize_labels(objects, shape)
     return resize_labels(result.mask, shape), objects, result.tiles.refined_fraction
 
