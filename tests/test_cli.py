@@ -225,8 +225,8 @@ def test_evaluate_without_a_terminal_prints_progress_lines_only(tmp_path, monkey
     """No stray label line: ten progress lines, then the table on stdout."""
     import wsiseg.evaluate
 
-    def fake_evaluate(*args):
-        progress = args[-1]
+    def fake_evaluate(*args, progress, pixel_sizes):
+        assert pixel_sizes == wsiseg.evaluate.PixelSizes()
         for done in range(21):
             progress(done, 20)
         names = {"csv": "evaluation.csv", "json": "evaluation.json", "plot": "speed_vs_dice.png"}

@@ -91,7 +91,7 @@ def test_default_model_variants_and_the_one_threshold_rule() -> None:
     import wsiseg.calibrate
 
     pipeline = _load("train_default_model")
-    assert not hasattr(pipeline, "choose_threshold") and pipeline.MAX_LOSS == 0.005
+    assert not hasattr(pipeline, "choose_threshold") and pipeline.MAX_LOSS == 0.01
     he = pipeline.training_config(Path("nuinsseg"), "he", Path("bowl.safetensors"))
     assert (he.dataset, he.mpp, he.scale_jitter, he.init_from) == ("nuinsseg", 0.316, 0.58, "bowl.safetensors")
     assert he.mpp / (1 + he.scale_jitter) == pytest.approx(0.2, abs=1e-3) and he.mpp * 1.58 == pytest.approx(0.5, abs=1e-3)
@@ -141,7 +141,7 @@ def test_default_model_packaging_keeps_the_rules_threshold_unless_one_is_given(t
 
     packaged = load_bundle(tmp_path / "rule.safetensors").config
     rows = [MethodScores(**row) for row in packaged["evaluation"]["rows"]]
-    assert packaged["threshold"] == choose_threshold(rows, 0.005)[0] != 0.45
+    assert packaged["threshold"] == choose_threshold(rows, 0.01)[0] != 0.45
     assert packaged["training_data"]["license"] == "CC0 1.0" and packaged["mpp"] == 0.4
 
     assert pipeline.main([*common, "--out", str(tmp_path / "given.safetensors"), "--results", str(tmp_path / "r2"),

@@ -548,7 +548,8 @@ def evaluate(bundle: Path, **opts: Any) -> None:
             bundle, opts["dataset"], opts["data_root"], tuple(opts["thresholds"]), opts["baseline"], opts["split"],
             opts["split_seed"], opts["multiclass"], opts["limit"],
             {"tile_size": opts["tile_size"], "halo": opts["halo"]}, opts["device"], opts["out"],
-            lambda done, total: bar("images", done, total), PixelSizes(opts["scan_mpp"], opts["work_mpp"]),
+            progress=lambda done, total: bar("images", done, total),
+            pixel_sizes=PixelSizes(opts["scan_mpp"], opts["work_mpp"]),
         )
     finally:
         bar.close()
