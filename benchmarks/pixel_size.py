@@ -64,18 +64,26 @@ def main(argv: list[str] | None = None) -> int:
               "model_mpp": bundle.config.get("mpp"), "model_mpp_range": bundle.config.get("mpp_range"),
               "threshold": threshold, "rows": rows}
     (args.results / "pixel_size.json").write_text(json.dumps(record, indent=2))
-    lines = [f"`{command}`  ", f"{len(samples)} {args.dataset} test images at {data.mpp} um/pixel; model "
-             f"{bundle.config.get('mpp')} um, trained across {bundle.config.get('mpp_range')}", "",
+    write_markdown(record, args.results / "pixel_size.md")
+    print((args.results / "pixel_size.md").read_text())
+    return 0
+
+
+def write_markdown(record: dict, path: Path) -> None:
+    """Write the table of ``record`` (what ``main`` stores in pixel_size.json) as markdown to ``path``."""
+    low, high = record["model_mpp_range"] or (None, None)
+    trained = f", trained across {low:.3f}-{high:.3f} um" if low is not None else ""
+    lines = [f"`{record['command']}`  ",
+             f"{record['images']} val images (taken as {record['data_mpp']:g} um/pixel), resampled to each "
+             f"scanned-at size; model at {record['model_mpp']:.3f} um/pixel{trained}", "",
              "| scanned at (um) | segmented at | path | Dice | pooled | refined | AJI | PQ | s / image |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        path = "baseline" if r["method"] == "baseline" else f"two-stage t={threshold:g}"
-        lines.append(f"| {r['scan_mpp']:g} | {r['work_mpp']} | {path} | {100 * r['dice']:.2f} | "
+    for r in record["rows"]:
+        method = "baseline" if r["method"] == "baseline" else f"two-stage t={record['threshold']:g}"
+        lines.append(f"| {r['scan_mpp']:g} | {r['work_mpp']} | {method} | {100 * r['dice']:.2f} | "
                      f"{100 * r['dice_pooled']:.2f} | {100 * r['refined']:.1f} % | {r['aji']:.3f} | {r['pq']:.3f} | "
                      f"{r['seconds_per_image']:.3f} |")
-    (args.results / "pixel_size.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    path.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Train, evaluate and package the bundles wsiseg ships (``wsiseg/data/default.safetensors``, ``bowl.safetensors``).
 
     python pipelines/train_default_model.py --variant he --data-root ../shared/data/nuinsseg
-        --init-from wsiseg/data/bowl.safetensors [--work DIR] [--out wsiseg/data/default.safetensors]
+        --init-from wsiseg/data/bowl.safetensors --work w1 --out round1.safetensors
+    python pipelines/train_default_model.py --variant he-gaps --data-root ../shared/data/nuinsseg
+        --init-from round1.safetensors --work w2 [--out wsiseg/data/default.safetensors]
     python pipelines/train_default_model.py --variant bowl --data-root ../shared/data/bowl --out bowl.safetensors
         [--variant synthetic|synthetic-long ... --init-from THE_LAST_ROUND]
 
@@ -113,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, required=True, help="the variant's data set (NuInsSeg or BOWL)")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="he",
-                        help="he: the default model (NuInsSeg, --init-from the BOWL bundle); he-bowl, he-gaps: its "
-                             "candidates; bowl, then synthetic and synthetic-long (each --init-from the last): the BOWL "
+                        help="he, then he-gaps (--init-from he's bundle): the default model's two rounds (NuInsSeg, "
+                             "he --init-from the BOWL bundle); he-bowl: the candidate that adds BOWL; bowl, then synthetic and synthetic-long (each --init-from the last): the BOWL "
                              "bundle's rounds; hematoxylin, finetuned, synthetic-more: BOWL candidates "
                              "(benchmarks/RESULTS.md)")
     parser.add_argument("--bundle", type=Path, default=None, help="a finished training run to package")

@@ -232,3 +232,18 @@ def test_saved_bundles_honour_the_umask(tmp_path, umask, mode) -> None:
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == mode
     assert not path.with_name(path.name + ".partial").exists()
+
+
+def test_shipped_bundles_load_by_name(tmp_path, monkeypatch) -> None:
+    from wsiseg.bundle import inspect_bundle
+
+    monkeypatch.chdir(tmp_path)
+    assert inspect_bundle("bowl")["config"]["dataset"] == "bowl"
+    shipped = load_bundle("default")
+    assert shipped.config["dataset"] == "nuinsseg" and shipped.config["threshold"] == 0.6
+    assert sorted(shipped.models) == ["model", "model1", "model2"]
+    # A file of that name in the working directory is what the name means there.
+    pair_path = tmp_path / "bowl"
+    pair_path.write_bytes(b"not a bundle")
+    with pytest.raises(BundleError, match="'bowl'"):
+        inspect_bundle("bowl")

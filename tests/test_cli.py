@@ -48,6 +48,29 @@ def test_info_prints_levels_and_pixel_size(pyramid_slide) -> None:
     assert "1: 500 x 384, downsample 2, tiles 128 x 128" in result.output
 
 
+def test_info_describes_the_shipped_model_from_its_header() -> None:
+    result = CliRunner().invoke(main, ["info", "default"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].endswith("default.safetensors (wsiseg bundle: baseline unet/resnet_lite, "
+                             "Model 1 unet/resnet_lite, Model 2 unet/resnet_lite)")
+    assert lines[1] == ("trained:   NuInsSeg: 532 H&E images of 31 human and mouse organs, every nucleus "
+                        "outlined by hand (CC BY 4.0)")
+    assert lines[2].startswith("cite:      A. Mahbod et al.") and lines[2].endswith("doi:10.1038/s41597-024-03117-2")
+    assert lines[3] == "pixels:    0.316 um per pixel, trained across 0.2-0.499 um"
+    assert lines[4].startswith("flow:      Model 1 at 1/4 resolution, entropy threshold 0.6 ")
+    assert lines[6] == ("scores:    two-stage t=0.6, 61.3 % of tiles refined: Dice 73.89 % (pooled 79.18 %), "
+                        "PQ 0.385, AJI 0.449 on 133 nuinsseg test images")
+
+
+def test_info_on_a_missing_bundle_is_one_line(tmp_path) -> None:
+    result = CliRunner().invoke(main, ["info", str(tmp_path / "absent.safetensors")])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"Error: model bundle {str(tmp_path / 'absent.safetensors')!r} does not exist; "
+        "give the path of a .safetensors bundle"]
+
+
 @pytest.mark.subprocess
 def test_segment_end_to_end_through_the_console_script(tmp_path, pyramid_slide, test_bundle) -> None:
     out = tmp_path / "run.zarr"

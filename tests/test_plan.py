@@ -6,7 +6,7 @@ import pytest
 
 from wsiseg.config import BundleSettings, RunOptions, TwoStageConfig
 from wsiseg.errors import BundleError, InputError
-from wsiseg.run.plan import ModelFacts, auto_tile_size, make_plan, working_scale
+from wsiseg.run.plan import ModelFacts, auto_tile_size, make_plan, model1_ratio, working_scale
 from wsiseg.slide import Level, Slide
 from wsiseg.ngff import CONTEXT, IMAGE, MASK, PROBABILITY, REFINED
 
@@ -116,3 +116,13 @@ def test_a_non_integer_pixel_size_ratio_is_resampled_not_rounded() -> None:
     # Within 5 % of the model's pixel size: native pixels; a whole factor: block means.
     assert working_scale(slide, 0.26, rescale=True)[0] == (0, 1)
     assert working_scale(slide, 1.0, rescale=True)[0] == (1, 1)
+
+
+def test_model1_keeps_its_trained_pixel_size_on_coarser_slides() -> None:
+    """The shipped model (0.316 um, ratio 4): Model 1 trained at 1.26 um pixels."""
+    assert model1_ratio(4, 0.316, 0.316) == 4      # a 40x slide, brought to the model's pixels
+    assert model1_ratio(4, 0.316, 0.33) == 4       # within 5 %: as it is
+    assert model1_ratio(4, 0.316, 0.499) == 3      # a 20x slide read as it is: 4 x 0.316 / 0.499 = 2.53
+    assert model1_ratio(4, 0.316, 0.8) == 2
+    assert model1_ratio(4, 0.316, 2.0) == 1        # never below 1
+    assert model1_ratio(4, None, 0.5) == 4 and model1_ratio(4, 0.316, None) == 4

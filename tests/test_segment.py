@@ -351,3 +351,23 @@ def test_uniform_unrefined_tiles_are_written_as_the_in_memory_engine_composes_th
     all_foreground = sum(bool((mask[t.slices()] == 1).all()) for t in unrefined)
     assert 1 <= all_foreground < len(unrefined)  # both the shortcut and the upsampling were taken
     assert report.label_pixels["foreground"] == int(mask.sum())
+
+
+def test_model1_ratio_follows_the_slides_pixel_size_unless_given(tmp_path, pyramid_slide, test_bundle) -> None:
+    """A 0.5 um slide for a 0.25 um model (ratio 4), read as it is: Model 1 at 1/2, near its 1 um;
+    --ratio, or a flow the caller gives, is run as it is."""
+    from wsiseg.bundle import save_bundle
+    from wsiseg.run.job import prepare_run
+
+    loaded = load_bundle(test_bundle)
+    fine = save_bundle(tmp_path / "fine.safetensors", loaded.models,
+                       {**loaded.config, "mpp": 0.25, "mpp_range": [0.2, 0.5]})
+    options = RunOptions(model=str(fine))
+    job = prepare_run([pyramid_slide], tmp_path / "a.zarr", {}, options).jobs[0]
+    assert job.config.ratio == 2 and job.scale_note["model1_ratio"] == 2
+    assert "at 0.5 um Model 1 runs at 1/2, near its trained 1 um" in job.scale_note["model1_ratio_why"]
+    given = prepare_run([pyramid_slide], tmp_path / "b.zarr", {"ratio": 4}, options).jobs[0]
+    assert given.config.ratio == 4 and "model1_ratio" not in given.scale_note
+    at_its_size = save_bundle(tmp_path / "same.safetensors", loaded.models, {**loaded.config, "mpp": 0.5})
+    job = prepare_run([pyramid_slide], tmp_path / "c.zarr", {}, RunOptions(model=str(at_its_size))).jobs[0]
+    assert job.config.ratio == 4

@@ -191,11 +191,13 @@ def current_umask() -> int:
 def inspect_bundle(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a bundle's header only (cheap): its model descriptions and config.
 
+    ``path`` is a bundle file or a shipped bundle's name (``default``, ``bowl``).
+
     Raises :class:`BundleError` for the same unreadable, foreign or newer
     files :func:`load_bundle` refuses; the checksum is verified by
     :func:`load_bundle` alone.
     """
-    metadata = _read_header(Path(path))
+    metadata = _read_header(_bundle_path(path))
     try:
         return {"models": json.loads(metadata.get("models", "")), "config": json.loads(metadata.get("config", ""))}
     except json.JSONDecodeError as exc:
@@ -344,6 +346,8 @@ def _check_format(path: Path, metadata: dict[str, str]) -> None:
 def load_bundle(path: str | os.PathLike[str]) -> Bundle:
     """Read a bundle written by :func:`save_bundle`, verifying its checksum.
 
+    ``path`` is a bundle file or a shipped bundle's name (``default``, ``bowl``).
+
     Returns
     -------
     Bundle
@@ -358,7 +362,7 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
     """
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
+    path = _bundle_path(path)
     _read_header(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
@@ -443,6 +447,11 @@ def shipped_name(ref: str | os.PathLike[str] | None) -> str | None:
     if text in SHIPPED_MODELS and not Path(text).exists():
         return text
     return None
+
+
+def _bundle_path(ref: str | os.PathLike[str]) -> Path:
+    """``ref`` as a path: a shipped bundle's file for its name (``default``, ``bowl``), else ``ref`` itself."""
+    return resolve_model(ref) if shipped_name(ref) is not None else Path(ref)
 
 
 def resolve_model(ref: str | os.PathLike[str] | None) -> Path:

@@ -383,13 +383,21 @@ def _cohort_line(row: dict[str, Any]) -> str:
 @click.option("--backend", type=click.Choice(["auto", "tifffile", "openslide", "zarr", "image"]), default="auto",
               show_default=True)
 def info(slide: Path, backend: str) -> None:
-    """Describe SLIDE (format, levels and their sizes, pixel size), or an output
-    OUT.zarr of 'wsiseg segment' (pixels, mask, objects, maps, what ran)."""
+    """Describe SLIDE (format, levels and their sizes, pixel size), an output
+    OUT.zarr of 'wsiseg segment' (pixels, mask, objects, maps, what ran), or a
+    model bundle (a .safetensors file, or a shipped name: default, bowl): what
+    it was trained on, its pixel size, threshold and recorded scores."""
     _quiet_libraries()
-    from wsiseg.describe import describe_output, is_output
+    from wsiseg.bundle import resolve_model, shipped_name
+    from wsiseg.describe import describe_bundle, describe_output, is_output
     from wsiseg.slide import describe, open_slide
 
-    lines = describe_output(slide) if is_output(slide) else describe(open_slide(slide, backend))
+    if slide.suffix == ".safetensors" or shipped_name(str(slide)) is not None:
+        lines = describe_bundle(resolve_model(str(slide)))
+    elif is_output(slide):
+        lines = describe_output(slide)
+    else:
+        lines = describe(open_slide(slide, backend))
     for line in lines:
         click.echo(line)
 
@@ -527,6 +535,8 @@ def train(out: Path, **opts: Any) -> None:
 @click.option("--limit", type=int, default=0, help="Score only the first N images.")
 @click.option("--tile-size", type=int, default=None, help="Override the bundle's tile size.")
 @click.option("--halo", type=int, default=None, help="Override the bundle's halo.")
+@click.option("--ratio", type=int, default=None,
+              help="Model 1's downsampling instead of the bundle's (as 'wsiseg segment --ratio').")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the timed inference runs: the paper's comparison is CPU seconds per image.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
@@ -547,7 +557,7 @@ def evaluate(bundle: Path, **opts: Any) -> None:
         rows, paths = evaluate_bundle(
             bundle, opts["dataset"], opts["data_root"], tuple(opts["thresholds"]), opts["baseline"], opts["split"],
             opts["split_seed"], opts["multiclass"], opts["limit"],
-            {"tile_size": opts["tile_size"], "halo": opts["halo"]}, opts["device"], opts["out"],
+            {"tile_size": opts["tile_size"], "halo": opts["halo"], "ratio": opts["ratio"]}, opts["device"], opts["out"],
             progress=lambda done, total: bar("images", done, total),
             pixel_sizes=PixelSizes(opts["scan_mpp"], opts["work_mpp"]),
         )

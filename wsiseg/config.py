@@ -248,6 +248,10 @@ class RunOptions:
         Selected tiles per Model 2 task (a task runs them in batches).
     max_in_flight : int or None
         Tasks submitted ahead of completion (default 4 per worker thread).
+    fixed_ratio : bool
+        Model 1 runs at the flow's ratio on every slide (``--ratio`` was
+        given) instead of one adapted to the slide's pixel size
+        (:func:`wsiseg.run.plan.model1_ratio`).
     """
 
     model: str | None = None
@@ -268,6 +272,7 @@ class RunOptions:
     tissue: bool = True
     tiles_per_task: int = 4
     max_in_flight: int | None = None
+    fixed_ratio: bool = False
 
     def __post_init__(self) -> None:
         if self.overwrite and self.resume:

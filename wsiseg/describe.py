@@ -1,10 +1,11 @@
-"""``wsiseg info OUT.zarr``: what an output holds, read from its NGFF metadata and report."""
+"""``wsiseg info``: what an output holds (read from its NGFF metadata and report), and what a model bundle is."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from wsiseg.bundle import inspect_bundle
 from wsiseg.guard import RECORD_DIR
 from wsiseg.ngff import MAPS, MASK_GROUP, OBJECTS_GROUP, TISSUE_GROUP
 from wsiseg.run.report import read_report
@@ -64,3 +65,49 @@ def _group_line(root: Any, name: str) -> str:
     unit = "um" if meta["axes"][-1].get("unit") == "micrometer" else "slide pixels"
     return (f"{' x '.join(map(str, shape))} ({', '.join(axes)}), {levels} level{'s' if levels > 1 else ''}, "
             f"{scale[0]:g} x {scale[1]:g} {unit} per pixel")
+
+
+def describe_bundle(path: str | Path) -> list[str]:
+    """Lines describing model bundle ``path`` from its header alone (no weights are loaded):
+    its models, what they were trained on (name, licence, citation), their pixel size, the
+    default flow and the scores recorded with it."""
+    header = inspect_bundle(path)
+    config = header["config"]
+    roles = {"model1": "Model 1", "model2": "Model 2", "model": "baseline"}
+    models = ", ".join(f"{roles.get(role, role)} {spec.get('arch')}/{spec.get('backbone')}"
+                       for role, spec in header["models"].items())
+    lines = [f"model:     {path} (wsiseg bundle: {models})"]
+    data = config.get("training_data")
+    if isinstance(data, dict):
+        lines.append(f"trained:   {data.get('name')} ({data.get('license')})")
+        if data.get("citation"):
+            lines.append(f"cite:      {data['citation']}")
+    elif config.get("dataset"):
+        lines.append(f"trained:   the {config['dataset']} data set")
+    if config.get("mpp"):
+        span = config.get("mpp_range")
+        across = f", trained across {span[0]:.3g}-{span[1]:.3g} um" if span else ""
+        lines.append(f"pixels:    {config['mpp']:g} um per pixel{across}")
+    lines.append(f"flow:      Model 1 at 1/{config.get('ratio')} resolution, entropy threshold {config.get('threshold')} "
+                 f"(tiles refined where Model 1's uncertainty exceeds it)")
+    lines.extend(_score_lines(config.get("evaluation"), config.get("threshold")))
+    return lines
+
+
+def _score_lines(evaluation: Any, threshold: Any) -> list[str]:
+    """The recorded baseline and default-threshold rows of a bundle's evaluation, one line each."""
+    if not isinstance(evaluation, dict) or not evaluation.get("rows"):
+        return []
+    where = f"{evaluation.get('images')} {evaluation.get('dataset') or ''} test images".replace("  ", " ")
+    lines = []
+    for row in evaluation["rows"]:
+        if row.get("method") == "baseline":
+            name = "full resolution"
+        elif row.get("threshold") == threshold:
+            name = f"two-stage t={threshold:g}, {100 * row['refined_fraction']:.1f} % of tiles refined"
+        else:
+            continue
+        objects = f", PQ {row['pq']:.3f}, AJI {row['aji']:.3f}" if row.get("pq") is not None else ""
+        lines.append(f"scores:    {name}: Dice {100 * row['dice']:.2f} % (pooled {100 * row['dice_pooled']:.2f} %)"
+                     f"{objects} on {where}")
+    return lines

@@ -30,6 +30,7 @@ from wsiseg.metrics import IGNORE, confusion, dice_iou, instance_scores
 from wsiseg.models.base import SegmentationModel
 from wsiseg.train.datasets import Sample, SegmentationData, resize_image, resize_sample
 from wsiseg.run.in_memory import segment_full_resolution, segment_image
+from wsiseg.run.plan import model1_ratio
 from wsiseg.uncertainty import TileSelection
 
 PAPER_THRESHOLDS = (1.0, 0.75, 0.5, 0.25, 0.0)
@@ -154,13 +155,15 @@ def evaluate(
         Baseline first (when there is one), then two-stage by threshold.
     """
     settings = BundleSettings.from_config(bundle.config)
+    steps = _pixel_steps(data.mpp, settings, pixel_sizes)
     flow = settings.flow.with_overrides(**(overrides or {}))
+    if (overrides or {}).get("ratio") is None:  # as on slides: Model 1 kept near its trained pixel size
+        flow = replace(flow, ratio=model1_ratio(flow.ratio, settings.mpp, steps.work))
     baseline = baseline if baseline is not None else bundle.models.get("model")
     methods: list[tuple[str, float | None]] = ([("baseline", None)] if baseline is not None else [])
     if bundle.is_two_stage:
         methods += [("two-stage", t) for t in thresholds]
     tallies = [_Tally(max(2, data.num_classes)) for _ in methods]
-    steps = _pixel_steps(data.mpp, settings, pixel_sizes)
     for done, sample in enumerate(samples, 1):
         image, truth = resize_sample(*data.load(sample), settings.image_size)
         true_objects = data.instances(sample) if not settings.image_size else None

@@ -27,7 +27,7 @@ from wsiseg.config import RunOptions, TwoStageConfig
 from wsiseg.errors import WsisegError
 from wsiseg.run.driver import ProgressCallback
 from wsiseg.run.inputs import one_line
-from wsiseg.run.job import COMPLETE, INTERRUPTED, SegmentRun, SlideJob, prepare_cohort
+from wsiseg.run.job import COMPLETE, INTERRUPTED, SegmentRun, SlideJob, for_given_flow, prepare_cohort
 from wsiseg.run.report import RunReport, read_report
 
 MANIFEST_NAME = "manifest.csv"
@@ -143,7 +143,7 @@ def segment_cohort(
 ) -> list[dict[str, Any]]:
     """Segment ``slides`` into ``out_dir`` on a client of the caller's, ``parallel`` at a time;
     write the manifest and return its rows (see :func:`~wsiseg.run.job.prepare_cohort`, :func:`run_jobs`)."""
-    run = prepare_cohort(slides, out_dir, options, config, parallel)
+    run = prepare_cohort(slides, out_dir, for_given_flow(options, config), config, parallel)
     return [outcome.row() for outcome in run_jobs(run, client, progress, on_done)]
 
 

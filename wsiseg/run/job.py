@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from wsiseg.bundle import DEFAULT_MODEL, inspect_bundle, resolve_model, shipped_name
 from wsiseg.config import BundleSettings, RunOptions, TwoStageConfig
 from wsiseg.errors import InputError, WsisegError
 from wsiseg.guard import check_output_path, not_a_folder_error
 from wsiseg.run.inputs import check_cohort, default_output, find_slides, is_cohort, one_line, output_state
-from wsiseg.run.plan import working_scale
+from wsiseg.run.plan import model1_ratio, working_scale
 from wsiseg.slide import Slide, open_slide
 
 #: ``SlideJob.state``: what the output holds when the job is prepared.
@@ -161,10 +163,18 @@ def prepare_run(
     model = model_reference(options.model)
     settings = bundle_settings(model)
     config = settings.for_slides().with_overrides(**overrides)
+    if overrides.get("ratio") is not None:
+        options = dataclasses.replace(options, fixed_ratio=True)
     if not is_cohort(inputs, listing):
         return SegmentRun((prepare_slide(inputs[0], out, model, settings, config, options),))
     slides = find_slides(inputs, listing)
     return prepare_cohort(slides, out if out is not None else Path("."), options, config, parallel, model, settings)
+
+
+def for_given_flow(options: RunOptions, config: TwoStageConfig | None) -> RunOptions:
+    """``options`` for a caller's own flow: a ``config`` given is run as it is (its ratio on every
+    slide, ``fixed_ratio``); None (the bundle's flow) adapts Model 1's ratio to each slide."""
+    return dataclasses.replace(options, fixed_ratio=True) if config is not None else options
 
 
 def prepare_slide(
@@ -245,9 +255,30 @@ def _opened(
     if options.mpp:
         slide = dataclasses.replace(slide, mpp=(options.mpp, options.mpp))
     working, note = working_scale(slide, settings.mpp, options.rescale, settings.mpp_range)
+    if not options.fixed_ratio and not options.full_resolution:
+        config = _ratio_for_slide(slide, working, settings, config, note)
     warnings = [*slide.warnings, *_bundle_warnings(settings), *_scale_warnings(slide, settings, options, note)]
     return SlideJob(path, output.absolute(), model, settings, config, options, slide, working, note, tuple(warnings),
                     state)
+
+
+def _ratio_for_slide(
+    slide: Slide, working: tuple[int, float], settings: BundleSettings, config: TwoStageConfig, note: dict[str, Any]
+) -> TwoStageConfig:
+    """``config`` with Model 1's ratio for the pixels the slide is worked at (:func:`model1_ratio`);
+    a changed ratio is recorded in ``note`` (the report's ``working_resolution``)."""
+    if not slide.mpp or not settings.mpp:
+        return config
+    level, coarsen = working
+    work_mpp = float(np.mean(slide.mpp)) * float(np.mean(slide.levels[level].downsample)) * coarsen
+    ratio = model1_ratio(config.ratio, settings.mpp, work_mpp)
+    if ratio == config.ratio:
+        return config
+    note["model1_ratio"] = ratio
+    note["model1_ratio_why"] = (f"the bundle's ratio {config.ratio} is for {settings.mpp:g} um pixels; at "
+                                f"{work_mpp:.3g} um Model 1 runs at 1/{ratio}, near its trained "
+                                f"{config.ratio * settings.mpp:.3g} um (--ratio sets it)")
+    return dataclasses.replace(config, ratio=ratio)
 
 
 def _bundle_warnings(settings: BundleSettings) -> list[str]:

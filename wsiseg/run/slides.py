@@ -16,6 +16,7 @@ The process that calls it (the driver) never imports torch.
 
 from __future__ import annotations
 
+
 import os
 import time
 from pathlib import Path
@@ -74,7 +75,8 @@ def segment_slide(
         From :func:`wsiseg.cluster.start_client`. The slide, the bundle and
         ``out`` must be reachable at the same paths from every worker.
     config : TwoStageConfig, optional
-        The flow; default: the bundle's (:meth:`BundleSettings.for_slides`).
+        The flow, run as given; default: the bundle's (:meth:`BundleSettings.for_slides`),
+        with Model 1's ratio adapted to the slide's pixel size (:func:`~wsiseg.run.plan.model1_ratio`).
     options : RunOptions
     progress : callable, optional
         ``progress(stage, done, total)`` with stages ``"stage1"``,
@@ -85,11 +87,12 @@ def segment_slide(
     RunReport
         The run report, also written to ``OUT.zarr/report.json``.
     """
-    from wsiseg.run.job import bundle_settings
+    from wsiseg.run.job import bundle_settings, for_given_flow
 
     model = model_reference(options.model)
     settings = bundle_settings(model)
-    job = prepare_slide(Path(path), Path(out), model, settings, config or settings.for_slides(), options)
+    job = prepare_slide(Path(path), Path(out), model, settings, config or settings.for_slides(),
+                        for_given_flow(options, config))
     return run_job(job, client, progress)
 
 
