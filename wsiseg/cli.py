@@ -224,7 +224,8 @@ def format_duration(seconds: float) -> str:
 @click.option("--halo", type=int, default=None,
               help=f"Context pixels read around each tile (default: the bundle's, or {FLOW_DEFAULTS.halo}).")
 @click.option("--ratio", type=int, default=None,
-              help=f"Model 1's downsampling factor (default: the bundle's, or {FLOW_DEFAULTS.ratio}).")
+              help=f"Model 1's downsampling factor (default: the bundle's, or {FLOW_DEFAULTS.ratio}, made smaller "
+                   "on a slide read coarser than the model's pixel size, to keep Model 1 near its trained pixels).")
 @click.option("--uncertainty", type=click.Choice(["entropy", "margin"]), default=None,
               help="Uncertainty measure (default: the bundle's, or entropy).")
 @click.option("--blend", type=int, default=None,
