@@ -181,12 +181,14 @@ def test_the_example_slides_glass_gets_no_foreground(tmp_path, local_client) -> 
     report = segment_slide(example, out, local_client, None, RunOptions())
     mask = np.asarray(zarr.open_array(str(out / "labels/mask/0"), mode="r")[...])
     tissue = np.asarray(zarr.open_array(str(out / "labels/tissue/0"), mode="r")[...])
-    assert mask.shape == (2967, 2220) and tissue.shape == (742, 555)
+    # A 0.499 um slide for the 0.316 um model: Model 1 (and the tissue thumbnail) at 1/3, not 1/4.
+    assert report.working_resolution["model1_ratio"] == 3
+    assert mask.shape == (2967, 2220) and tissue.shape == (989, 740)
     assert report.tissue["background"] == "bright"
     assert report.tissue["fraction"] == pytest.approx(0.385, abs=0.01)
     assert not mask[:, -40:].any()  # glass at the right edge
     assert not tissue[:, -10:].any()
-    assert mask[tissue.repeat(4, 0).repeat(4, 1)[:2967, :2220] == 0].sum() == 0
+    assert mask[tissue.repeat(3, 0).repeat(3, 1)[:2967, :2220] == 0].sum() == 0
     assert 0.02 < (mask == 1).mean() < 0.3  # nuclei found on the tissue
 
 
