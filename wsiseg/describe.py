@@ -88,7 +88,8 @@ def describe_bundle(path: str | Path) -> list[str]:
         span = config.get("mpp_range")
         across = f", trained across {span[0]:.3g}-{span[1]:.3g} um" if span else ""
         lines.append(f"pixels:    {config['mpp']:g} um per pixel{across}")
-    lines.append(f"flow:      Model 1 at 1/{config.get('ratio')} resolution, entropy threshold {config.get('threshold')} "
+    lines.append(f"flow:      Model 1 at 1/{config.get('ratio')} resolution, {config.get('uncertainty', 'entropy')} "
+                 f"threshold {config.get('threshold')} "
                  f"(tiles refined where Model 1's uncertainty exceeds it)")
     lines.extend(_score_lines(config.get("evaluation"), config.get("threshold")))
     return lines
@@ -98,7 +99,7 @@ def _score_lines(evaluation: Any, threshold: Any) -> list[str]:
     """The recorded baseline and default-threshold rows of a bundle's evaluation, one line each."""
     if not isinstance(evaluation, dict) or not evaluation.get("rows"):
         return []
-    where = f"{evaluation.get('images')} {evaluation.get('dataset') or ''} test images".replace("  ", " ")
+    where = " ".join(str(part) for part in (evaluation.get("images"), evaluation.get("dataset"), "test images") if part)
     lines = []
     for row in evaluation["rows"]:
         if row.get("method") == "baseline":
