@@ -60,6 +60,11 @@ BOWL_ROUND = dict(BOWL, epochs=10, lr=3e-4, stain_jitter=0.2, scale_jitter=0.25,
 #: (benchmarks/RESULTS.md, "A default model trained on real H&E nuclei"); ``he-gaps`` then fine-tunes that
 #: round (``--init-from``) 30 more epochs at 1e-4 with the borders of touching nuclei as background.
 HE = dict(COMMON, dataset="nuinsseg", epochs=30, lr=3e-4, mpp=0.316, scale_jitter=0.58, stain_jitter=0.2)
+#: The instance-aware H&E candidates: fine-tuned from the shipped NuInsSeg bundle (every layer but the classifier),
+#: Model 1 and Model 2 only (``--full-resolution`` runs Model 2 everywhere), with a border or a distance output,
+#: 90-degree rotations and flips, HED stain jitter 0.3 and gamma jitter 0.6 (stains from 1.6 times paler to 1.6
+#: times darker in optical density) (benchmarks/RESULTS.md, "Instance-aware H&E model").
+HE_INSTANCE = dict(HE, stage="two-stage", epochs=40, stain_jitter=0.3, gamma_jitter=0.6, rotate=True)
 VARIANTS: dict[str, dict[str, Any]] = {
     "bowl": BOWL,
     "hematoxylin": dict(BOWL, input_transform="hematoxylin", stain_jitter=0.2, scale_jitter=0.5),
@@ -70,9 +75,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "he": HE,
     "he-bowl": dict(HE, extra_datasets=("bowl",)),
     "he-gaps": dict(HE, lr=1e-4, touching_gaps=True),
+    "he-border": dict(HE_INSTANCE, instance_output="border"),
+    "he-distance": dict(HE_INSTANCE, instance_output="distance"),
 }
 #: The variants that fine-tune the bundle given by ``--init-from``.
-FINE_TUNED = ("finetuned", "synthetic", "synthetic-more", "synthetic-long", "he", "he-bowl", "he-gaps")
+FINE_TUNED = ("finetuned", "synthetic", "synthetic-more", "synthetic-long", "he", "he-bowl", "he-gaps", "he-border",
+              "he-distance")
 
 #: What each data set is, under which licence, and how to cite it (the bundle's ``training_data``).
 PROVENANCE = {

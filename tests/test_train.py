@@ -642,3 +642,55 @@ def test_evaluate_scores_agreement_with_the_baseline_mask_not_the_truth(tmp_path
     # Rows stored before agreement existed still load.
     old = {k: v for k, v in vars(rows[1]).items() if k != "agreement"}
     assert MethodScores(**old).agreement is None
+
+
+def make_touching_nuclei(root, n: int = 4, size: int = 32) -> None:
+    """A ``folder`` data set of instance ids: two touching bright squares per image (ids 1 and 2)."""
+    for i in range(n):
+        ids = np.zeros((size, size), np.uint8)
+        ids[6 : 18 + i, 4:14] = 1
+        ids[6 : 18 + i, 14:24] = 2
+        image = np.full((size, size, 3), 40, np.uint8)
+        image[ids > 0] = 200
+        _save(root / "images" / f"s{i}.png", image)
+        _save(root / "masks" / f"s{i}.png", ids)
+
+
+@pytest.mark.training
+def test_an_instance_output_fine_tunes_a_nucleus_model_with_a_new_classifier(tmp_path) -> None:
+    """--instance-output border: 3 classes recorded in the bundle; --init-from a 1-class bundle keeps every
+    layer but the classifier; the bundle's own evaluation scores nucleus-or-not and objects."""
+    from wsiseg.bundle import load_bundle
+
+    make_touching_nuclei(tmp_path / "d")
+    native = dict(image_size=0, crop_size=32, tile_size=16)
+    plain = train(_tiny_config(tmp_path / "d", **native), tmp_path / "plain.safetensors")
+    bundle = load_bundle(train(_tiny_config(tmp_path / "d", epochs=0, init_from=str(plain), instance_output="border",
+                                            **native), tmp_path / "border.safetensors"))
+    assert bundle.config["classes"] == ["background", "nucleus inside", "nucleus border"]
+    assert bundle.config["num_classes"] == 3 and bundle.model1.num_classes == 3
+    source = load_bundle(plain)
+    for role in ("model1", "model2"):
+        ours, theirs = getattr(bundle, role).state_dict(), getattr(source, role).state_dict()
+        for key, value in theirs.items():
+            if key.startswith("classifier."):
+                assert ours[key].shape[0] == 3 and value.shape[0] == 1
+            else:
+                torch.testing.assert_close(ours[key], value, rtol=0, atol=0, msg=f"{role} {key}")
+    rows = bundle.config["validation"]["rows"]
+    assert rows and all(row["pq"] is not None for row in rows)
+    with pytest.raises(InputError, match="--instance-output replaces"):
+        _tiny_config(tmp_path / "d", instance_output="distance", touching_gaps=True)
+    make_folder(tmp_path / "plain-masks", n=4)
+    with pytest.raises(InputError, match="needs instance ids"):
+        train(_tiny_config(tmp_path / "plain-masks", instance_output="distance"), tmp_path / "x.safetensors")
+
+
+def test_gamma_jitter_draws_paler_and_darker_stains_within_its_bounds() -> None:
+    from wsiseg.train.augment import Augmentation
+
+    image, mask = torch.full((3, 8, 8), 0.5), torch.zeros(8, 8, dtype=torch.long)
+    augment = Augmentation(hflip=False, brightness=0.0, contrast=0.0, translate=0.0, gamma=0.6)
+    values = [float(augment(image, mask, np.random.default_rng(seed))[0][0, 0, 0]) for seed in range(200)]
+    # 0.5 ** g for g in [1 / 1.6, 1.6]: between 0.330 and 0.648, both sides of 0.5 drawn.
+    assert 0.5 ** 1.6 - 1e-6 <= min(values) < 0.45 and 0.55 < max(values) <= 0.5 ** (1 / 1.6) + 1e-6

@@ -18,6 +18,7 @@ import click
 from wsiseg import __version__
 from wsiseg.config import TwoStageConfig
 from wsiseg.errors import WsisegError
+from wsiseg.nuclei import INSTANCE_OUTPUTS
 from wsiseg.train.config import train_defaults
 
 #: The flow's defaults, shown in help texts (stated once, in wsiseg.config).
@@ -478,6 +479,13 @@ TRAIN_LABELS = {"loading": "images  ", "stage1": "Model 1 ", "stage2": "Model 2 
 @click.option("--touching-gaps/--no-touching-gaps", default=TRAIN["touching_gaps"], show_default=True,
               help="Train on masks whose touching nuclei are kept apart by a background gap (their borders), so "
                    "that --objects splits them; needs instances (NuInsSeg, BOWL, a folder of id masks).")
+@click.option("--instance-output", type=click.Choice(["none", *INSTANCE_OUTPUTS]), default=TRAIN["instance_output"],
+              show_default=True,
+              help="What the models learn beside 'nucleus': border (background / inside / border) or distance "
+                   "(each nucleus's distance to its own border, in thirds); --objects then splits touching nuclei "
+                   "at what the network predicts. Needs instances (NuInsSeg, BOWL, a folder of id masks).")
+@click.option("--gamma-jitter", default=TRAIN["gamma_jitter"], show_default=True,
+              help="Raise each crop's intensities to a power in [1/(1+g), 1+g]: paler and darker stains; 0 off.")
 @click.option("--add-dataset", "extra_datasets", multiple=True, default=TRAIN["extra_datasets"], metavar="NAME=ROOT",
               help="More training data (its train split), e.g. bowl=data/stage1_train; scored on --dataset only.")
 @click.option("--threshold", default=TRAIN["threshold"], show_default=True,

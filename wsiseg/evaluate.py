@@ -28,6 +28,7 @@ from wsiseg.bundle import Bundle
 from wsiseg.config import BundleSettings
 from wsiseg.metrics import IGNORE, confusion, dice_iou, instance_scores
 from wsiseg.models.base import SegmentationModel
+from wsiseg.nuclei import instance_output_of
 from wsiseg.train.datasets import Sample, SegmentationData, resize_image, resize_sample
 from wsiseg.run.in_memory import segment_full_resolution, segment_image
 from wsiseg.run.plan import model1_ratio
@@ -164,6 +165,7 @@ def evaluate(
     if bundle.is_two_stage:
         methods += [("two-stage", t) for t in thresholds]
     tallies = [_Tally(max(2, data.num_classes)) for _ in methods]
+    instance_output = instance_output_of(settings.classes)
     for done, sample in enumerate(samples, 1):
         image, truth = resize_sample(*data.load(sample), settings.image_size)
         true_objects = data.instances(sample) if not settings.image_size else None
@@ -175,7 +177,7 @@ def evaluate(
             else:
                 cfg = replace(flow, selection=TileSelection.threshold(threshold))
                 run = partial(segment_image, model1=bundle.model1, model2=bundle.model2, config=cfg, device=device)
-            mask, objects, refined = _segment_at(image, steps, run, with_objects=true_objects is not None)
+            mask, objects, refined = _segment_at(image, steps, run, true_objects is not None, instance_output)
             seconds = time.perf_counter() - start
             scores = None
             if true_objects is not None:
@@ -218,11 +220,13 @@ def _pixel_steps(data_mpp: float | None, settings: BundleSettings, pixel_sizes: 
 
 
 def _segment_at(
-    image: np.ndarray, steps: _Steps, run: Callable[[np.ndarray], Any], with_objects: bool
+    image: np.ndarray, steps: _Steps, run: Callable[[np.ndarray], Any], with_objects: bool,
+    instance_output: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, float]:
     """``run``'s mask of ``image`` resampled as ``steps`` say, its objects (made as ``wsiseg segment
     --objects`` makes them, at the working pixels), both back at the image's own pixels (nearest);
-    and the refined fraction."""
+    and the refined fraction. With an instance output the mask is scored as nucleus (any class
+    after the background) or not, and its classes split the objects."""
     from wsiseg.instances import whole_image_instances
     from wsiseg.run.objects import object_sizes
 
@@ -238,9 +242,11 @@ def _segment_at(
         # The objects --objects streams tile by tile, made at once (the same split, equal up to numbering:
         # tests/test_objects.py); without the table and outlines it is 20 times faster.
         max_size, min_distance, min_area = object_sizes(OBJECT_TILE, steps.work, None)
-        objects = whole_image_instances(result.mask, max_size, min_distance, min_area=min_area)[0]
+        objects = whole_image_instances(result.mask, max_size, min_distance, instance_output or 1,
+                                        min_area=min_area)[0]
         objects = resize_labels(objects, shape)
-    return resize_labels(result.mask, shape), objects, result.tiles.refined_fraction
+    mask = (result.mask > 0).astype(np.uint8) if instance_output else result.mask
+    return resize_labels(mask, shape), objects, result.tiles.refined_fraction
 
 
 #: Tile of the object split in evaluation (as on slides: ids do not depend on it, the largest object does).

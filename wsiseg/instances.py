@@ -9,8 +9,9 @@ The exactness rule. Objects are defined on the whole image
 ``mask == foreground``; a component whose bounding box is taller or wider than
 ``max_size`` is no object ("too large", label 0); every other component is
 split by a watershed of the distance transform of *its own* bounding-box crop
-(:func:`split_component`), so the split never depends on where a window
-starts. Components are ordered by their anchor (first pixel in raster order),
+(:func:`split_component`), or, for a model with an instance output, at the
+classes the network predicts on that crop (:func:`wsiseg.nuclei.split_labels`),
+so the split never depends on where a window starts. Components are ordered by their anchor (first pixel in raster order),
 sub-objects by marker, and numbered 1, 2, 3, ... in that order.
 
 Streaming reads tile ``T`` grown by ``halo = max_size``. A component with
@@ -35,10 +36,13 @@ from typing import Any
 
 import numpy as np
 
+from wsiseg.nuclei import split_labels
 from wsiseg.tiling import Box, TileGrid
 
 #: 8-connectivity for component labelling.
 _EIGHT = np.ones((3, 3), bool)
+#: What is split into objects: a class, or an instance output's name (all its nucleus classes).
+Foreground = int | str
 
 
 @dataclass
@@ -80,6 +84,13 @@ class _Component:
     crop: np.ndarray  # (h, w) bool, the component only
     anchor: int  # raster index of its first pixel in the window, image coordinates
     complete: bool  # does not touch a window border that is not the image border
+    classes: np.ndarray | None = None  # (h, w) the mask's classes on the component, 0 elsewhere (instance outputs)
+
+    def split(self, min_distance: int, min_area: int, foreground: Foreground) -> np.ndarray:
+        """``(h, w)`` int32 sub-objects 1..k of the component (see :func:`split_component`)."""
+        if isinstance(foreground, str):
+            return _drop_small(split_labels(self.classes, foreground)[0], min_area)
+        return split_component(self.crop, min_distance, min_area)
 
     @property
     def anchor_yx(self) -> tuple[int, int]:
@@ -136,24 +147,32 @@ def split_component(crop: np.ndarray, min_distance: int, min_area: int = 0) -> n
         markers = np.zeros(component.shape, np.int32)
         markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1, dtype=np.int32)
         out[bbox] = watershed(-dist, markers, mask=component, connectivity=2)[1:-1, 1:-1]
-    if min_area > 0:
-        areas = np.bincount(out.ravel())
-        kept = areas >= min_area
-        kept[0] = False
-        renumber = np.zeros(areas.size, np.int32)
-        renumber[kept] = np.arange(1, int(kept.sum()) + 1, dtype=np.int32)
-        out = renumber[out]
-    return out
+    return _drop_small(out, min_area)
+
+
+def _drop_small(objects: np.ndarray, min_area: int) -> np.ndarray:
+    """``objects`` (int32 ids 1..k) without those of fewer than ``min_area`` pixels, the rest renumbered in order."""
+    if min_area <= 0:
+        return objects
+    areas = np.bincount(objects.ravel())
+    kept = areas >= min_area
+    kept[0] = False
+    renumber = np.zeros(areas.size, np.int32)
+    renumber[kept] = np.arange(1, int(kept.sum()) + 1, dtype=np.int32)
+    return renumber[objects]
 
 
 def _components(
-    window_mask: np.ndarray, window: Box, image_shape: tuple[int, int], foreground: int
+    window_mask: np.ndarray, window: Box, image_shape: tuple[int, int], foreground: Foreground
 ) -> list[_Component]:
-    """8-connected components of ``window_mask == foreground`` in the window ``window``."""
+    """8-connected components of ``window_mask == foreground`` in the window ``window`` (of
+    ``window_mask > 0`` where ``foreground`` names an instance output, with their classes)."""
     from scipy import ndimage
 
     height, width = image_shape
-    labels, _ = ndimage.label(np.asarray(window_mask) == foreground, structure=_EIGHT)
+    window_mask = np.asarray(window_mask)
+    by_output = isinstance(foreground, str)
+    labels, _ = ndimage.label(window_mask > 0 if by_output else window_mask == foreground, structure=_EIGHT)
     wh, ww = labels.shape
     cut = (window.y0 > 0, window.y1 < height, window.x0 > 0, window.x1 < width)  # top, bottom, left, right
     found = []
@@ -168,7 +187,8 @@ def _components(
             (cut[0] and sl[0].start == 0) or (cut[1] and sl[0].stop == wh)
             or (cut[2] and sl[1].start == 0) or (cut[3] and sl[1].stop == ww)
         )
-        found.append(_Component(box, crop, anchor, not touches))
+        classes = np.where(crop, window_mask[sl], 0) if by_output else None
+        found.append(_Component(box, crop, anchor, not touches, classes))
     found.sort(key=lambda comp: comp.anchor)
     return found
 
@@ -276,7 +296,7 @@ def _concat(tables: list[dict[str, np.ndarray]], columns: list[str]) -> dict[str
 
 
 def whole_image_instances(
-    mask: np.ndarray, max_size: int, min_distance: int, foreground: int = 1, tile_size: int | None = None,
+    mask: np.ndarray, max_size: int, min_distance: int, foreground: Foreground = 1, tile_size: int | None = None,
     min_area: int = 0,
 ) -> tuple[np.ndarray, int]:
     """The reference definition of the objects, on the whole image at once.
@@ -289,8 +309,11 @@ def whole_image_instances(
         Components with a bounding-box side > ``max_size`` pixels are no object.
     min_distance : int
         Minimum distance between watershed markers, pixels.
-    foreground : int
-        The class whose components are split.
+    foreground : int or str
+        The class whose components are split; or the name of an instance
+        output (:data:`wsiseg.nuclei.INSTANCE_OUTPUTS`): the components of
+        every class after the background, split where the network's classes
+        say (:func:`wsiseg.nuclei.split_labels`) instead of by their shape.
     tile_size : int, optional
         ``None``: components numbered in anchor (raster) order. Given: numbered
         tile by tile (the tile holding the anchor, tiles row-major), then in
@@ -317,7 +340,7 @@ def whole_image_instances(
         if not comp.fits(max_size):
             too_large += 1
             continue
-        labels = split_component(comp.crop, min_distance, min_area)
+        labels = comp.split(min_distance, min_area, foreground)
         view = instances[comp.box.slices()]
         found = labels > 0
         view[found] = labels[found] + (next_id - 1)
@@ -332,7 +355,7 @@ def tile_objects(
     image_shape: tuple[int, int],
     max_size: int,
     min_distance: int,
-    foreground: int = 1,
+    foreground: Foreground = 1,
     probability: np.ndarray | None = None,
     step: tuple[float, float] = (1.0, 1.0),
     mpp: tuple[float, float] | None = None,
@@ -384,7 +407,7 @@ def tile_objects(
         if not (comp.complete and comp.fits(max_size)):
             too_large += 1
             continue
-        labels = split_component(comp.crop, min_distance, min_area)
+        labels = comp.split(min_distance, min_area, foreground)
         origin = (comp.box.y0, comp.box.x0)
         prob = None
         if probability is not None:
@@ -432,7 +455,7 @@ def tile_instances(
     min_distance: int,
     owners: Mapping[tuple[int, int], tuple[np.ndarray, np.ndarray, int]],
     grid: TileGrid,
-    foreground: int = 1,
+    foreground: Foreground = 1,
     min_area: int = 0,
 ) -> np.ndarray:
     """Pass 2: the instance ids of ``tile``.
@@ -474,7 +497,7 @@ def tile_instances(
         if rank >= anchors.size or anchors[rank] != comp.anchor:
             raise ValueError(f"owner tile {key} did not count the component anchored at {(ay, ax)}")
         first = int(offset) + int(np.sum(np.asarray(counts)[:rank]))
-        labels = split_component(comp.crop, min_distance, min_area)
+        labels = comp.split(min_distance, min_area, foreground)
         ids = np.where(labels > 0, labels.astype(np.int64) + (first - 1), 0)
         # The component's part inside the tile.
         y0, y1 = max(box.y0, tile.y0), min(box.y1, tile.y1)
@@ -490,7 +513,7 @@ def stream_instances(
     tile_size: int,
     max_size: int,
     min_distance: int,
-    foreground: int = 1,
+    foreground: Foreground = 1,
     *,
     probability: np.ndarray | None = None,
     step: tuple[float, float] = (1.0, 1.0),

@@ -30,6 +30,7 @@ from wsiseg.guard import RECORD_DIR
 from wsiseg.ngff import MASK, OBJECTS, OBJECTS_GROUP, PROBABILITY, label_colour
 from wsiseg.output import ArraySpec, build_pyramid, create_arrays, open_array
 from wsiseg.instances import assign_offsets
+from wsiseg.nuclei import instance_output_of
 from wsiseg.tiling import Box, TileGrid
 
 #: Regions wider or taller than this are not nuclei (when the pixel size is known) ...
@@ -58,14 +59,17 @@ class ObjectsSpec:
         The mask's chunk side and size ``(H, W)``.
     max_size, min_distance, min_area : int
         Mask pixels (see :func:`wsiseg.instances.whole_image_instances`).
-    foreground : int
-        The class split into objects.
+    foreground : int or str
+        The class split into objects, or the bundle's instance output
+        (:func:`wsiseg.instances.whole_image_instances`).
     step : (sy, sx)
         Level-0 pixels per mask pixel.
     mpp : (y, x) or None
         Micrometres per level-0 pixel.
     probability_channel : int or None
         Channel of Model 1's probability map for ``foreground``; None: no map.
+        With an instance output it is 0 and the objects' probability is
+        ``1 - P(background)``.
     low_scale : (sy, sx)
         Mask pixels per pixel of Model 1's maps.
     refined : np.ndarray
@@ -80,7 +84,7 @@ class ObjectsSpec:
     work_shape: tuple[int, int]
     max_size: int
     min_distance: int
-    foreground: int
+    foreground: int | str
     min_area: int
     step: tuple[float, float]
     mpp: tuple[float, float] | None
@@ -142,6 +146,8 @@ def _probability(spec: ObjectsSpec, window: Box) -> np.ndarray | None:
     rows = np.minimum((np.arange(window.y0, window.y1) + 0.5) / sy, array.shape[1] - 1).astype(np.int64)
     cols = np.minimum((np.arange(window.x0, window.x1) + 0.5) / sx, array.shape[2] - 1).astype(np.int64)
     low = np.asarray(array[spec.probability_channel, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+    if isinstance(spec.foreground, str):  # an instance output: every class but the background is nucleus
+        low = 1.0 - low
     return low[np.ix_(rows - rows[0], cols - cols[0])]
 
 
@@ -192,13 +198,14 @@ def write_objects(plan: Any, out: Path, refined: np.ndarray, options: Any, execu
     work_mpp = float(np.mean(mpp)) * float(np.mean(step)) if mpp else None
     max_size, min_distance, min_area = object_sizes(plan.tile_size, work_mpp, options.max_object_size,
                                                     options.min_object_area)
-    foreground = 1
-    channel = None if plan.full_resolution else (0 if plan.num_classes == 1 else foreground)
+    instance_output = instance_output_of(classes)
+    foreground: int | str = instance_output or 1
+    channel = None if plan.full_resolution else (0 if plan.num_classes == 1 or instance_output else foreground)
     spec = ObjectsSpec(
         out=str(out), tile_size=plan.tile_size, work_shape=plan.work_shape, max_size=max_size,
         min_distance=min_distance, foreground=foreground, min_area=min_area, step=step, mpp=mpp, probability_channel=channel,
         low_scale=plan.scale, refined=np.asarray(refined, bool),
-        class_name=classes[foreground] if foreground < len(classes) else f"class {foreground}",
+        class_name=_class_name(classes, foreground),
         geojson=options.geojson,
     )
     parts = out / PARTS
@@ -229,6 +236,13 @@ def write_objects(plan: Any, out: Path, refined: np.ndarray, options: Any, execu
             "min_area_px": min_area,
             # Counted per tile: a large irregular region seen in pieces by several tiles counts more than once.
             "too_large_regions_at_most": sum(too_large for _, _, too_large in passes.values())}
+
+
+def _class_name(classes: list[str], foreground: int | str) -> str:
+    """What the objects are called: the class's name ("nucleus" for an instance output's classes)."""
+    if isinstance(foreground, str):
+        return "nucleus"
+    return classes[foreground] if foreground < len(classes) else f"class {foreground}"
 
 
 def _parts(spec: ObjectsSpec, grid: TileGrid, first_ids: dict[tuple[int, int], int]):
@@ -268,7 +282,7 @@ def _write_table(spec: ObjectsSpec, grid: TileGrid, first_ids: dict[tuple[int, i
 def _write_detections(spec: ObjectsSpec, grid: TileGrid, first_ids: dict[tuple[int, int], int]) -> str:
     """Stream ``objects.geojson``: one QuPath detection per object, its measurements attached."""
     path, partial = Path(spec.out) / "objects.geojson", Path(spec.out) / "objects.geojson.partial"
-    colour = list(label_colour(spec.foreground)[:3])
+    colour = list(label_colour(1 if isinstance(spec.foreground, str) else spec.foreground)[:3])
     with open(partial, "w") as handle:
         handle.write('{"type": "FeatureCollection", "features": [\n')
         first_feature = True

@@ -32,6 +32,11 @@ class Augmentation:
     stain : float
         Strength of :func:`~wsiseg.stain.hed_jitter` (Tellez et al. 2018),
         applied first; 0 turns it off.
+    gamma : float
+        ``g``: intensities raised to ``exp(U(-log(1 + g), log(1 + g)))``
+        after the stain jitter, which scales every stain's optical density
+        alike (a power below 1 is a paler stain, above 1 a darker one); 0
+        turns it off.
     """
 
     hflip: bool = True
@@ -40,6 +45,7 @@ class Augmentation:
     translate: float = 0.1
     rotate: bool = False
     stain: float = 0.0
+    gamma: float = 0.0
 
     def __call__(
         self, image: torch.Tensor, mask: torch.Tensor, rng: np.random.Generator
@@ -61,6 +67,9 @@ class Augmentation:
         """
         if self.stain > 0:
             image = hed_jitter(image, self.stain, rng)
+        if self.gamma > 0:
+            bound = float(np.log1p(self.gamma))
+            image = image.clamp_min(0.0) ** float(np.exp(rng.uniform(-bound, bound)))
         if self.hflip and rng.random() < 0.5:
             image, mask = image.flip(-1), mask.flip(-1)
         if self.rotate:

@@ -14,6 +14,7 @@ from typing import Any
 
 from wsiseg.config import DEFAULT_ARCH, DEFAULT_BACKBONE, INPUT_TRANSFORMS, TwoStageConfig
 from wsiseg.errors import InputError
+from wsiseg.nuclei import INSTANCE_OUTPUTS
 from wsiseg.uncertainty import SAMPLING_STRATEGIES
 
 #: The phases each ``stage`` trains, in order.
@@ -77,6 +78,14 @@ class TrainConfig:
         the data set's own pixel size, if known.
     data_mpp : micrometres per pixel of the data set's images (default: its
         own, e.g. NuInsSeg's estimate, see ``ESTIMATED_MPP``).
+    instance_output : ``none``, ``border`` or ``distance``: beside the class,
+        the models learn what separates touching nuclei
+        (:mod:`wsiseg.nuclei`: a border class, or the distance to each
+        nucleus's own border in thirds); needs a binary data set with
+        instances. The models then have 3 or 4 classes.
+    gamma_jitter : ``g``: each crop's intensities raised to a power between
+        ``1 / (1 + g)`` and ``1 + g`` (log-uniform): paler and darker stains
+        than the data set's (0 turns it off).
     touching_gaps : in the training masks, the borders of touching objects
         are background (:func:`~wsiseg.train.datasets.touching_borders`), so
         that the network leaves a gap the object split keeps; needs a data set
@@ -139,6 +148,8 @@ class TrainConfig:
     data_mpp: float | None = None
     extra_datasets: tuple[str, ...] = ()
     touching_gaps: bool = False
+    instance_output: str = "none"
+    gamma_jitter: float = 0.0
     threshold: float = FLOW.selection.value
     freeze_bn_after: int | None = None
     device: str = "auto"
@@ -158,6 +169,12 @@ class TrainConfig:
         ):
             if value not in choices:
                 raise InputError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+        if self.instance_output not in ("none", *INSTANCE_OUTPUTS):
+            raise InputError(f"unknown instance output {self.instance_output!r}; choose one of none, "
+                             f"{', '.join(INSTANCE_OUTPUTS)}")
+        if self.instance_output != "none" and (self.multiclass or self.touching_gaps):
+            raise InputError("--instance-output replaces the nucleus class; it does not apply with --multiclass "
+                             "or --touching-gaps")
         if self.synthetic_he and self.multiclass:
             raise InputError("--synthetic-he renders nuclei from binary masks; it does not apply with --multiclass")
 
@@ -166,8 +183,8 @@ class TrainConfig:
             raise InputError("ratio and batch size must be >= 1, epochs >= 0 and the learning rate > 0")
         if self.brightfield_repeats < 1:
             raise InputError(f"--brightfield-repeats must be at least 1, got {self.brightfield_repeats}")
-        if self.stain_jitter < 0 or self.scale_jitter < 0:
-            raise InputError("--stain-jitter and --scale-jitter must be >= 0")
+        if self.stain_jitter < 0 or self.scale_jitter < 0 or self.gamma_jitter < 0:
+            raise InputError("--stain-jitter, --scale-jitter and --gamma-jitter must be >= 0")
         if not 0.0 <= self.synthetic_he <= 1.0:
             raise InputError(f"--synthetic-he is a fraction of the crops, between 0 and 1, got {self.synthetic_he}")
         if self.workers < 0:
@@ -233,7 +250,8 @@ class TrainConfig:
 
 #: TrainConfig fields newer than the checkpoint format (see :meth:`TrainConfig.signature`).
 _ADDED_LATER = frozenset({"init_from", "brightfield_repeats", "synthetic_he", "data_mpp", "extra_datasets",
-                          "touching_gaps"})
+                          "touching_gaps",
+                          "instance_output", "gamma_jitter"})
 
 
 def train_defaults() -> dict[str, Any]:

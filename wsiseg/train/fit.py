@@ -41,6 +41,7 @@ from wsiseg.config import BundleSettings, TwoStageConfig
 from wsiseg.errors import InputError, WsisegError
 from wsiseg.models import SegmentationModel, build_model
 from wsiseg.models.base import logits_to_probabilities
+from wsiseg.nuclei import INSTANCE_OUTPUTS, encode_targets
 from wsiseg.runtime import resolve_device
 from wsiseg.tiling import Box, TileGrid, linear_resample, pixel_centres
 from wsiseg.tissue import has_dark_background
@@ -83,6 +84,8 @@ class TrainingImages:
                 image, mask = source.load(sample)
                 if config.touching_gaps:
                     mask = _with_gaps(mask, source.instances(sample))
+                if config.instance_output != "none":
+                    mask = _instance_targets(mask, source.instances(sample), config.instance_output, sample)
                 self.items.append(resize_sample(image, mask, config.image_size or None))
                 self.scales.append(scale)
                 if progress:
@@ -98,7 +101,7 @@ class TrainingImages:
         rotate = data.rotation_invariant if config.rotate is None else config.rotate
         self.augmentation = Augmentation(
             brightness=config.brightness, contrast=config.contrast, translate=config.translate,
-            rotate=rotate, stain=config.stain_jitter,
+            rotate=rotate, stain=config.stain_jitter, gamma=config.gamma_jitter,
         ) if config.augment else None
 
     def batches(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -163,6 +166,25 @@ def _with_gaps(mask: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
     return gapped
 
 
+def _instance_targets(mask: np.ndarray, ids: np.ndarray | None, kind: str, sample: Any) -> np.ndarray:
+    """The instance output's training classes of one sample (:func:`wsiseg.nuclei.encode_targets`)."""
+    if ids is None:
+        raise InputError(f"--instance-output {kind} needs instance ids, and {sample} has none")
+    return encode_targets(mask, ids, kind)
+
+
+def class_names(config: TrainConfig, data: SegmentationData) -> tuple[str, ...]:
+    """The models' classes, background first: the instance output's, else the data set's."""
+    if config.instance_output != "none":
+        return INSTANCE_OUTPUTS[config.instance_output]
+    return tuple(data.class_names)
+
+
+def model_classes(config: TrainConfig, data: SegmentationData) -> int:
+    """The models' ``num_classes`` (1: one sigmoid logit for a binary data set without instance output)."""
+    return len(class_names(config, data)) if config.instance_output != "none" else data.num_classes
+
+
 def bundle_settings(config: TrainConfig, data: SegmentationData) -> BundleSettings:
     """What the bundle of a run of ``config`` on ``data`` records for its users: the flow it was
     trained for (default threshold, tile, halo), its pixel size and the range its crops spanned."""
@@ -171,7 +193,7 @@ def bundle_settings(config: TrainConfig, data: SegmentationData) -> BundleSettin
     flow = TwoStageConfig(ratio=config.ratio, tile_size=config.tile, halo=config.halo,
                           selection=TileSelection.threshold(config.threshold), context=config.context)
     return BundleSettings(flow, mpp, (mpp / jitter, mpp * jitter) if mpp and jitter > 1 else None,
-                          tuple(data.class_names), config.image_size or None)
+                          class_names(config, data), config.image_size or None)
 
 
 def training_mpp(config: TrainConfig, data: SegmentationData) -> float | None:
@@ -364,18 +386,19 @@ def train(
     out.parent.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     data = open_dataset(config.dataset, config.data_root, config.multiclass)
-    given = _given_models(config, data)
+    num_classes = model_classes(config, data)
+    given = _given_models(config, data, num_classes)
     images = TrainingImages(data, config, progress)
     ckpt_path = checkpoint_path(out)
-    state = _resumed_state(ckpt_path, config, data.num_classes, given)
+    state = _resumed_state(ckpt_path, config, num_classes, given)
     for phase in PHASES[config.stage]:
         if phase not in state.done_phases:
-            _train_phase(phase, state, given, images, data.num_classes, config, device, ckpt_path, progress)
+            _train_phase(phase, state, given, images, num_classes, config, device, ckpt_path, progress)
     for model in state.models.values():
         model.to("cpu", memory_format=torch.contiguous_format).eval()
     bundle_config = {
         **bundle_settings(config, data).to_config(),
-        "num_classes": data.num_classes,
+        "num_classes": num_classes,
         "dataset": config.dataset,
         "training": {
             **asdict(config), "history": state.history, "train_images": len(images.items),
@@ -388,13 +411,13 @@ def train(
     return path
 
 
-def _given_models(config: TrainConfig, data: SegmentationData) -> dict[str, SegmentationModel]:
+def _given_models(config: TrainConfig, data: SegmentationData, num_classes: int) -> dict[str, SegmentationModel]:
     """The models a run starts from: ``--model1-from``'s Model 1, or ``--init-from``'s of every role it trains."""
     if config.model1_from is not None:
-        return _models_from(config.model1_from, "--model1-from", config, data.num_classes, ["model1"])
+        return _models_from(config.model1_from, "--model1-from", config, num_classes, ["model1"])
     if config.init_from is not None:
         needed = [ROLES[phase] for phase in PHASES[config.stage]]
-        return _models_from(config.init_from, "--init-from", config, data.num_classes, needed)
+        return _models_from(config.init_from, "--init-from", config, num_classes, needed)
     return {}
 
 
@@ -548,11 +571,31 @@ def _models_from(path: str, flag: str, config: TrainConfig, num_classes: int, ro
     models = {}
     for role in roles:
         models[role] = _new_model(config, num_classes, role)
-        try:
-            models[role].load_state_dict(source.models[role].state_dict())
+        weights = source.models[role].state_dict()
+        if config.instance_output != "none" and flag == "--init-from":
+            weights = _without_new_classifier(weights, models[role].state_dict())
+        try:  # strict but for the classifier an instance output replaces
+            models[role].load_state_dict(weights, strict=len(weights) == len(models[role].state_dict()))
         except RuntimeError as exc:
             raise InputError(f"{path}'s {role} does not fit this run's network ({exc})") from exc
     return models
+
+
+def _without_new_classifier(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weights`` less the classifier tensors whose shape the new output changes (they start fresh).
+
+    An instance output fine-tuned from a plain nucleus model keeps every
+    layer but the last one, the 1x1 classifier, which now has 3 or 4 classes.
+    """
+    kept = {}
+    for name, tensor in weights.items():
+        if name in target and target[name].shape != tensor.shape:
+            if not name.startswith("classifier."):
+                raise InputError(f"the initial bundle's {name} has shape {tuple(tensor.shape)}, this run's network "
+                                 f"{tuple(target[name].shape)}")
+            continue
+        kept[name] = tensor
+    return kept
 
 
 def _validate(bundle: Any, data: SegmentationData, config: TrainConfig, progress: Callable[[int, int], None] | None) -> dict[str, Any]:
