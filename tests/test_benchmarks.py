@@ -282,3 +282,16 @@ def test_pixel_size_study_scores_each_scan_and_work_pixel_size(tmp_path) -> None
     # Everything marked: the Dice of an all-foreground mask does not depend on the pixel size.
     assert len({round(r["dice"], 9) for r in rows if r["method"] == "baseline"}) == 1
     assert (tmp_path / "pixel_size.md").read_text().count("\n| 0.5 |") == 4
+
+
+def test_geojson_tracer_benchmark_finds_the_library_polygons_exact_or_not() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "geojson_tracer.py"), "--size", "256",
+                             "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = {cells[1].strip(): cells[2:-1] for cells in (line.split("|") for line in result.stdout.splitlines()
+                                                         if line.startswith("| ") and "---" not in line)}
+    assert set(rows) == {"method", "wsiseg", "shapely runs, union_all", "shapely pixels, coverage_union_all",
+                         "skimage contours"}
+    differing = {name: float(cells[4]) for name, cells in rows.items() if name != "method"}
+    assert differing["wsiseg"] == differing["shapely runs, union_all"] == 0.0
+    assert differing["shapely pixels, coverage_union_all"] == 0.0 and differing["skimage contours"] > 0

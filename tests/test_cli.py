@@ -180,70 +180,6 @@ def test_ctrl_c_says_how_to_continue_this_command(tmp_path, monkeypatch, command
     assert result.stderr == message + "\n"
 
 
-def _clocked_bars(labels=None):
-    import io
-
-    from wsiseg.cli import ProgressBars
-
-    now = [0.0]
-    stream = io.StringIO()
-    return ProgressBars(labels=labels, stream=stream, clock=lambda: now[0]), stream, now
-
-
-def test_progress_without_a_terminal_prints_a_line_per_tenth_with_time_left() -> None:
-    bars, stream, now = _clocked_bars()
-    for done in range(481):
-        now[0] = 0.1 * done
-        bars("stage1", done, 480)
-    for done in range(4):
-        now[0] = 48.0 + 10 * done
-        bars("finish", done, 3)
-    bars.close()
-    lines = stream.getvalue().splitlines()
-    assert len(lines) == 13
-    assert lines[0] == "stage 1       48/480 (10 %) 0:05 elapsed, ~0:43 left"
-    assert lines[4] == "stage 1       240/480 (50 %) 0:24 elapsed, ~0:24 left"
-    assert lines[9] == "stage 1       480/480 (100 %) 0:48 elapsed"
-    assert lines[10:] == [
-        "finishing     1/3 (33 %) 0:10 elapsed, ~0:20 left",
-        "finishing     2/3 (66 %) 0:20 elapsed, ~0:10 left",
-        "finishing     3/3 (100 %) 0:30 elapsed",
-    ]
-
-
-def test_training_progress_without_a_terminal_shows_loss_and_time_left_from_a_resumed_step() -> None:
-    """A run resumed at step 600 of 1000 says so, and the time left comes from the steps done since."""
-    bars, stream, now = _clocked_bars({"stage1": "Model 1 "})
-    for done in range(600, 1001, 50):
-        now[0] = 0.5 * (done - 600)
-        bars("stage1", done, 1000, {"epoch": 1 + done // 100, "loss": 1000 / (done + 1)})
-    lines = stream.getvalue().splitlines()
-    assert lines == [
-        "Model 1  600/1000 (60 %) epoch 7 loss 1.6639, 0:00 elapsed",
-        "Model 1  700/1000 (70 %) epoch 8 loss 1.4265, 0:50 elapsed, ~2:30 left",
-        "Model 1  800/1000 (80 %) epoch 9 loss 1.2484, 1:40 elapsed, ~1:40 left",
-        "Model 1  900/1000 (90 %) epoch 10 loss 1.1099, 2:30 elapsed, ~0:50 left",
-        "Model 1  1000/1000 (100 %) epoch 11 loss 0.9990, 3:20 elapsed",
-    ]
-
-
-def test_progress_in_a_terminal_is_a_bar_with_time_left() -> None:
-    import io
-
-    from wsiseg.cli import ProgressBars
-
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    bars = ProgressBars(stream=Terminal())
-    bars("stage2", 1, 10)
-    assert bars.bar is not None and bars.bar.show_eta and bars.bar.show_pos
-    bars.close()
-    bars("stage2", 1, 10)  # after close() the same stage starts a new bar
-    assert bars.bar is not None and bars.bar.pos == 1
-
-
 def test_evaluate_without_a_terminal_prints_progress_lines_only(tmp_path, monkeypatch) -> None:
     """No stray label line: ten progress lines, then the table on stdout."""
     import wsiseg.evaluate
@@ -262,7 +198,7 @@ def test_evaluate_without_a_terminal_prints_progress_lines_only(tmp_path, monkey
     lines = result.stderr.splitlines()
     assert [line.split()[1] for line in lines] == [f"{2 * i}/20" for i in range(1, 11)]
     assert all(line.startswith("images        ") for line in lines)
-    assert lines[-1].endswith("(100 %) 0:00 elapsed")
+    assert lines[-1].endswith("(100 %) 00:00 elapsed")
 
 
 def test_train_options_are_the_train_configs_fields_with_its_defaults() -> None:

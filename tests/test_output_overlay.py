@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from wsiseg.output import overlay_size, write_overlay
+from wsiseg.output import write_overlay
+from wsiseg.plot import overlay_size
 
 YELLOW = (255, 220, 0)
 

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import click
 
 from wsiseg import __version__
-from wsiseg.config import TwoStageConfig
+from wsiseg.config import DEVICES, INPUT_TRANSFORMS, OUTPUT_PIXELS, TABLE_FORMATS, TwoStageConfig
 from wsiseg.errors import WsisegError
 from wsiseg.nuclei import INSTANCE_OUTPUTS
-from wsiseg.train.config import train_defaults
+from wsiseg.progress import IMAGE_LABELS, TRAIN_LABELS, ProgressBars, is_terminal
+from wsiseg.slide import BACKENDS
+from wsiseg.train.config import LOSS_NAMES, PHASES, train_defaults
+from wsiseg.train.datasets import DATASETS, SPLITS
+from wsiseg.uncertainty import SAMPLING_STRATEGIES, UNCERTAINTY_MEASURES
 
 #: The flow's defaults, shown in help texts (stated once, in wsiseg.config).
 FLOW_DEFAULTS = TwoStageConfig()
@@ -62,14 +65,6 @@ def interrupted_message(command: str | None, meta: Mapping[str, Any]) -> str:
     return "Interrupted."
 
 
-def is_terminal(stream: Any) -> bool:
-    """Whether ``stream`` is a terminal (a closed or unusual stream is not)."""
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
-
-
 @click.group(cls=WsisegGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="wsiseg")
 def main() -> None:
@@ -84,118 +79,6 @@ def _quiet_libraries() -> None:
     """Keep third-party log chatter (tifffile warnings, Dask shutdown notes) off the terminal."""
     for name in ("tifffile", "distributed", "distributed.client", "distributed.worker", "distributed.nanny"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-
-
-class ProgressBars:
-    """Shows ``progress(stage, done, total[, info])`` calls on stderr, one stage at a time.
-
-    In a terminal each stage is a click progress bar with its position and time
-    left. Elsewhere (batch logs, ``nohup``) a stage prints a :func:`progress_line`
-    each time another tenth of it is done and one at its end. ``info``
-    (training) adds the epoch and running loss.
-
-    Parameters
-    ----------
-    enabled : bool
-        False shows nothing.
-    labels : dict, optional
-        Stage -> label (default :attr:`LABELS`).
-    stream : text stream, optional
-        Default: ``sys.stderr`` when this object is made.
-    clock : callable
-        Seconds, for elapsed time and time left (default ``time.monotonic``).
-    """
-
-    LABELS = {
-        "stage1": "stage 1      ",
-        "stage2": "tiles        ",
-        "finish": "finishing    ",
-        "baseline": "baseline     ",
-    }
-
-    def __init__(
-        self,
-        enabled: bool = True,
-        labels: dict[str, str] | None = None,
-        stream: TextIO | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.enabled = enabled
-        self.labels = labels or self.LABELS
-        self.stream = stream if stream is not None else sys.stderr
-        self.clock = clock
-        self.stage: str | None = None
-        self.bar: Any = None
-        self.done = 0
-        self.started = (0.0, 0)  # (clock, done) at the stage's first call
-        self.tenths = 0  # tenths of the stage already printed; 10 once its end is
-
-    def __call__(self, stage: str, done: int, total: int, info: dict[str, Any] | None = None) -> None:
-        if not self.enabled:
-            return
-        label = self.labels.get(stage, stage)
-        if stage != self.stage:
-            self.close()
-            self._start(stage, label, done, total)
-        if self.bar is not None:
-            self._update_bar(label, done, info)
-        else:
-            self._print_line(label, done, total, info)
-
-    def _start(self, stage: str, label: str, done: int, total: int) -> None:
-        self.stage, self.done, self.tenths = stage, 0, 0
-        self.started = (self.clock(), done)
-        if is_terminal(self.stream):
-            self.bar = click.progressbar(length=total, label=label, file=self.stream, show_pos=True, show_eta=True)
-            self.bar.__enter__()
-
-    def _update_bar(self, label: str, done: int, info: dict[str, Any] | None) -> None:
-        if info:
-            self.bar.label = f"{label} epoch {info['epoch']} loss {info['loss']:.4f}"
-        if done > self.done:
-            self.bar.update(done - self.done)
-            self.done = done
-
-    def _print_line(self, label: str, done: int, total: int, info: dict[str, Any] | None) -> None:
-        tenths = 10 if done >= total else 10 * done // total
-        if tenths <= self.tenths:
-            return
-        self.tenths = tenths
-        since, first = self.started
-        click.echo(progress_line(label, done, total, self.clock() - since, done - first, info), file=self.stream)
-
-    def close(self) -> None:
-        """End the current stage; the next call starts a new one, whatever its stage."""
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
-        self.stage = None
-
-
-def progress_line(
-    label: str, done: int, total: int, elapsed: float, done_since_start: int, info: dict[str, Any] | None = None
-) -> str:
-    """One line of progress, e.g. ``stage 1       120/480 (25 %) 0:12 elapsed, ~0:36 left``.
-
-    The time left assumes the rest goes as fast as the ``done_since_start``
-    items of this stage (a resumed stage starts with some done); there is none
-    before the first item or after the last.
-    """
-    percent = 100 if done >= total else 100 * done // total
-    text = f"{label} {done}/{total} ({percent} %)"
-    if info:
-        text += f" epoch {info['epoch']} loss {info['loss']:.4f},"
-    text += f" {format_duration(elapsed)} elapsed"
-    if 0 < done_since_start and done < total:
-        text += f", ~{format_duration(elapsed * (total - done) / done_since_start)} left"
-    return text
-
-
-def format_duration(seconds: float) -> str:
-    """``m:ss``, or ``h:mm:ss`` from an hour on."""
-    minutes, secs = divmod(max(0, round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 @main.command()
@@ -227,20 +110,20 @@ def format_duration(seconds: float) -> str:
 @click.option("--ratio", type=int, default=None,
               help=f"Model 1's downsampling factor (default: the bundle's, or {FLOW_DEFAULTS.ratio}, made smaller "
                    "on a slide read coarser than the model's pixel size, to keep Model 1 near its trained pixels).")
-@click.option("--uncertainty", type=click.Choice(["entropy", "margin"]), default=None,
+@click.option("--uncertainty", type=click.Choice(list(UNCERTAINTY_MEASURES)), default=None,
               help="Uncertainty measure (default: the bundle's, or entropy).")
 @click.option("--blend", type=int, default=None,
               help=f"Blend ramp (pixels) between refined and unrefined tiles (default {FLOW_DEFAULTS.blend}).")
 @click.option("--batch-size", type=int, default=None,
               help="Tiles per Model 2 forward pass (default: 1 on the CPU, as fast as larger batches there "
                    "with less memory; 4 on a GPU).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "tifffile", "openslide", "zarr", "image"]), default="auto",
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto",
               show_default=True, help="Slide reader.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (with several slides: redo finished ones).")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run into the same output (always, with several slides).")
-@click.option("--pixels", type=click.Choice(["low", "full"]), default="low", show_default=True,
+@click.option("--pixels", type=click.Choice(OUTPUT_PIXELS), default="low", show_default=True,
               help="The slide pixels OUT.zarr holds as its image, under the mask: low = the view Model 1 read "
                    "(1/ratio per side, no extra decoding, about 1/ratio^2 of the storage), full = a copy at full "
                    "resolution (see benchmarks/RESULTS.md, 'Output pixels').")
@@ -260,7 +143,7 @@ def format_duration(seconds: float) -> str:
 @click.option("--min-object-area", type=int, default=None, metavar="PX",
               help="With --objects: objects of fewer mask pixels are specks, not nuclei, and are left out "
                    "(default: 8 square micrometres; none without a pixel size).")
-@click.option("--table-format", type=click.Choice(["parquet", "csv"]), default="parquet", show_default=True,
+@click.option("--table-format", type=click.Choice(TABLE_FORMATS), default="parquet", show_default=True,
               help="With --objects: the table's format.")
 @click.option("--geojson", is_flag=True,
               help="Also write GeoJSON QuPath imports: with --objects the nuclei as detections carrying their "
@@ -382,7 +265,7 @@ def _cohort_line(row: dict[str, Any]) -> str:
 
 @main.command()
 @click.argument("slide", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["auto", "tifffile", "openslide", "zarr", "image"]), default="auto",
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto",
               show_default=True)
 def info(slide: Path, backend: str) -> None:
     """Describe SLIDE (format, levels and their sizes, pixel size), an output
@@ -404,14 +287,11 @@ def info(slide: Path, backend: str) -> None:
         click.echo(line)
 
 
-DATASET_CHOICE = click.Choice(["ph2", "bowl", "kitti", "bdd", "folder", "nuinsseg"])
+DATASET_CHOICE = click.Choice(DATASETS)
 
 
 #: ``wsiseg train``'s option defaults: :class:`~wsiseg.train.config.TrainConfig`'s, stated there once.
 TRAIN = train_defaults()
-
-TRAIN_LABELS = {"loading": "images  ", "stage1": "Model 1 ", "stage2": "Model 2 ", "baseline": "baseline",
-                "scoring": "scoring "}
 
 
 @main.command()
@@ -427,12 +307,12 @@ TRAIN_LABELS = {"loading": "images  ", "stage1": "Model 1 ", "stage2": "Model 2 
 @click.option("--epochs", default=TRAIN["epochs"], show_default=True, help="Epochs per phase.")
 @click.option("--batch-size", default=TRAIN["batch_size"], show_default=True)
 @click.option("--lr", default=TRAIN["lr"], show_default=True, help="Adam learning rate.")
-@click.option("--loss", type=click.Choice(["focal", "ce", "ohem", "lad"]), default=TRAIN["loss"], show_default=True,
+@click.option("--loss", type=click.Choice(LOSS_NAMES), default=TRAIN["loss"], show_default=True,
               help="focal (the two-stage paper), ce, ohem (IFBFNet's) or lad (locally adaptive).")
 @click.option("--aux-weight", default=TRAIN["aux_weight"], show_default=True, help="Weight of an auxiliary head's loss (IFBFNet).")
 @click.option("--lad-window", default=TRAIN["lad_window"], show_default=True, help="Window of the locally adaptive loss.")
 @click.option("--lad-power", default=TRAIN["lad_power"], show_default=True, help="Minkowski power of the locally adaptive loss.")
-@click.option("--sampling", type=click.Choice(["random", "weighted", "highest"]), default=TRAIN["sampling"], show_default=True,
+@click.option("--sampling", type=click.Choice(SAMPLING_STRATEGIES), default=TRAIN["sampling"], show_default=True,
               help="How stage 2 picks a patch from Model 1's tile uncertainty.")
 @click.option("--image-size", default=TRAIN["image_size"], show_default=True,
               help="Resize images to this square (the paper's protocol); 0 keeps the native pixel size.")
@@ -442,7 +322,7 @@ TRAIN_LABELS = {"loading": "images  ", "stage1": "Model 1 ", "stage2": "Model 2 
 @click.option("--halo", default=TRAIN["halo"], show_default=True, help="Context pixels around each tile.")
 @click.option("--finetune/--no-finetune", default=TRAIN["finetune"], show_default=True, help="Start Model 2 from Model 1.")
 @click.option("--context/--no-context", default=TRAIN["context"], show_default=True, help="Give Model 2 Model 1's features.")
-@click.option("--stage", type=click.Choice(["two-stage", "baseline", "all"]), default=TRAIN["stage"], show_default=True)
+@click.option("--stage", type=click.Choice(list(PHASES)), default=TRAIN["stage"], show_default=True)
 @click.option("--model1-from", type=click.Path(path_type=Path), default=TRAIN["model1_from"],
               help="Skip stage 1 and use this bundle's Model 1 (same --arch, --backbone, --ratio, --input): "
                    "stage-2 settings compared on one Model 1.")
@@ -465,7 +345,7 @@ TRAIN_LABELS = {"loading": "images  ", "stage1": "Model 1 ", "stage2": "Model 2 
 @click.option("--synthetic-he", default=TRAIN["synthetic_he"], show_default=True,
               help="Replace this fraction of training crops by an H&E-like rendering of their nucleus mask "
                    "(stroma, fibres, cytoplasm, glass; binary nucleus masks); 0 off.")
-@click.option("--input", "input_transform", type=click.Choice(["rgb", "hematoxylin"]), default=TRAIN["input_transform"], show_default=True,
+@click.option("--input", "input_transform", type=click.Choice(INPUT_TRANSFORMS), default=TRAIN["input_transform"], show_default=True,
               help="What the network sees: the RGB image, or the hematoxylin density of colour deconvolution "
                    "(one nuclear-stain channel; stains look alike). Recorded in the bundle.")
 @click.option("--multiclass", is_flag=True, default=TRAIN["multiclass"], help="KITTI / BDD: 19 classes instead of vehicle vs rest.")
@@ -493,7 +373,7 @@ TRAIN_LABELS = {"loading": "images  ", "stage1": "Model 1 ", "stage2": "Model 2 
 @click.option("--freeze-bn-after", type=int, default=TRAIN["freeze_bn_after"],
               help="After this many epochs of each phase, train against frozen BatchNorm statistics "
                    "(for data mixing very different images, e.g. fluorescence and brightfield).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=TRAIN["device"], show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default=TRAIN["device"], show_default=True)
 @click.option("--val-images", default=TRAIN["val_images"], show_default=True, help="Test images scored at the end (0: all).")
 @click.option("--workers", default=TRAIN["workers"], show_default=True,
               help="Processes that make training batches ahead of the step (0: in this process); on a GPU, "
@@ -538,7 +418,7 @@ def train(out: Path, **opts: Any) -> None:
               help="Bundle whose single model is the full-resolution baseline (default: BUNDLE's own).")
 @click.option("--threshold", "thresholds", type=float, multiple=True,
               help="Two-stage thresholds (repeatable). Default: the paper's 1, 0.75, 0.5, 0.25, 0.")
-@click.option("--split", type=click.Choice(["train", "test", "all"]), default="test", show_default=True)
+@click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True)
 @click.option("--split-seed", type=int, default=None, help="Default: the seed BUNDLE was trained with.")
 @click.option("--multiclass", is_flag=True)
 @click.option("--limit", type=int, default=0, help="Score only the first N images.")
@@ -546,7 +426,7 @@ def train(out: Path, **opts: Any) -> None:
 @click.option("--halo", type=int, default=None, help="Override the bundle's halo.")
 @click.option("--ratio", type=int, default=None,
               help="Model 1's downsampling instead of the bundle's (as 'wsiseg segment --ratio').")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
               help="Where the timed inference runs: the paper's comparison is CPU seconds per image.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
               help="Folder for evaluation.csv / .json / speed_vs_dice.png (default: evaluation-<bundle name>).")
@@ -561,7 +441,7 @@ def evaluate(bundle: Path, **opts: Any) -> None:
     from wsiseg.evaluate import PixelSizes, evaluate_bundle, format_table
 
     _quiet_libraries()
-    bar = ProgressBars(labels={"images": "images       "})
+    bar = ProgressBars(labels=IMAGE_LABELS)
     try:
         rows, paths = evaluate_bundle(
             bundle, opts["dataset"], opts["data_root"], tuple(opts["thresholds"]), opts["baseline"], opts["split"],
@@ -585,11 +465,11 @@ def evaluate(bundle: Path, **opts: Any) -> None:
               help="The calibrated bundle (default: <BUNDLE>-calibrated.safetensors beside it).")
 @click.option("--max-loss", default=0.5, show_default=True,
               help="Dice points the two-stage run may lose against the bundle's full-resolution baseline.")
-@click.option("--split", type=click.Choice(["train", "test", "all"]), default="test", show_default=True)
+@click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True)
 @click.option("--split-seed", type=int, default=None, help="Default: the seed BUNDLE was trained with.")
 @click.option("--multiclass", is_flag=True)
 @click.option("--limit", type=int, default=0, help="Use only the first N images.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
 def calibrate(bundle: Path, **opts: Any) -> None:
     """Choose BUNDLE's default threshold on your own labelled images and save it in a copy.
 
@@ -600,7 +480,7 @@ def calibrate(bundle: Path, **opts: Any) -> None:
     from wsiseg.evaluate import format_table
 
     _quiet_libraries()
-    bar = ProgressBars(labels={"images": "images       "})
+    bar = ProgressBars(labels=IMAGE_LABELS)
     try:
         result = run_calibration(
             bundle, opts["dataset"], opts["data_root"], opts["out"], opts["max_loss"] / 100, split=opts["split"],

@@ -32,6 +32,12 @@ DEFAULT_ARCH = "unet"
 DEFAULT_BACKBONE = "resnet_lite"
 #: What a network may see: the RGB image, or the hematoxylin density of colour deconvolution.
 INPUT_TRANSFORMS = ("rgb", "hematoxylin")
+#: Where models run: ``auto`` is CUDA when a GPU is visible, else the CPU.
+DEVICES = ("auto", "cpu", "cuda")
+#: The slide pixels an output holds as its image (:attr:`RunOptions.pixels`).
+OUTPUT_PIXELS = ("low", "full")
+#: Formats of the objects table (:attr:`RunOptions.table_format`).
+TABLE_FORMATS = ("parquet", "csv")
 
 #: Tile side used when none is given. On a tiled slide the tile is the multiple
 #: of the file's own tile nearest to this (see :func:`wsiseg.run.plan.auto_tile_size`).
@@ -277,10 +283,10 @@ class RunOptions:
     def __post_init__(self) -> None:
         if self.overwrite and self.resume:
             raise InputError("give either --overwrite or --resume, not both")
-        if self.pixels not in ("low", "full"):
-            raise InputError(f"--pixels must be low or full, not {self.pixels!r}")
-        if self.table_format not in ("parquet", "csv"):
-            raise InputError(f"--table-format must be parquet or csv, not {self.table_format!r}")
+        if self.pixels not in OUTPUT_PIXELS:
+            raise InputError(f"--pixels must be {' or '.join(OUTPUT_PIXELS)}, not {self.pixels!r}")
+        if self.table_format not in TABLE_FORMATS:
+            raise InputError(f"--table-format must be {' or '.join(TABLE_FORMATS)}, not {self.table_format!r}")
         if self.mpp is not None and not (self.mpp > 0 and math.isfinite(self.mpp)):
             raise InputError(f"--mpp must be a positive number of micrometres per pixel, not {self.mpp}")
         if self.min_object_area is not None and self.min_object_area < 0:

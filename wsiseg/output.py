@@ -27,7 +27,7 @@ import numpy as np
 
 from wsiseg.cache import BoundedCache, register
 from wsiseg.errors import InputError
-from wsiseg.ngff import CONTEXT, label_colour
+from wsiseg.ngff import CONTEXT
 from wsiseg.guard import RECORD_DIR, check_output_path, is_wsiseg_output, not_a_folder_error, remove_for_overwrite
 
 SCRATCH_ARRAYS = (CONTEXT,)
@@ -330,80 +330,13 @@ def write_overlay(
     max_side: int = 1024,
     min_side: int = 512,
 ) -> Path:
-    """Save ``overlay.png``: the thumbnail, the mask tinted, refined tiles outlined.
+    """Save ``overlay.png``: the thumbnail, the mask tinted, refined tiles outlined
+    (drawn by :func:`wsiseg.plot.overlay_image`, whose parameters these are)."""
+    from wsiseg.plot import overlay_image
 
-    Parameters
-    ----------
-    background : np.ndarray
-        ``(h, w, 3)`` uint8 thumbnail of the slide.
-    mask : np.ndarray
-        ``(mh, mw)`` labels at any resolution (resized with nearest neighbour).
-    refined : np.ndarray or None
-        ``(rows, cols)`` bool tile map; outlines drawn in yellow.
-    tile_size : int
-        Tile side in working pixels; the last row and column of tiles may be partial.
-    work_shape : (height, width)
-        Size of the working resolution, which the thumbnail shows whole.
-    max_side, min_side : int
-        The overlay's longer side: a larger thumbnail is shrunk to ``max_side``,
-        a smaller one enlarged (nearest neighbour, whole factor) to ``min_side``
-        or more, never above ``max_side``.
-    """
-    from PIL import Image
-
-    size = overlay_size(background.shape[:2], max_side, min_side)
-    thumb = Image.fromarray(background)
-    smaller = size[0] < thumb.width
-    thumb = thumb.resize(size, Image.Resampling.BILINEAR if smaller else Image.Resampling.NEAREST)
-    labels = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
-    image = Image.fromarray(_tint(np.asarray(thumb), labels))
-    if refined is not None and refined.any():
-        scale = (size[1] / work_shape[0], size[0] / work_shape[1])
-        _outline_tiles(image, refined, tile_size, scale)
     path = out / "overlay.png"
-    image.save(path)
+    overlay_image(background, mask, refined, tile_size, work_shape, max_side, min_side).save(path)
     return path
-
-
-def overlay_size(shape: tuple[int, int], max_side: int = 1024, min_side: int = 512) -> tuple[int, int]:
-    """``(width, height)`` of the overlay of a ``(height, width)`` thumbnail (see :func:`write_overlay`)."""
-    height, width = shape
-    longer = max(height, width, 1)
-    if longer > max_side:
-        scale = max_side / longer
-    else:
-        scale = max(1, min(-(-min_side // longer), max_side // longer))
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def _tint(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """``rgb`` with each label's pixels blended towards its colour (label 0 untouched)."""
-    blended = rgb.astype(np.float32)
-    for value in np.unique(labels):
-        if value == 0:
-            continue
-        colour = np.array(label_colour(int(value))[:3], np.float32)
-        where = labels == value
-        blended[where] = 0.55 * blended[where] + 0.45 * colour
-    return np.clip(blended, 0, 255).astype(np.uint8)
-
-
-def _outline_tiles(image: Any, refined: np.ndarray, tile_size: int, scale: tuple[float, float]) -> None:
-    """Draw a yellow box on ``image`` around each refined tile.
-
-    ``scale`` is ``(sy, sx)``, overlay pixels per working pixel: tile ``(r, c)``
-    covers working pixels ``[r * tile_size, (r + 1) * tile_size)`` (clipped
-    to the image for the last row and column) and likewise in x.
-    """
-    from PIL import ImageDraw
-
-    draw = ImageDraw.Draw(image)
-    width, height = image.size
-    for r, c in np.argwhere(refined):
-        x0, x1 = (min(round(i * tile_size * scale[1]), width) for i in (c, c + 1))
-        y0, y1 = (min(round(i * tile_size * scale[0]), height) for i in (r, r + 1))
-        if x1 > x0 and y1 > y0:
-            draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(255, 220, 0))
 
 
 def remove_scratch(out: Path) -> None:
