@@ -33,7 +33,7 @@ def open_fds() -> int:
 
 @pytest.fixture(autouse=True)
 def _empty_caches():
-    slide.clear_readers()
+    readers.clear_readers()
     yield
     cache.release_all()
 
@@ -180,7 +180,7 @@ def test_reader_retired_during_a_read_closes_when_the_read_ends(tmp_path) -> Non
     image = _write_slide(path, 3)
     opened = slide.open_slide(path)
     reader = readers.lease_reader(opened.backend, opened.path)
-    slide.clear_readers()  # another thread empties the cache mid-read
+    readers.clear_readers()  # another thread empties the cache mid-read
     assert not reader._tiff.filehandle.closed
     np.testing.assert_array_equal(reader.read(0, Box(0, 8, 0, 8))[..., :3], image[:8, :8])
     reader.unlease()

@@ -90,7 +90,8 @@ def test_output_opens_with_ome_zarr_reader(reference_run) -> None:
 def test_each_level0_tile_is_decoded_at_most_once_and_only_for_selected_windows(
     tmp_path, pyramid_slide, test_bundle, local_client, monkeypatch
 ) -> None:
-    from wsiseg.readers import TiffReader, clear_readers
+    from wsiseg.readers import clear_readers
+    from wsiseg.readers.tiff import TiffReader
 
     decoded: list[tuple[int, int]] = []
     original = TiffReader._decode

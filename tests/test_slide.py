@@ -13,7 +13,8 @@ from PIL import Image
 
 from conftest import structured_image, write_pyramid
 from wsiseg.errors import InputError
-from wsiseg.slide import Box, clear_readers, describe, open_slide, to_rgb8
+from wsiseg.readers import clear_readers
+from wsiseg.slide import Box, describe, open_slide, to_rgb8
 from wsiseg.tiling import downsample_mean
 
 
@@ -45,7 +46,7 @@ def test_dask_pyramid_is_lazy_and_exact(pyramid_slide, slide_image) -> None:
 
 
 def test_region_read_decodes_only_touched_tiles(pyramid_slide, monkeypatch) -> None:
-    from wsiseg.readers import TiffReader
+    from wsiseg.readers.tiff import TiffReader
 
     decoded = []
     original = TiffReader._decode

@@ -1,60 +1,51 @@
 """Open any supported image as a lazy pyramid of RGB uint8 levels.
 
-:func:`open_slide` inspects a file once and returns a :class:`Slide`: a small,
+:func:`open_slide` picks a reader (:mod:`wsiseg.readers`, one module per
+backend), has it inspect the file once, and returns a :class:`Slide`: a small,
 picklable description (path, backend, level sizes and downsamples, pixel
 size). Pixels are read with :meth:`Slide.read_region` or as dask arrays with
-:meth:`Slide.to_dask`; both go through a reader (:mod:`wsiseg.readers`) that every process opens once
+:meth:`Slide.to_dask`; both go through a reader that every process opens once
 per file and caches, so a ``Slide`` can travel to Dask workers by value while
 file handles never do.
 
-Backends
---------
+Backends (``auto`` chooses by content)
+--------------------------------------
 ``tifffile``
-    TIFF, BigTIFF, OME-TIFF and Aperio SVS. Tiled levels are read by
-    decoding only the raw tiles a region touches (the fastest path measured
-    on these machines); other layouts through tifffile's zarr store.
+    TIFF, BigTIFF, OME-TIFF and Aperio SVS, and the TIFF files of other
+    OpenSlide vendors in :data:`~wsiseg.readers.tiff.TIFF_PYRAMID_VENDORS`.
 ``openslide``
-    The other whole-slide formats OpenSlide reads (NDPI, MRXS, SCN, BIF,
-    Philips TIFF, Ventana, DICOM WSI, ...).
+    The other whole-slide formats OpenSlide reads.
 ``zarr``
     OME-Zarr (NGFF 0.4 and 0.5) multiscale images.
 ``image``
-    Ordinary PNG, JPEG, BMP (and other Pillow-readable) files, held in
-    memory once per process.
+    Ordinary PNG, JPEG, BMP (and other Pillow-readable) files.
 
-Every level reads as ``(h, w, 3)`` uint8 RGB: grey is repeated, alpha is
-composited over white, and 16-bit or float data is scaled to 8 bits with
-one intensity range estimated from a small level (or from sampled regions).
+Every level reads as ``(h, w, 3)`` uint8 RGB (:func:`to_rgb8`): grey is
+repeated, alpha is composited over white, and 16-bit or float data is scaled
+to 8 bits with one intensity range estimated from a small level (or from
+sampled regions).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from wsiseg.errors import InputError
-from wsiseg.readers import (
-    MAX_PLAIN_IMAGE_PIXELS,
-    lease_reader,
-    load_plain_image,
-    ngff_multiscale,
-    open_reader,
-    tifffile_quiet,
-)
-from wsiseg.readers import clear_readers, to_rgb8  # noqa: F401 - part of this module's public surface
+from wsiseg.readers import READER_CLASSES, lease_reader
+from wsiseg.readers.image import IMAGE_MAGIC
+from wsiseg.readers.openslide import openslide_vendor
+from wsiseg.readers.tiff import TIFF_MAGIC, TIFF_PYRAMID_VENDORS
+from wsiseg.readers.zarr import looks_like_zarr
 from wsiseg.tiling import Box
 
-BACKENDS = ("auto", "tifffile", "openslide", "zarr", "image")
-
-#: OpenSlide vendors whose TIFF files tifffile reads as a plain pyramid.
-_TIFFFILE_VENDORS = {None, "generic-tiff", "aperio"}
-
+#: The ``--backend`` choices: ``auto`` and every reader's backend.
+BACKENDS = ("auto", *READER_CLASSES)
 
 
 @dataclass(frozen=True)
@@ -183,16 +174,44 @@ def _chunk_sizes(size: int, chunk: int) -> tuple[int, ...]:
     return (chunk,) * full + ((rest,) if rest else ())
 
 
+def to_rgb8(raw: np.ndarray, intensity_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Any ``(h, w)`` / ``(h, w, c)`` image as ``(h, w, 3)`` uint8 RGB.
+
+    Parameters
+    ----------
+    raw : np.ndarray
+        Grey (c absent or 1), grey + alpha (c = 2), RGB (3) or RGBA (4); any
+        integer or float dtype.
+    intensity_range : (low, high), optional
+        Values mapped to 0 and 255 for non-uint8 data (default: the dtype's
+        range for integers, [0, 1] for floats).
+    """
+    if raw.ndim == 2:
+        raw = raw[..., None]
+    channels = raw.shape[2]
+    if channels not in (1, 2, 3, 4):
+        raise InputError(f"images with {channels} channels are not supported; give grey, RGB or RGBA")
+    if raw.dtype != np.uint8:
+        if intensity_range is None:
+            if np.issubdtype(raw.dtype, np.integer):
+                info = np.iinfo(raw.dtype)
+                intensity_range = (0.0, float(info.max))
+            else:
+                intensity_range = (0.0, 1.0)
+        low, high = intensity_range
+        scaled = (raw.astype(np.float32) - low) * (255.0 / max(high - low, 1e-12))
+        raw = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    has_alpha = channels in (2, 4)
+    colour = raw[..., : channels - 1] if has_alpha else raw
+    if colour.shape[2] == 1:
+        colour = np.repeat(colour, 3, axis=2)
+    if has_alpha:
+        alpha = raw[..., -1:].astype(np.float32) / 255.0
+        colour = np.rint(colour * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    return np.ascontiguousarray(colour)
+
+
 # --------------------------------------------------------------------------- opening
-
-
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-_PLAIN_MAGIC = {
-    b"\x89PNG": "png",
-    b"\xff\xd8\xff": "jpeg",
-    b"BM": "bmp",
-    b"GIF8": "gif",
-}
 
 
 def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> Slide:
@@ -220,28 +239,44 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> Slide:
     if not p.exists():
         raise InputError(f"{name}: no such file")
     if p.is_dir():
-        if backend in ("auto", "zarr") and _looks_like_zarr(p):
-            return _guarded(name, lambda: _open_zarr(p))
+        if backend in ("auto", "zarr") and looks_like_zarr(p):
+            return _guarded(name, lambda: _inspect(p, "zarr"))
         raise InputError(f"{name} is a folder, not an image (an OME-Zarr folder needs its multiscales metadata)")
     if p.stat().st_size == 0:
         raise InputError(f"{name} is empty (0 bytes)")
     with open(p, "rb") as handle:
         head = handle.read(8)
     if backend == "auto":
-        if head[:4] in _TIFF_MAGIC:
-            vendor = _openslide_vendor(p)
-            backend = "tifffile" if vendor in _TIFFFILE_VENDORS else "openslide"
-        elif any(head.startswith(m) for m in _PLAIN_MAGIC):
-            backend = "image"
-        elif _openslide_vendor(p) is not None:
-            backend = "openslide"
-        else:
-            raise InputError(
-                f"{name}: unsupported or unrecognised file format; give a whole-slide image, "
-                "TIFF / OME-TIFF, OME-Zarr folder, PNG, JPEG or BMP"
-            )
-    opener = {"tifffile": _open_tiff, "openslide": _open_openslide, "zarr": _open_zarr, "image": _open_image}[backend]
-    return _guarded(name, lambda: opener(p))
+        backend = _choose_backend(p, name, head)
+    return _guarded(name, lambda: _inspect(p, backend))
+
+
+def _choose_backend(path: Path, name: str, head: bytes) -> str:
+    """The backend for a file by its content: its first bytes ``head``, then OpenSlide's vendor detection."""
+    if head[:4] in TIFF_MAGIC:
+        vendor = openslide_vendor(path)
+        return "tifffile" if vendor is None or vendor in TIFF_PYRAMID_VENDORS else "openslide"
+    if head.startswith(IMAGE_MAGIC):
+        return "image"
+    if openslide_vendor(path) is not None:
+        return "openslide"
+    raise InputError(
+        f"{name}: unsupported or unrecognised file format; give a whole-slide image, "
+        "TIFF / OME-TIFF, OME-Zarr folder, PNG, JPEG or BMP"
+    )
+
+
+def _inspect(path: Path, backend: str) -> Slide:
+    """The :class:`Slide` of ``path`` as its ``backend`` reader finds it."""
+    info = READER_CLASSES[backend].inspect(str(path))
+    base_h, base_w = info.level_shapes[0]
+    levels = tuple(
+        Level((h, w), (base_h / h, base_w / w), tile) for (h, w), tile in zip(info.level_shapes, info.tile_shapes)
+    )
+    return Slide(
+        str(path.resolve()), backend, info.format, levels, info.mpp, info.intensity_range, info.properties,
+        info.warnings,
+    )
 
 
 def _guarded(name: str, open_fn: Callable[[], Slide]) -> Slide:
@@ -272,276 +307,6 @@ def _check_readable(slide: Slide) -> None:
                     f"{slide.path} cannot be read: decoding level {level} failed "
                     f"({type(exc).__name__}); the file is truncated or corrupt"
                 ) from exc
-
-
-def _openslide_vendor(path: Path) -> str | None:
-    try:
-        import openslide
-
-        return openslide.OpenSlide.detect_format(str(path))
-    except Exception:  # noqa: BLE001 - detection failure means "not an OpenSlide file"
-        return None
-
-
-def _open_tiff(path: Path) -> Slide:
-    import tifffile
-
-    with tifffile_quiet(), tifffile.TiffFile(path) as tiff:
-        if not tiff.series or not len(tiff.pages):
-            raise InputError(f"{path} cannot be read: it is truncated or corrupt (no image data found)")
-        usable, warning = _check_tile_offsets(tiff, path)
-        series = tiff.series[0]
-        axes = series.axes.lower()
-        if "y" not in axes or "x" not in axes:
-            raise InputError(f"{path}: image axes {series.axes!r} have no Y and X")
-        levels = []
-        base_h = base_w = None
-        for lvl in series.levels[:usable]:
-            shape = dict(zip(lvl.axes.lower(), lvl.shape))
-            h, w = int(shape["y"]), int(shape["x"])
-            if base_h is None:
-                base_h, base_w = h, w
-            page = lvl.keyframe
-            tile = (int(page.tilelength), int(page.tilewidth)) if page.is_tiled else None
-            levels.append(Level((h, w), (base_h / h, base_w / w), tile))
-        dtype = series.dtype
-        fmt = "ome-tiff" if tiff.is_ome else ("aperio" if tiff.is_svs else "tiff")
-        properties = {"series": series.name or "0", "axes": series.axes, "dtype": str(dtype)}
-        mpp = _tiff_mpp(tiff, path)
-    warnings = (warning,) if warning else ()
-    slide = Slide(str(path.resolve()), "tifffile", fmt, tuple(levels), mpp, None, properties, warnings)
-    return _with_intensity_range(slide, dtype)
-
-
-
-def _check_tile_offsets(tiff: Any, path: Path) -> tuple[int, str | None]:
-    """How many levels of a TIFF's first series have all their pixel data in the file.
-
-    A truncated copy loses its last bytes, and so its last levels. Level 0
-    with a tile that cannot be located (past the end of the file, or at
-    offset 0) is refused. A reduced level with one is dropped together with
-    every level after it (so the kept levels keep the file's level numbers),
-    and so are the pages lost when the chain of pages (IFDs) itself is cut.
-
-    Returns
-    -------
-    (usable, warning)
-        The number of leading levels to use, and a one-line warning naming
-        what was dropped (None when nothing was).
-
-    Raises
-    ------
-    InputError
-        When level 0 itself is truncated.
-    """
-    size = path.stat().st_size
-    levels = tiff.series[0].levels
-    for index, level in enumerate(levels):
-        problem = _level_data_problem(level, size)
-        if problem is None:
-            continue
-        if index == 0:
-            raise InputError(f"{path} is truncated: {problem}; copy it again")
-        return index, f"level {index} of {path} is truncated ({problem}); {_using_levels(index)}"
-    if _page_chain_is_cut(tiff):
-        last = len(levels) - 1
-        return len(levels), (
-            f"{path} is truncated after level {last} (the pages that follow are missing); {_using_levels(len(levels))}"
-        )
-    return len(levels), None
-
-
-def _level_data_problem(level: Any, size: int) -> str | None:
-    """Why some tile (or strip) of a tifffile level cannot be located in ``size`` bytes, or None."""
-    for page in level.pages:
-        if page is None:
-            continue
-        offsets = np.asarray(page.dataoffsets, np.int64)
-        counts = np.asarray(page.databytecounts, np.int64)
-        if len(offsets) == 0 or len(offsets) != len(counts):
-            return "a page lists no pixel data"
-        present = counts > 0  # a count of 0 is a tile the writer left out (read as background)
-        if (offsets[present] <= 0).any():
-            return "a tile has no offset"
-        end = int((offsets + counts).max())
-        if end > size:
-            return f"its pixel data ends at byte {end} but the file has {size} bytes"
-    return None
-
-
-def _page_chain_is_cut(tiff: Any) -> bool:
-    """True when the last page tifffile found points to a next page it could not read."""
-    position = tiff.pages.next_page_offset
-    if position is None:  # pages listed up front (SubIFDs): no chain to follow
-        return False
-    handle = tiff.filehandle
-    handle.seek(position)
-    raw = handle.read(tiff.tiff.offsetsize)
-    if len(raw) < tiff.tiff.offsetsize:
-        return True
-    return int.from_bytes(raw, "little" if tiff.byteorder == "<" else "big") != 0
-
-
-def _using_levels(count: int) -> str:
-    """``"using level 0 only"`` / ``"using levels 0-{count - 1} only"``."""
-    return "using level 0 only" if count == 1 else f"using levels 0-{count - 1} only"
-
-
-def _tiff_mpp(tiff: Any, path: Path) -> tuple[float, float] | None:
-    """Micrometres per pixel: OpenSlide's reading, OME metadata, SVS text, or resolution tags."""
-    try:
-        import openslide
-
-        if openslide.OpenSlide.detect_format(str(path)):
-            with openslide.OpenSlide(str(path)) as handle:
-                x = handle.properties.get(openslide.PROPERTY_NAME_MPP_X)
-                y = handle.properties.get(openslide.PROPERTY_NAME_MPP_Y)
-                if x and y and float(x) > 0 and float(y) > 0:
-                    return float(y), float(x)
-    except Exception:  # noqa: BLE001 - fall back to tifffile's metadata
-        pass
-    if tiff.is_ome and tiff.ome_metadata:
-        found = {}
-        for axis in ("X", "Y"):
-            m = re.search(rf'PhysicalSize{axis}="([0-9.eE+-]+)"', tiff.ome_metadata)
-            unit = re.search(rf'PhysicalSize{axis}Unit="([^"]+)"', tiff.ome_metadata)
-            if m:
-                factor = {"nm": 1e-3, "mm": 1e3, "cm": 1e4}.get(unit.group(1) if unit else "µm", 1.0)
-                found[axis] = float(m.group(1)) * factor
-        if "X" in found and "Y" in found:
-            return found["Y"], found["X"]
-    page = tiff.pages[0]
-    if tiff.is_svs:
-        m = re.search(r"MPP\s*=\s*([0-9.]+)", page.description or "")
-        if m:
-            return float(m.group(1)), float(m.group(1))
-    tags = page.tags
-    if "XResolution" in tags and "YResolution" in tags and "ResolutionUnit" in tags:
-        unit = int(tags["ResolutionUnit"].value)
-        per_unit = {2: 25400.0, 3: 10000.0}.get(unit)
-
-        def ratio(tag: Any) -> float:
-            v = tag.value
-            return v[0] / v[1] if isinstance(v, tuple) and v[1] else float(v)
-
-        xres, yres = ratio(tags["XResolution"]), ratio(tags["YResolution"])
-        # Inch resolutions under 2000 dpi are screen or print defaults, not microscopy.
-        if per_unit and xres > 0 and yres > 0 and (unit == 3 or xres >= 2000):
-            return per_unit / yres, per_unit / xres
-    return None
-
-
-def _open_openslide(path: Path) -> Slide:
-    import openslide
-
-    with openslide.OpenSlide(str(path)) as handle:
-        width0, height0 = handle.dimensions
-        levels = []
-        for index, (w, h) in enumerate(handle.level_dimensions):
-            tw = handle.properties.get(f"openslide.level[{index}].tile-width")
-            th = handle.properties.get(f"openslide.level[{index}].tile-height")
-            tile = (int(th), int(tw)) if tw and th else None
-            levels.append(Level((h, w), (height0 / h, width0 / w), tile))
-        x = handle.properties.get(openslide.PROPERTY_NAME_MPP_X)
-        y = handle.properties.get(openslide.PROPERTY_NAME_MPP_Y)
-        mpp = (float(y), float(x)) if x and y else None
-        vendor = handle.properties.get(openslide.PROPERTY_NAME_VENDOR, "openslide")
-        keep = ("openslide.objective-power", "openslide.vendor", "openslide.comment")
-        properties = {k: str(handle.properties[k])[:200] for k in keep if k in handle.properties}
-    return Slide(str(path.resolve()), "openslide", vendor, tuple(levels), mpp, None, properties)
-
-
-def _looks_like_zarr(path: Path) -> bool:
-    return any((path / name).exists() for name in ("zarr.json", ".zattrs", ".zgroup"))
-
-
-def _open_zarr(path: Path) -> Slide:
-    import zarr
-
-    group = zarr.open_group(str(path), mode="r")
-    multiscale, version = ngff_multiscale(dict(group.attrs))
-    axes_meta = multiscale["axes"]
-    names = [a["name"] if isinstance(a, dict) else a for a in axes_meta]
-    lowered = [n.lower() for n in names]
-    if "y" not in lowered or "x" not in lowered:
-        raise InputError(f"{path}: OME-Zarr axes {names} have no y and x")
-    yi, xi = lowered.index("y"), lowered.index("x")
-    levels = []
-    base = None
-    for dataset in multiscale["datasets"]:
-        shape = group[dataset["path"]].shape
-        h, w = int(shape[yi]), int(shape[xi])
-        base = base or (h, w)
-        chunks = group[dataset["path"]].chunks
-        levels.append(Level((h, w), (base[0] / h, base[1] / w), (int(chunks[yi]), int(chunks[xi]))))
-    mpp = None
-    first = multiscale["datasets"][0].get("coordinateTransformations", [])
-    scale = next((t["scale"] for t in first if t.get("type") == "scale"), None)
-    if scale and isinstance(axes_meta[yi], dict):
-        factor = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3}.get(axes_meta[yi].get("unit", ""))
-        if factor:
-            mpp = (float(scale[yi]) * factor, float(scale[xi]) * factor)
-    dtype = group[multiscale["datasets"][0]["path"]].dtype
-    slide = Slide(str(path.resolve()), "zarr", "ome-zarr", tuple(levels), mpp, None, {"ngff": version, "axes": "".join(names)})
-    return _with_intensity_range(slide, np.dtype(dtype))
-
-
-
-def _open_image(path: Path) -> Slide:
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = MAX_PLAIN_IMAGE_PIXELS
-    with Image.open(path) as image:
-        width, height = image.size
-        fmt = (image.format or "image").lower()
-        image.verify()
-    if width * height > MAX_PLAIN_IMAGE_PIXELS:
-        raise InputError(f"{path} has {width * height} pixels; convert it to a tiled pyramidal TIFF")
-    array = load_plain_image(str(path))
-    slide = Slide(str(path.resolve()), "image", fmt, (Level((height, width), (1.0, 1.0), None),), None, None, {})
-    if array.dtype != np.uint8:
-        slide = _with_range(slide, _robust_range(array))
-    return slide
-
-
-def _with_range(slide: Slide, intensity_range: tuple[float, float]) -> Slide:
-    """``slide`` with ``intensity_range`` set (every other field, warnings included, kept)."""
-    return replace(slide, intensity_range=intensity_range)
-
-
-def _with_intensity_range(slide: Slide, dtype: np.dtype) -> Slide:
-    """For non-uint8 data, estimate one intensity range from a small level or samples."""
-    if dtype == np.uint8:
-        return slide
-    reader = open_reader(slide.backend, slide.path)
-    try:
-        smallest = len(slide.levels) - 1
-        h, w = slide.levels[smallest].shape
-        if h * w <= 4096 * 4096:
-            samples = [reader.read(smallest, Box(0, h, 0, w))]
-        else:
-            samples = []
-            for fy in (0.2, 0.4, 0.6, 0.8):
-                for fx in (0.2, 0.4, 0.6, 0.8):
-                    y, x = int(fy * (h - 256)), int(fx * (w - 256))
-                    samples.append(reader.read(smallest, Box(y, y + 256, x, x + 256)))
-    finally:
-        close = getattr(reader, "close", None)
-        if close:
-            close()
-    values = np.concatenate([s.reshape(-1, s.shape[-1] if s.ndim == 3 else 1) for s in samples])
-    if values.shape[1] in (2, 4):
-        values = values[:, :-1]
-    return _with_range(slide, _robust_range(values))
-
-
-def _robust_range(values: np.ndarray) -> tuple[float, float]:
-    if values.ndim == 3 and values.shape[2] in (2, 4):
-        values = values[..., :-1]
-    low, high = np.percentile(values.astype(np.float64), [0.1, 99.9])
-    if high <= low:
-        high = low + 1.0
-    return float(low), float(high)
 
 
 def describe(slide: Slide) -> list[str]:
