@@ -19,18 +19,15 @@ example slide is small (2220 x 2967): the script reads it whole, which
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import (EXAMPLE_SLIDE, ROOT, Stopwatch, add_results_argument, command_line, header, machine, make_parser,
+                    set_torch_threads, write_result)
 
 
 def resample(image: np.ndarray, scale: float) -> np.ndarray:
@@ -68,20 +65,18 @@ def agreement(image: np.ndarray, bundle, ratio: int | None = None, device: str =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--slide", type=Path, default=ROOT / "examples" / "data" / "CMU-1-Small-Region.svs")
+    parser = make_parser(__doc__)
+    parser.add_argument("--slide", type=Path, default=EXAMPLE_SLIDE)
     parser.add_argument("--model", type=Path, default=ROOT / "wsiseg" / "data" / "default.safetensors")
     parser.add_argument("--scale", type=float, action="append", default=[], help="repeatable (default 1, 1.25, 1.6, 2)")
     parser.add_argument("--ratio", type=int, action="append", default=[], help="repeatable (default: the bundle's)")
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    add_results_argument(parser)
     args = parser.parse_args(argv)
-
-    import torch
 
     from wsiseg.bundle import load_bundle
     from wsiseg.slide import Box, open_slide
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    set_torch_threads()
     bundle = load_bundle(args.model)
     slide = open_slide(args.slide)
     h, w = slide.shape
@@ -90,25 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     for scale in args.scale or [1.0, 1.25, 1.6, 2.0]:
         resampled = resample(image, scale)
         for ratio in args.ratio or [int(bundle.config.get("ratio", 4))]:
-            started = time.perf_counter()
-            rows.append({"scale": scale, "ratio": ratio, **agreement(resampled, bundle, ratio),
-                         "seconds": round(time.perf_counter() - started, 1)})
+            with Stopwatch() as watch:
+                figures = agreement(resampled, bundle, ratio)
+            rows.append({"scale": scale, "ratio": ratio, **figures, "seconds": round(watch.seconds, 1)})
             print(json.dumps(rows[-1]), flush=True)
-    command = "python benchmarks/agreement_by_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    results = {"command": command, "slide": str(args.slide), "model": str(args.model),
-               "mpp": slide.mpp, "model_mpp": bundle.config.get("mpp"),
-               "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}",
-               "rows": rows}
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "agreement_by_scale.json").write_text(json.dumps(results, indent=2))
-    (args.results / "agreement_by_scale.md").write_text("\n".join(table(results)) + "\n")
-    print("\n".join(table(results)))
+    results = {"command": command_line(__file__, argv), "slide": str(args.slide), "model": str(args.model),
+               "mpp": slide.mpp, "model_mpp": bundle.config.get("mpp"), "machine": machine(), "rows": rows}
+    write_result(args.results, "agreement_by_scale", results, table(results))
     return 0
 
 
 def table(results: dict) -> list[str]:
     """Markdown: one row per scale."""
-    lines = [f"`{results['command']}`  ", results["machine"], "",
+    lines = [*header(results["command"], results["machine"]),
              "| scale | um per pixel | ratio | tiles refined | marked: two-stage / Model 2 everywhere / full | "
              "Dice two-stage vs full | Model 2 everywhere vs full | two-stage vs Model 2 everywhere |",
              "|---|---|---|---|---|---|---|---|"]

@@ -14,34 +14,30 @@ seconds per slide over the slides since the previous row. A flat cohort
 keeps descriptors and memory constant however many slides it has run.
 
 The JSON (``--out``/cohort-resources.json) is rewritten after every row, so
-an interrupted run still leaves its figures; the Markdown table is printed
-at the end, with the command on top.
+an interrupted run still leaves its figures; the Markdown table, with the
+command on top, is written beside it and printed at the end.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from common import (Stopwatch, add_results_argument, command_line, header, machine, make_parser, write_json,
+                    write_result)
 
-ROOT = Path(__file__).resolve().parents[1]
 TILE = 128
 FACTORS = (1, 2, 4)
 
 
 def make_slide(path: Path, size: int, seed: int) -> Path:
     """A ``size`` square pyramidal TIFF of blocky noise with fine texture (like tissue at a glance)."""
+    import numpy as np
     import tifffile
 
     from wsiseg.tiling import downsample_mean
@@ -70,44 +66,30 @@ def process_state() -> dict[str, Any]:
             "readers": len(readers.READERS), "arrays": len(output._ARRAYS)}
 
 
-def machine() -> str:
-    """Architecture, cores, torch and Python versions (torch is not imported in this driver)."""
-    try:
-        torch = metadata.version("torch")
-    except metadata.PackageNotFoundError:  # pragma: no cover - torch is a dependency
-        torch = "?"
-    return (f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, torch {torch}, "
-            f"python {platform.python_version()}")
-
-
-def markdown(data: dict[str, Any]) -> str:
-    """The rows as a Markdown table, the command on top."""
+def markdown(data: dict[str, Any]) -> list[str]:
+    """The rows as a Markdown table, the command and the machine on top."""
     workers = data["workers"]
     names = [f"w{i}" for i in range(len(workers))]
     head = ["slides", "s/slide", *(f"fds {n}" for n in names), *(f"RSS MB {n}" for n in names),
             "fds driver", "RSS MB driver"]
-    lines = [f"`{data['command']}`", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [*header(data["command"], data["machine"]), "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in data["rows"]:
         per = [row["workers"].get(w, {}) for w in workers]
         cells = [row["slides"], f"{row['s_per_slide']:.2f}", *(p.get("fds", "-") for p in per),
                  *(p.get("rss_mb", "-") for p in per), row["driver"]["fds"], row["driver"]["rss_mb"]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
-
-
-def _write(path: Path, data: dict[str, Any]) -> None:
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(partial, path)
+    if not data["complete"]:
+        lines += ["", "(stopped before the last slide)"]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--slides", type=int, default=1000)
     parser.add_argument("--size", type=int, default=512, help="slide side in pixels")
     parser.add_argument("--every", type=int, default=50, help="slides between rows")
     parser.add_argument("--model", default=None, help="bundle path (default: the shipped model)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    add_results_argument(parser, "--out")
     parser.add_argument("--scratch", type=Path, default=None, help="folder for slides and outputs (default: a temp folder)")
     args = parser.parse_args(argv)
 
@@ -124,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     options = RunOptions(model=args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     result = args.out / "cohort-resources.json"
-    command = "python benchmarks/bench_cohort.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line(__file__, argv)
     scratch = Path(tempfile.mkdtemp(prefix="wsiseg-cohort-", dir=args.scratch))
     signal.signal(signal.SIGTERM, _stop)  # a stopped run still prints what it measured
     client = start_client(workers=2)
@@ -132,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
         data = {
-            "command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+            "command": command, "date": time.strftime("%Y-%m-%d"), "machine": machine(),
             "slides_requested": args.slides, "size": args.size, "tile": TILE, "factors": list(FACTORS),
             "config": {"tile_size": config.tile_size, "halo": config.halo, "stage1_block": config.stage1_block,
                        "selection": "budget 0.5"},
@@ -142,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.slides):
             slide = make_slide(scratch / f"slide-{i:04d}.tif", args.size, seed=i)
             out = scratch / f"out-{i:04d}.zarr"
-            started = time.perf_counter()
-            report = segment_slide(slide, out, client, config, options)
-            seconds += time.perf_counter() - started
+            with Stopwatch() as watch:
+                report = segment_slide(slide, out, client, config, options)
+            seconds += watch.seconds
             window += 1
             if report.status != "complete":
                 raise RuntimeError(f"slide {i}: status {report.status!r}")
@@ -159,20 +141,19 @@ def main(argv: list[str] | None = None) -> int:
                 "driver": process_state(),
             })
             window, seconds = 0, 0.0
-            _write(result, data)
+            write_json(result, data)
             row = data["rows"][-1]
             print(f"{row['slides']} slides, {row['s_per_slide']:.2f} s/slide: "
                   + ", ".join(f"{w}: {s['fds']} fds {s['rss_mb']} MB" for w, s in sorted(row["workers"].items())),
                   flush=True)
         data["complete"] = True
-        _write(result, data)
     finally:
         client.close()
         shutil.rmtree(scratch, ignore_errors=True)
         if data.get("rows"):
             print()
-            print(markdown(data) + ("" if data["complete"] else "\n\n(stopped before the last slide)"))
-            print(f"\nwrote {result}", flush=True)
+            write_result(args.out, result.stem, data, markdown(data))
+            print(f"\nwrote {result} and {result.with_suffix('.md').name}", flush=True)
     return 0
 
 

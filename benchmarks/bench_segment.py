@@ -38,7 +38,8 @@ summed proportional memory (PSS, which splits them among the processes).
             the slide held in memory, against wsiseg's full-resolution and
             two-stage runs on the same region.
 
-Each study prints Markdown (with the command) and writes JSON to ``--out``.
+Each study writes JSON and Markdown (with the command on top) to ``--out``
+and prints the Markdown.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -56,9 +56,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from wsiseg.run.report import read_report
-
-ROOT = Path(__file__).resolve().parents[1]
+from common import (ROOT, Stopwatch, add_results_argument, command_line, cores, header, machine, make_parser,
+                    peak_rss_mb, set_torch_threads, write_result)
 
 
 # --------------------------------------------------------------------------- running
@@ -85,21 +84,23 @@ def _tree_memory(pid: int) -> tuple[int, int]:
 
 
 def run_segment(
-    slide: Path, out: Path, args: list[str], workers: int, model: str | None, cores: int | None = None
+    slide: Path, out: Path, args: list[str], workers: int, model: str | None, pin_cores: int | None = None
 ) -> dict[str, Any]:
     """``wsiseg segment`` in a subprocess; its report plus process seconds and peak tree memory.
 
-    ``cores`` pins the process tree to the first ``cores`` CPUs (wsiseg then
-    sizes torch's threads to them).
+    ``pin_cores`` pins the process tree to the first ``pin_cores`` CPUs (wsiseg
+    then sizes torch's threads to them).
     """
+    from wsiseg.run.report import read_report
+
     if out.exists():
         shutil.rmtree(out)
     command = [sys.executable, "-m", "wsiseg.cli", "segment", str(slide), "--out", str(out), "--quiet",
                "--workers", str(workers), *args]
     if model:
         command += ["--model", model]
-    pin = (lambda: os.sched_setaffinity(0, set(range(cores)))) if cores else None
-    start = time.perf_counter()
+    pin = (lambda: os.sched_setaffinity(0, set(range(pin_cores)))) if pin_cores else None
+    watch = Stopwatch()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pin)
     peak = [0, 0]
 
@@ -116,8 +117,8 @@ def run_segment(
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed: {stderr.strip()}")
     report = read_report(out).to_dict()
-    report["bench"] = {"process_seconds": time.perf_counter() - start, "peak_tree_rss_mb": peak[0] / 2**20,
-                       "peak_tree_pss_mb": peak[1] / 2**20, "cores": cores or len(os.sched_getaffinity(0)),
+    report["bench"] = {"process_seconds": watch.seconds, "peak_tree_rss_mb": peak[0] / 2**20,
+                       "peak_tree_pss_mb": peak[1] / 2**20, "cores": pin_cores or cores(),
                        "command": "wsiseg " + " ".join(command[3:])}
     return report
 
@@ -137,14 +138,6 @@ def mask_dice(a: Path, b: Path) -> float:
     for y in range(0, first.shape[0], step):
         counts += confusion((first[y : y + step] > 0).astype(np.uint8), (second[y : y + step] > 0).astype(np.uint8), 2)
     return dice_iou(counts)[0]
-
-
-def machine() -> str:
-    import torch
-
-    cores = len(os.sched_getaffinity(0))
-    return (f"{platform.machine()}, {cores} cores, torch {torch.__version__}, python {platform.python_version()}, "
-            f"{time.strftime('%Y-%m-%d')}")
 
 
 def matmul_peak_gflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
@@ -275,9 +268,9 @@ def study_memory(slides: list[Path], workers: int, model: str | None, scratch: P
 
 def study_scaling(slide: Path, model: str | None, scratch: Path) -> dict[str, Any]:
     rows = []
-    for workers, cores in ((1, 1), (2, 2), (1, 2)):
-        report = run_segment(slide, scratch / f"w{workers}c{cores}.zarr", [], workers, model, cores=cores)
-        rows.append({"workers": workers, "cores": cores, "seconds": report["timings"]["total"],
+    for workers, pinned in ((1, 1), (2, 2), (1, 2)):
+        report = run_segment(slide, scratch / f"w{workers}c{pinned}.zarr", [], workers, model, pin_cores=pinned)
+        rows.append({"workers": workers, "cores": pinned, "seconds": report["timings"]["total"],
                      "process_seconds": report["bench"]["process_seconds"],
                      "stage_seconds": {k: v for k, v in report["timings"].items() if k != "total"},
                      "refined": report["tiles"]["refined_fraction"], "gflop": _total_gflop(report)})
@@ -322,20 +315,24 @@ def study_peer(slide: Path, region: int, workers: int, model: str | None, scratc
             {"run": "MONAI sliding_window_inference (image in memory, 1 process, all cores)",
              "seconds": monai["seconds"], "process_seconds": monai["process_seconds"],
              "peak_rss_mb": monai["peak_rss_mb"]},
-            {"run": "wsiseg --full-resolution", "seconds": full["timings"]["total"],
-             "process_seconds": full["bench"]["process_seconds"], "peak_rss_mb": full["bench"]["peak_tree_rss_mb"]},
-            {"run": f"wsiseg two-stage (default threshold {bundle_threshold(model):g})", "seconds": two["timings"]["total"],
-             "process_seconds": two["bench"]["process_seconds"], "peak_rss_mb": two["bench"]["peak_tree_rss_mb"],
-             "refined": two["tiles"]["refined_fraction"]},
+            _peer_row("wsiseg --full-resolution", full),
+            _peer_row(f"wsiseg two-stage (default threshold {bundle_threshold(model):g})", two,
+                      refined=two["tiles"]["refined_fraction"]),
         ],
         "dice_monai_vs_wsiseg_full": agreement,
     }
 
 
+def _peer_row(run: str, report: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A peer study's row for a wsiseg run (:func:`run_segment`'s report): seconds and peak memory."""
+    return {"run": run, "seconds": report["timings"]["total"], "process_seconds": report["bench"]["process_seconds"],
+            "peak_rss_mb": report["bench"]["peak_tree_rss_mb"], **extra}
+
+
 def _monai_child(mode: str, source: Path, model: str | None, tile: int, halo: int, out: Path) -> dict[str, Any]:
     """Run this file's MONAI ``mode`` (``_monai`` or ``_monai_wsi``) in a child process; its JSON line
     plus the child's process seconds."""
-    start = time.perf_counter()
+    watch = Stopwatch()
     child = subprocess.run(
         [sys.executable, __file__, mode, str(source), "--model", model or "wsiseg:default",
          "--tile", str(tile), "--halo", str(halo), "--out", str(out)],
@@ -344,14 +341,12 @@ def _monai_child(mode: str, source: Path, model: str | None, tile: int, halo: in
     if child.returncode != 0:
         raise RuntimeError(f"the MONAI run failed: {child.stderr.strip()[-2000:]}")
     result = json.loads(child.stdout.strip().splitlines()[-1])
-    result["process_seconds"] = time.perf_counter() - start
+    result["process_seconds"] = watch.seconds
     return result
 
 
 def run_monai(region: Path, model: str, tile: int, halo: int, out: Path) -> None:
     """(In a child process.) MONAI sliding-window inference over a whole region held in memory."""
-    import resource
-
     import numpy as np
     import tifffile
     import torch
@@ -359,19 +354,17 @@ def run_monai(region: Path, model: str, tile: int, halo: int, out: Path) -> None
 
     from wsiseg.bundle import load_bundle, resolve_model
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    set_torch_threads()
     net = load_bundle(resolve_model(model)).model.eval()
     x = torch.from_numpy(tifffile.imread(region)).permute(2, 0, 1)[None].float() / 255
-    start = time.perf_counter()
-    with torch.inference_mode():
+    with Stopwatch() as watch, torch.inference_mode():
         logits = sliding_window_inference(
             x, roi_size=(tile + 2 * halo, tile + 2 * halo), sw_batch_size=4,
             predictor=lambda batch: net(batch)[0], overlap=2 * halo / (tile + 2 * halo), mode="constant",
         )
-    seconds = time.perf_counter() - start
     mask = (torch.sigmoid(logits[0, 0]) >= 0.5) if logits.shape[1] == 1 else logits[0].argmax(0) > 0
     np.save(out, mask.numpy())
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"seconds": watch.seconds, "peak_rss_mb": peak_rss_mb()}))
 
 
 def study_wsi_peer(
@@ -414,7 +407,7 @@ def study_wsi_peer(
         agreement["monai"] = dice_vs_full(
             lambda y0, y1: np.asarray(probabilities[0, 0, y0:y1, : ours.shape[1]]) >= 0.5)
     if "tiatoolbox" in peers:
-        start = time.perf_counter()
+        watch = Stopwatch()
         child = subprocess.run(
             [tiatoolbox_python, str(ROOT / "benchmarks" / "peers" / "tiatoolbox_wsi.py"), str(slide),
              model or "wsiseg:default", str(scratch / "tiatoolbox"), "--tile", str(tile_size), "--halo", str(halo)],
@@ -424,15 +417,13 @@ def study_wsi_peer(
         tia = json.loads(child.stdout.strip().splitlines()[-1])
         predictions = zarr.open_group(tia["zarr"], mode="r")["predictions"]  # (H, W)
         rows.append({"run": "TIAToolbox SemanticSegmentor (its tissue mask), OpenSlide", "seconds": tia["seconds"],
-                     "process_seconds": time.perf_counter() - start, "peak_rss_mb": tia["peak_rss_mb"],
+                     "process_seconds": watch.seconds, "peak_rss_mb": tia["peak_rss_mb"],
                      "patches": tia["patches"]})
         agreement["tiatoolbox"] = dice_vs_full(lambda y0, y1: np.asarray(predictions[y0:y1, : ours.shape[1]]) > 0)
     rows += [
-        {"run": "wsiseg --full-resolution (tissue tiles)", "seconds": full["timings"]["total"],
-         "process_seconds": full["bench"]["process_seconds"], "peak_rss_mb": full["bench"]["peak_tree_rss_mb"]},
-        {"run": f"wsiseg two-stage (default threshold {bundle_threshold(model):g})", "seconds": two["timings"]["total"],
-         "process_seconds": two["bench"]["process_seconds"], "peak_rss_mb": two["bench"]["peak_tree_rss_mb"],
-         "refined_of_tissue": (two.get("domain") or {}).get("refined_fraction")},
+        _peer_row("wsiseg --full-resolution (tissue tiles)", full),
+        _peer_row(f"wsiseg two-stage (default threshold {bundle_threshold(model):g})", two,
+                  refined_of_tissue=(two.get("domain") or {}).get("refined_fraction")),
     ]
     return {
         "slide": str(slide),
@@ -444,15 +435,13 @@ def study_wsi_peer(
 
 def run_monai_wsi(slide: Path, model: str, tile: int, halo: int, out: Path) -> None:
     """(In a child process.) MONAI's whole-slide patch inference, patches read from the file."""
-    import resource
-
     import torch
     from monai.inferers import PatchInferer, WSISlidingWindowSplitter
     from monai.inferers.merger import ZarrAvgMerger
 
     from wsiseg.bundle import load_bundle, resolve_model
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    set_torch_threads()
     net = load_bundle(resolve_model(model)).model.eval()
     window = tile + 2 * halo
     splitter = WSISlidingWindowSplitter(patch_size=window, overlap=2 * halo, reader="OpenSlide")
@@ -465,75 +454,76 @@ def run_monai_wsi(slide: Path, model: str, tile: int, halo: int, out: Path) -> N
         logits = net(batch)[0]
         return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, 1)
 
-    start = time.perf_counter()
-    with torch.inference_mode():
+    with Stopwatch() as watch, torch.inference_mode():
         inferer(str(slide), network)
-    seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "patches": count[0],
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"seconds": watch.seconds, "patches": count[0], "peak_rss_mb": peak_rss_mb()}))
 
 
 # --------------------------------------------------------------------------- printing
 
 
-def print_markdown(study: str, result: dict[str, Any], command: str) -> None:
-    print(f"\n`{command}`  \n{result['machine']}\n")
+def markdown(study: str, result: dict[str, Any]) -> list[str]:
+    """The study's result as Markdown lines, the command and the machine on top."""
+    lines = header(result["command"], result["machine"])
     if study == "speed":
         full = result["rows"][0]
-        print("| run | threshold | refined tiles | refined tissue tiles | wall s (process) | speed-up | model GFLOP | "
-              "FLOP ratio | Dice vs full-res | Dice vs threshold 0 | peak RSS MB |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("| run | threshold | refined tiles | refined tissue tiles | wall s (process) | speed-up | model GFLOP | "
+                     "FLOP ratio | Dice vs full-res | Dice vs threshold 0 | peak RSS MB |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for row in result["rows"]:
             t = "" if row["threshold"] is None else f"{row['threshold']:g}"
             vs_t0 = "" if row["dice_vs_t0"] is None else f"{row['dice_vs_t0']:.4f}"
             of_tissue = "" if row.get("refined_of_tissue") is None else f"{100 * row['refined_of_tissue']:.1f} %"
-            print(f"| {row['run']} | {t} | {100 * row['refined']:.1f} % | {of_tissue} | {row['process_seconds']:.1f} | "
-                  f"{full['process_seconds'] / row['process_seconds']:.2f}x | {row['gflop']:.0f} | "
-                  f"{full['gflop'] / max(row['gflop'], 1e-9):.2f}x | {row['dice_vs_full']:.4f} | {vs_t0} | "
-                  f"{row['peak_tree_rss_mb']:.0f} |")
+            lines.append(f"| {row['run']} | {t} | {100 * row['refined']:.1f} % | {of_tissue} | {row['process_seconds']:.1f} | "
+                         f"{full['process_seconds'] / row['process_seconds']:.2f}x | {row['gflop']:.0f} | "
+                         f"{full['gflop'] / max(row['gflop'], 1e-9):.2f}x | {row['dice_vs_full']:.4f} | {vs_t0} | "
+                         f"{row['peak_tree_rss_mb']:.0f} |")
         for name, title in (("breakdown", f"Default two-stage run (threshold {result['default_threshold']:g})"),
                             ("baseline_breakdown", "Full-resolution run")):
             b = result[name]
-            print(f"\n{title}: {b['wall_s']:.1f} s from planning to report ({b['process_s']:.1f} s for the "
-                  f"process, cluster start included) x {b['threads']} worker threads")
-            print("\n| stage | wall s | model forward | read / decode | compose + write | context sampling | "
-                  "scheduling and idle |\n|---|---|---|---|---|---|---|")
+            lines.append(f"\n{title}: {b['wall_s']:.1f} s from planning to report ({b['process_s']:.1f} s for the "
+                         f"process, cluster start included) x {b['threads']} worker threads")
+            lines.append("\n| stage | wall s | model forward | read / decode | compose + write | context sampling | "
+                         "scheduling and idle |\n|---|---|---|---|---|---|---|")
             for stage, s in b["stages"].items():
                 parts = s["parts_s"]
                 cells = " | ".join(f"{parts[k]:.1f} ({100 * parts[k] / s['thread_seconds']:.0f} %)" for k in parts)
-                print(f"| {stage} | {s['wall_s']:.1f} | {cells} |")
+                lines.append(f"| {stage} | {s['wall_s']:.1f} | {cells} |")
             outside = b["outside_stages_s"]
-            print(f"\nOutside the stages: set-up and selection {outside['setup and select']:.1f} s, finish "
-                  f"(pyramid, overlay, report) {outside['finish']:.1f} s. Model forward passes: "
-                  f"{100 * b['model_share_of_wall']:.1f} % of the run's thread-seconds "
-                  f"({100 * b['model_share_of_process']:.1f} % of the process's). Convolutions: "
-                  f"{b['model_gflop']:.0f} GFLOP at {b['gflops_per_thread']:.1f} GFLOP/s per thread.")
-        print(f"\nfp32 matmul peak (torch, 2048^2): {result['matmul_1thread']:.1f} GFLOP/s with 1 thread, "
-              f"{result['matmul_all']:.1f} GFLOP/s with all cores")
+            lines.append(f"\nOutside the stages: set-up and selection {outside['setup and select']:.1f} s, finish "
+                         f"(pyramid, overlay, report) {outside['finish']:.1f} s. Model forward passes: "
+                         f"{100 * b['model_share_of_wall']:.1f} % of the run's thread-seconds "
+                         f"({100 * b['model_share_of_process']:.1f} % of the process's). Convolutions: "
+                         f"{b['model_gflop']:.0f} GFLOP at {b['gflops_per_thread']:.1f} GFLOP/s per thread.")
+        lines.append(f"\nfp32 matmul peak (torch, 2048^2): {result['matmul_1thread']:.1f} GFLOP/s with 1 thread, "
+                     f"{result['matmul_all']:.1f} GFLOP/s with all cores")
     elif study == "memory":
-        print("| slide | size | refined | wall s | peak RSS of the process tree MB | peak PSS MB |\n|---|---|---|---|---|---|")
+        lines += ["| slide | size | refined | wall s | peak RSS of the process tree MB | peak PSS MB |",
+                  "|---|---|---|---|---|---|"]
         for row in result["rows"]:
-            print(f"| {row['slide']} | {row['size_yx'][1]} x {row['size_yx'][0]} | {100 * row['refined']:.1f} % | "
-                  f"{row['seconds']:.1f} | {row['peak_tree_rss_mb']:.0f} | {row['peak_tree_pss_mb']:.0f} |")
+            lines.append(f"| {row['slide']} | {row['size_yx'][1]} x {row['size_yx'][0]} | {100 * row['refined']:.1f} % | "
+                         f"{row['seconds']:.1f} | {row['peak_tree_rss_mb']:.0f} | {row['peak_tree_pss_mb']:.0f} |")
     elif study == "scaling":
-        print("| workers | cores | wall s (process) | stages s |\n|---|---|---|---|")
+        lines.append("| workers | cores | wall s (process) | stages s |\n|---|---|---|---|")
         for row in result["rows"]:
             stages = ", ".join(f"{k} {v:.1f}" for k, v in row["stage_seconds"].items())
-            print(f"| {row['workers']} | {row['cores']} | {row['process_seconds']:.1f} | {stages} |")
-        print(f"\nspeed-up from 1 worker on 1 core to 2 workers on 2 cores: {result['speedup_1_to_2_workers']:.2f}x "
-              f"(process), {result['speedup_stages']:.2f}x (planning to report)")
+            lines.append(f"| {row['workers']} | {row['cores']} | {row['process_seconds']:.1f} | {stages} |")
+        lines.append(f"\nspeed-up from 1 worker on 1 core to 2 workers on 2 cores: {result['speedup_1_to_2_workers']:.2f}x "
+                     f"(process), {result['speedup_stages']:.2f}x (planning to report)")
     elif study == "wsi-peer":
-        print("| run | seconds | process seconds | peak RSS MB |\n|---|---|---|---|")
+        lines.append("| run | seconds | process seconds | peak RSS MB |\n|---|---|---|---|")
         for row in result["rows"]:
-            print(f"| {row['run']} | {row['seconds']:.1f} | {row['process_seconds']:.1f} | {row['peak_rss_mb']:.0f} |")
+            lines.append(f"| {row['run']} | {row['seconds']:.1f} | {row['process_seconds']:.1f} | {row['peak_rss_mb']:.0f} |")
         for peer, value in result["dice_peer_vs_wsiseg_full"].items():
-            print(f"\nDice of {peer}'s mask vs wsiseg's full-resolution mask: {value:.4f}")
-        print(f"\nDice of two-stage vs full resolution: {result['dice_two_stage_vs_full']:.4f}")
+            lines.append(f"\nDice of {peer}'s mask vs wsiseg's full-resolution mask: {value:.4f}")
+        lines.append(f"\nDice of two-stage vs full resolution: {result['dice_two_stage_vs_full']:.4f}")
     elif study == "peer":
-        print(f"region {result['region']} x {result['region']} pixels\n\n| run | seconds | process seconds | peak RSS MB |\n|---|---|---|---|")
+        lines += [f"region {result['region']} x {result['region']} pixels", "",
+                  "| run | seconds | process seconds | peak RSS MB |", "|---|---|---|---|"]
         for row in result["rows"]:
-            print(f"| {row['run']} | {row['seconds']:.1f} | {row['process_seconds']:.1f} | {row['peak_rss_mb']:.0f} |")
-        print(f"\nDice of MONAI's mask vs wsiseg's full-resolution mask: {result['dice_monai_vs_wsiseg_full']:.4f}")
+            lines.append(f"| {row['run']} | {row['seconds']:.1f} | {row['process_seconds']:.1f} | {row['peak_rss_mb']:.0f} |")
+        lines.append(f"\nDice of MONAI's mask vs wsiseg's full-resolution mask: {result['dice_monai_vs_wsiseg_full']:.4f}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -549,11 +539,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv[1:])
         children[argv[0]](args.source, args.model, args.tile, args.halo, Path(args.out))
         return 0
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("study", choices=["speed", "memory", "scaling", "peer", "wsi-peer"])
     parser.add_argument("slides", nargs="+", type=Path)
     parser.add_argument("--model", default=None)
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--workers", type=int, default=cores())
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--region", type=int, default=4096)
     parser.add_argument("--peers", default="monai", help="wsi-peer: comma-separated, from monai and tiatoolbox")
@@ -562,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-tissue-mask", action="store_true", help="speed: runs without the tissue mask (the old behaviour)")
     parser.add_argument("--ratio", type=int, default=None,
                         help="speed: Model 1's downsampling factor for the two-stage runs (default: the bundle's)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    add_results_argument(parser, "--out")
     parser.add_argument("--scratch", type=Path, default=None, help="folder for the runs' outputs (default: a temporary one)")
     args = parser.parse_args(argv)
     unknown = set(args.peers.split(",")) - {"monai", "tiatoolbox"}
@@ -570,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown --peers {', '.join(sorted(unknown))}; choose from monai and tiatoolbox")
     if "tiatoolbox" in args.peers.split(",") and not args.tiatoolbox_python:
         parser.error("--peers tiatoolbox needs --tiatoolbox-python (see benchmarks/peers/tiatoolbox_wsi.py)")
-    command = "python benchmarks/bench_segment.py " + " ".join(argv)
+    command = command_line(__file__, argv)
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="wsiseg-bench-"))
     scratch.mkdir(parents=True, exist_ok=True)
     try:
@@ -579,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
             ratio = ("--ratio", str(args.ratio)) if args.ratio else ()
             result = study_speed(args.slides[0], args.thresholds, args.workers, args.model, scratch, extra, ratio)
             result["matmul_1thread"] = matmul_peak_gflops(1)
-            result["matmul_all"] = matmul_peak_gflops(len(os.sched_getaffinity(0)))
+            result["matmul_all"] = matmul_peak_gflops(cores())
         elif args.study == "memory":
             result = study_memory(args.slides, args.workers, args.model, scratch)
         elif args.study == "scaling":
@@ -594,10 +584,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
     result["machine"] = machine()
     result["command"] = command
-    args.out.mkdir(parents=True, exist_ok=True)
     suffix = "-no-tissue-mask" if args.study == "speed" and args.no_tissue_mask else ""
-    (args.out / f"{args.study}-{args.slides[0].stem}{suffix}.json").write_text(json.dumps(result, indent=2, default=float))
-    print_markdown(args.study, result, command)
+    write_result(args.out, f"{args.study}-{args.slides[0].stem}{suffix}", result, markdown(args.study, result))
     return 0
 
 

@@ -16,32 +16,25 @@ two-stage reproduces full resolution). Writes ``benchmarks/results/bowl_by_kind.
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
-import os
-import platform
 import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import (Stopwatch, add_data_arguments, add_results_argument, command_line, header, machine, make_parser,
+                    named_bundle, pipeline_name, set_torch_threads, write_result)
+
 KINDS = ("fluorescence", "color_brightfield", "gray_brightfield")
 #: How many of the lowest-scoring images the table lists per model.
 WORST = 6
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-root", type=Path, required=True)
-    parser.add_argument("--model", action="append", required=True, metavar="NAME=BUNDLE")
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--limit", type=int, default=0, help="first N test images only (0: all)")
+    parser = make_parser(__doc__)
+    add_data_arguments(parser, help="BOWL's folder, with its SUMMARY.csv")
+    parser.add_argument("--model", type=named_bundle, action="append", required=True, metavar="NAME=BUNDLE")
+    add_results_argument(parser)
     parser.add_argument("--also-threshold", type=float, action="append", default=[], metavar="T",
                         help="score two-stage at this threshold too, for every model (repeatable)")
     args = parser.parse_args(argv)
-
-    import torch
 
     from wsiseg.bundle import load_bundle
     from wsiseg.evaluate import evaluate
@@ -51,13 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     if not summary.is_file():
         raise SystemExit(f"{summary} not found: this benchmark needs the kind of each BOWL image")
     kind_of = {row["id"]: row["kind_guess"] for row in csv.DictReader(summary.open())}
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    set_torch_threads()
     data = open_dataset("bowl", args.data_root)
-    command = "python benchmarks/bowl_by_kind.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    results = {"command": command, "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, "
-               f"torch {torch.__version__}", "models": {}}
-    for spec in args.model:
-        name, _, path = spec.partition("=")
+    results = {"command": command_line(__file__, argv), "machine": machine(), "models": {}}
+    for name, path in args.model:
         bundle = load_bundle(path)
         split_seed = int(bundle.config.get("training", {}).get("split_seed", 0))
         test = data.split("test", split_seed)
@@ -65,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             test = test[: args.limit]
         threshold = float(bundle.config.get("threshold", 0.5))
         thresholds = tuple(dict.fromkeys(sorted({1.0, threshold, *args.also_threshold, 0.0}, reverse=True)))
-        started = time.perf_counter()
+        watch = Stopwatch()
         per_kind = {}
         for kind in KINDS:
             chosen = [s for s in test if kind_of.get(s.id) == kind]
@@ -81,11 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                               "per_image": {i: [row["dice"] for row in v["rows"]] for i, v in per_image.items()}}
         per_kind = {"all": _all_images(per_kind), **per_kind}
         results["models"][name] = {"bundle": str(path), "threshold": threshold, "input": _input(bundle),
-                                   "seconds": round(time.perf_counter() - started), "kinds": per_kind}
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "bowl_by_kind.json").write_text(json.dumps(results, indent=2))
-    (args.results / "bowl_by_kind.md").write_text("\n".join(table(results)) + "\n")
-    print("\n".join(table(results)))
+                                   "seconds": round(watch.seconds), "kinds": per_kind}
+    write_result(args.results, "bowl_by_kind", results, table(results))
     return 0
 
 
@@ -110,17 +97,17 @@ def table(results: dict) -> list[str]:
     """Markdown: one row per model and method, Dice (%) per kind (image counts in the header)."""
     first = next(iter(results["models"].values()))["kinds"]
     kinds = list(first)
-    header = " | ".join(f"{kind} ({first[kind]['images']})" for kind in kinds)
-    lines = [f"`{results['command']}`  ", results["machine"], "",
-             f"| model | pipeline | {header} | refined (all) |", "|---" * (3 + len(kinds)) + "|"]
+    columns = " | ".join(f"{kind} ({first[kind]['images']})" for kind in kinds)
+    lines = [*header(results["command"], results["machine"]),
+             f"| model | pipeline | {columns} | refined (all) |", "|---" * (3 + len(kinds)) + "|"]
     for name, model in results["models"].items():
         for index, row in enumerate(model["kinds"]["all"]["rows"]):
-            method = "baseline" if row["method"] == "baseline" else f"two-stage t={row['threshold']:g}"
+            method = pipeline_name(row["method"], row["threshold"])
             dice = " | ".join(f"{model['kinds'][k]['rows'][index]['dice']:.2f}" for k in kinds)
             lines.append(f"| {name} ({model['input']}) | {method} | {dice} | {row['refined']:.1f} % |")
     lines += ["", "Agreement with the baseline: mean Dice (%) between each two-stage mask and the same bundle's "
               "full-resolution mask, no truth involved.", "",
-              f"| model | pipeline | {header} |", "|---" * (2 + len(kinds)) + "|"]
+              f"| model | pipeline | {columns} |", "|---" * (2 + len(kinds)) + "|"]
     for name, model in results["models"].items():
         for index, row in enumerate(model["kinds"]["all"]["rows"]):
             if row.get("agreement") is None:

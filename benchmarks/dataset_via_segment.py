@@ -11,24 +11,24 @@ outside the evaluation harness.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
+from common import add_data_arguments, command_line, header, machine, make_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--dataset", default="bowl")
-    parser.add_argument("--data-root", type=Path, required=True)
+    add_data_arguments(parser)
     parser.add_argument("--model", default=None)
     parser.add_argument("--split", default="test")
-    parser.add_argument("--limit", type=int, default=0)
     parser.add_argument("--tile-size", type=int, default=None)
     args = parser.parse_args(argv)
+
+    import numpy as np
     import zarr
 
     from wsiseg.bundle import load_bundle, resolve_model
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             scores.append(dice_iou(confusion(mask, truth, max(2, data.num_classes)))[0])
             refined.append(report.tiles.refined_fraction)
     client.close()
-    print(f"`python benchmarks/dataset_via_segment.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ")
+    print("\n".join(header(command_line(__file__, argv), machine())))
     print(f"{len(samples)} {args.dataset} {args.split} images, tile {report.settings['tile_size']}, "
           f"{report.settings['selection']}: mean Dice {100 * np.mean(scores):.2f} %, "
           f"refined tiles {100 * np.mean(refined):.1f} %")

@@ -25,17 +25,14 @@ which ``wsiseg`` itself never does. Writes ``he_proxy.{json,md}`` to
 
 from __future__ import annotations
 
-import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from wsiseg.run.report import read_report
-
-ROOT = Path(__file__).resolve().parents[1]
+from common import (EXAMPLE_SLIDE, add_results_argument, command_line, header, machine, make_parser, named_bundle,
+                    write_result)
 
 
 def stain_figures(hematoxylin: np.ndarray, mask: np.ndarray, tissue: np.ndarray) -> dict[str, float]:
@@ -58,25 +55,26 @@ def _upsample_nearest(low: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", action="append", required=True, metavar="NAME=BUNDLE")
-    parser.add_argument("--slide", type=Path, default=ROOT / "examples" / "data" / "CMU-1-Small-Region.svs")
+    parser = make_parser(__doc__)
+    parser.add_argument("--model", type=named_bundle, action="append", required=True, metavar="NAME=BUNDLE")
+    parser.add_argument("--slide", type=Path, default=EXAMPLE_SLIDE)
     parser.add_argument("--threshold", type=float, default=None, help="default: each bundle's own")
     parser.add_argument("--scratch", type=Path, default=Path("scratch/he-proxy"))
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    add_results_argument(parser)
     args = parser.parse_args(argv)
 
     import openslide
     import zarr
     from skimage.color import rgb2hed
 
+    from wsiseg.run.report import read_report
+
     with openslide.OpenSlide(str(args.slide)) as slide:
         rgb = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
     hematoxylin = rgb2hed(rgb)[..., 0]
-    command = "python benchmarks/he_proxy.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    results = {"command": command, "slide": str(args.slide), "threshold": args.threshold, "models": {}}
-    for spec in args.model:
-        name, _, bundle = spec.partition("=")
+    results = {"command": command_line(__file__, argv), "machine": machine(), "slide": str(args.slide),
+               "threshold": args.threshold, "models": {}}
+    for name, bundle in args.model:
         out = args.scratch / f"{name}.zarr"
         if out.exists():
             raise SystemExit(f"{out} exists: give another --scratch or delete it")
@@ -90,17 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         results["models"][name] = {"bundle": bundle, "threshold": report["settings"]["selection"],
                                    "domain": report["domain"],
                                    **stain_figures(hematoxylin, mask, tissue)}
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "he_proxy.json").write_text(json.dumps(results, indent=2))
-    lines = [f"`{command}`", "", "| model | selection | tissue tiles >= 0.5 | tissue tiles refined | marked | H marked "
+    lines = [*header(results["command"], results["machine"]),
+             "| model | selection | tissue tiles >= 0.5 | tissue tiles refined | marked | H marked "
              "| H unmarked | darkest 10 % marked | marked in darkest 10 % |", "|---" * 9 + "|"]
     for name, m in results["models"].items():
         lines.append(f"| {name} | {m['threshold']} | {100 * m['domain']['uncertain_fraction']:.0f} % "
                      f"| {100 * m['domain']['refined_fraction']:.0f} % | {100 * m['marked']:.1f} % "
                      f"| {m['h_marked']:.4f} | {m['h_unmarked']:.4f} | {100 * m['darkest_marked']:.1f} % "
                      f"| {100 * m['marked_darkest']:.1f} % |")
-    (args.results / "he_proxy.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result(args.results, "he_proxy", results, lines)
     return 0
 
 

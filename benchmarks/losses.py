@@ -13,21 +13,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+from common import command_line, header, machine, make_parser, peak_rss_mb, set_torch_threads, write_json
 
 LOSSES = ("ce", "focal", "ohem", "lad")
 
 
 def measure_one(name: str, batch: int, classes: int, size: int, repeats: int, threads: int) -> dict[str, float]:
+    """Best forward and backward seconds of one loss, and the growth of this process's peak memory (MB)."""
     import torch
 
     from wsiseg.train.losses import get_loss
 
-    torch.set_num_threads(threads)
+    set_torch_threads(threads)
     torch.manual_seed(0)
     logits = torch.randn(batch, classes, size, size, requires_grad=True)
     target = torch.randint(0, classes, (batch, size, size))
@@ -35,7 +37,7 @@ def measure_one(name: str, batch: int, classes: int, size: int, repeats: int, th
     loss_fn = get_loss(name)
     loss_fn(logits[:1, :, :32, :32], target[:1, :32, :32]).backward()  # warm-up
     logits.grad = None
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_rss_mb()
     forward, backward = [], []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -46,17 +48,17 @@ def measure_one(name: str, batch: int, classes: int, size: int, repeats: int, th
         logits.grad = None
         forward.append(middle - start)
         backward.append(end - middle)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_mb()
     return {
         "loss": name,
         "forward_s": min(forward),
         "backward_s": min(backward),
-        "peak_extra_mb": (peak - before) / 1024,
+        "peak_extra_mb": peak - before,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--classes", type=int, default=19)
     parser.add_argument("--size", type=int, default=512)
@@ -75,12 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(output.strip().splitlines()[-1]))
     ce = rows[0]
-    import torch
-
-    print(f"`python benchmarks/losses.py --batch {args.batch} --classes {args.classes} --size {args.size} "
-          f"--repeats {args.repeats} --threads {args.threads}`  ")
-    print(f"{platform.processor() or platform.machine()}, {args.threads} torch threads, torch {torch.__version__}, "
-          f"best of {args.repeats}; input {args.batch} x {args.classes} x {args.size} x {args.size} float32\n")
+    print("\n".join(header(command_line(__file__, argv), machine(),
+                            f"{args.threads} torch threads, best of {args.repeats}; "
+                            f"input {args.batch} x {args.classes} x {args.size} x {args.size} float32")))
     print("| loss | forward s | backward s | total vs CE | peak extra memory MB | vs CE |")
     print("|---|---|---|---|---|---|")
     for row in rows:
@@ -89,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {row['loss']} | {row['forward_s']:.3f} | {row['backward_s']:.3f} | {total / ce_total:.2f}x "
               f"| {row['peak_extra_mb']:.0f} | {row['peak_extra_mb'] / max(ce['peak_extra_mb'], 1):.2f}x |")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"settings": vars(args), "rows": rows}, handle, indent=2)
+        write_json(Path(args.json), {"command": command_line(__file__, argv), "machine": machine(),
+                                     "settings": vars(args), "rows": rows})
     return 0
 
 

@@ -14,17 +14,15 @@ flat whatever the size.
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "examples" / "data" / "CMU-1-Small-Region.svs"
+from common import EXAMPLE_SLIDE, ROOT, Stopwatch, make_parser, tissue_mask
+
 TILE = 512
 MPP = 0.499
 
@@ -43,12 +41,10 @@ def tissue_source() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The CMU image, its tissue mask, and the background colour."""
     from wsiseg.slide import Box, open_slide
 
-    slide = open_slide(SOURCE)
+    slide = open_slide(EXAMPLE_SLIDE)
     h, w = slide.shape
     image = slide.read_region(0, Box(0, h, 0, w))
-    grey = image.mean(axis=2)
-    saturation = image.max(axis=2).astype(int) - image.min(axis=2)
-    tissue = (grey < 215) | (saturation > 25)
+    tissue = tissue_mask(image)
     background = np.median(image[~tissue], axis=0).astype(np.float32)
     return image, tissue, background
 
@@ -149,7 +145,7 @@ def make_slide(size: int, out: Path, seed: int = 0, target: float = 0.30) -> dic
     """Write one ``size x size`` slide; returns its tissue fraction and seconds."""
     import tifffile
 
-    start = time.perf_counter()
+    watch = Stopwatch()
     image, tissue, background = tissue_source()
     placements, coverage = plan(size, tissue, target, seed)
     composer = SlideComposer(size, placements, image, tissue, background, seed)
@@ -167,11 +163,11 @@ def make_slide(size: int, out: Path, seed: int = 0, target: float = 0.30) -> dic
                 subfiletype=1 if index else 0, **extra,
             )
     return {"size": size, "tissue_fraction": round(coverage, 3), "copies": len(placements),
-            "seconds": round(time.perf_counter() - start, 1), "bytes": out.stat().st_size}
+            "seconds": round(watch.seconds, 1), "bytes": out.stat().st_size}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--size", type=int, nargs="+", default=[16384, 32768, 65536])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "slides")
     parser.add_argument("--seed", type=int, default=0)

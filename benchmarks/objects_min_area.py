@@ -13,30 +13,25 @@ split by ``wsiseg evaluate``'s code, whose objects are those ``wsiseg segment
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import (add_data_arguments, add_results_argument, command_line, header, machine, make_parser,
+                    pipeline_name, set_torch_threads, write_result)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--model", default="wsiseg:default")
-    parser.add_argument("--data-root", type=Path, required=True)
+    add_data_arguments(parser, help="NuInsSeg's folder")
     parser.add_argument("--area", type=float, action="append", default=None, help="minimum object area (um^2)")
-    parser.add_argument("--limit", type=int, default=0, help="score the first N images of the split (0: all)")
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    add_results_argument(parser)
     args = parser.parse_args(argv)
-
-    import torch
 
     import wsiseg.run.objects as objects
     from wsiseg.bundle import load_bundle
     from wsiseg.evaluate import evaluate, scored_split
 
-    torch.set_num_threads(2)
+    set_torch_threads(2)
     bundle = load_bundle(args.model)
     data, samples, _ = scored_split(bundle, "nuinsseg", args.data_root, "test", None, False, args.limit)
     threshold = float(bundle.config["threshold"])
@@ -52,19 +47,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{area:g} um^2 done", file=sys.stderr)
     finally:
         objects.MIN_OBJECT_UM2 = default_area
-    command = "python benchmarks/objects_min_area.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    args.results.mkdir(parents=True, exist_ok=True)
-    record = {"command": command, "images": len(samples), "threshold": threshold, "default_um2": default_area,
-              "rows": rows}
-    (args.results / "objects_min_area.json").write_text(json.dumps(record, indent=2))
-    lines = [f"`{command}`  ", f"{len(samples)} NuInsSeg val images; two-stage at threshold {threshold:g}", "",
+    record = {"command": command_line(__file__, argv), "machine": machine(), "images": len(samples),
+              "threshold": threshold, "default_um2": default_area, "rows": rows}
+    lines = [*header(record["command"], record["machine"],
+                     f"{len(samples)} NuInsSeg val images; two-stage at threshold {threshold:g}"),
              "| min area (um^2) | path | Dice | AJI | PQ | DQ | SQ |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        method = "baseline" if r["method"] == "baseline" else f"two-stage t={threshold:g}"
+        method = pipeline_name(r["method"], threshold)
         lines.append(f"| {r['min_area_um2']:g} | {method} | {100 * r['dice']:.2f} | {r['aji']:.3f} | {r['pq']:.3f} | "
                      f"{r['dq']:.3f} | {r['sq']:.3f} |")
-    (args.results / "objects_min_area.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result(args.results, "objects_min_area", record, lines)
     return 0
 
 

@@ -1,25 +1,25 @@
 """What the slide's pixels in ``OUT.zarr`` cost: ``--pixels low`` against ``--pixels full``.
 
-    python benchmarks/output_pixels.py SLIDE [SLIDE ...] [--workers 2] [--objects]
+    python benchmarks/output_pixels.py SLIDE [SLIDE ...] [--workers 2] [--objects] [--model BUNDLE]
+        [--results benchmarks/results]
 
-Runs ``wsiseg segment`` on each slide with the shipped model, once per
-choice (same cluster, same settings), and records the run's seconds (total
-and the finishing step, which writes the full copy and the pyramids), the
-bytes of the pixels (levels ``0, 1, ...`` at the root) and of the whole
-output. Writes ``benchmarks/results/output-pixels.json`` and prints a
-Markdown table for ``benchmarks/RESULTS.md``.
+Runs ``wsiseg segment``'s code on each slide (the shipped model unless
+``--model``), once per choice (same cluster, same settings, after one
+warm-up run), and records the run's seconds (total and the finishing step,
+which writes the full copy and the pyramids), the bytes of the pixels
+(levels ``0, 1, ...`` at the root) and of the whole output. Writes
+``output-pixels.{json,md}`` to ``--results`` and prints the Markdown.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import add_results_argument, command_line, cores, header, machine, make_parser, write_result
 
 
 def folder_bytes(path: Path) -> int:
@@ -32,30 +32,45 @@ def pixel_bytes(out: Path) -> int:
     return sum(folder_bytes(entry) for entry in out.iterdir() if entry.is_dir() and entry.name.isdigit())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def table(record: dict[str, Any]) -> list[str]:
+    """Markdown: one row per slide and choice."""
+    lines = [*header(record["command"], record["machine"], f"{record['workers']} workers"),
+             "| slide | pixels | pixels stored | pixel MB | output MB | run s | finish s |",
+             "|---|---|---|---|---|---|---|"]
+    for row in record["rows"]:
+        h, w = row["pixels_shape_yx"]
+        lines.append(f"| {row['slide']} ({row['size_yx'][0]} x {row['size_yx'][1]}) | {row['pixels']} | {h} x {w}, "
+                     f"{row['pixel_levels']} levels | {row['pixel_bytes'] / 1e6:.2f} | {row['output_bytes'] / 1e6:.2f} | "
+                     f"{row['seconds_total']:.1f} | {row['seconds_finish']:.1f} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser(__doc__)
     parser.add_argument("slides", nargs="+", type=Path)
-    parser.add_argument("--workers", type=int, default=os.cpu_count())
-    parser.add_argument("--objects", action="store_true", help="Also time --objects (with --pixels low).")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "output-pixels.json")
-    args = parser.parse_args()
+    parser.add_argument("--workers", type=int, default=cores())
+    parser.add_argument("--objects", action="store_true", help="also time --objects (with --pixels low)")
+    parser.add_argument("--model", default=None, help="bundle (default: the shipped model)")
+    add_results_argument(parser)
+    args = parser.parse_args(argv)
 
     from wsiseg.cluster import start_client
     from wsiseg.config import RunOptions
-    from wsiseg.run.slides import bundle_settings, segment_slide
+    from wsiseg.run import bundle_settings, segment_slide
 
     client = start_client(workers=args.workers)
     rows = []
     scratch = Path(tempfile.mkdtemp(prefix="wsiseg-pixels-"))
     try:
-        config = bundle_settings(None).for_slides()
+        config = bundle_settings(args.model).for_slides()
         choices = [("low", {}), ("full", {"pixels": "full"})] + ([("low + objects", {"objects": True})]
                                                                  if args.objects else [])
         for slide in args.slides:
-            segment_slide(slide, scratch / "warm.zarr", client, config, RunOptions(overwrite=True))  # warm up
+            warm = RunOptions(model=args.model, overwrite=True)
+            segment_slide(slide, scratch / "warm.zarr", client, config, warm)
             for name, extra in choices:
                 out = scratch / f"{slide.stem}-{name.replace(' ', '')}.zarr"
-                report = segment_slide(slide, out, client, config, RunOptions(**extra))
+                report = segment_slide(slide, out, client, config, RunOptions(model=args.model, **extra))
                 image = report.outputs["image"]
                 rows.append({
                     "slide": slide.name, "size_yx": report.input.size_yx, "pixels": name,
@@ -69,16 +84,10 @@ def main() -> None:
     finally:
         client.close()
         shutil.rmtree(scratch, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"workers": args.workers, "rows": rows}, indent=1))
-    print("| slide | pixels | pixels stored | pixel MB | output MB | run s | finish s |")
-    print("|---|---|---|---|---|---|---|")
-    for row in rows:
-        h, w = row["pixels_shape_yx"]
-        print(f"| {row['slide']} ({row['size_yx'][0]} x {row['size_yx'][1]}) | {row['pixels']} | {h} x {w}, "
-              f"{row['pixel_levels']} levels | {row['pixel_bytes'] / 1e6:.2f} | {row['output_bytes'] / 1e6:.2f} | "
-              f"{row['seconds_total']:.1f} | {row['seconds_finish']:.1f} |")
+    record = {"command": command_line(__file__, argv), "machine": machine(), "workers": args.workers, "rows": rows}
+    write_result(args.results, "output-pixels", record, table(record))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

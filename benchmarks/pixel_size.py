@@ -15,33 +15,27 @@ Writes ``pixel_size.{json,md}``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import (Stopwatch, add_data_arguments, add_results_argument, command_line, header, machine, make_parser,
+                    pipeline_name, set_torch_threads, write_result)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--model", default="wsiseg:default")
-    parser.add_argument("--data-root", type=Path, required=True)
+    add_data_arguments(parser)
     parser.add_argument("--dataset", default="nuinsseg")
     parser.add_argument("--scan", type=float, action="append", default=None, help="scan pixel sizes (um)")
     parser.add_argument("--work", action="append", default=[], metavar="SCAN=UM",
                         help="also segment images scanned at SCAN at UM instead of the bundle's rule")
-    parser.add_argument("--limit", type=int, default=0, help="score the first N images of the split (0: all)")
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    add_results_argument(parser)
     args = parser.parse_args(argv)
-
-    import torch
 
     from wsiseg.bundle import load_bundle, resolve_model
     from wsiseg.evaluate import PixelSizes, evaluate, scored_split
 
-    torch.set_num_threads(2)
+    set_torch_threads(2)
     bundle = load_bundle(resolve_model(args.model))
     data, samples, _ = scored_split(bundle, args.dataset, args.data_root, "test", None, False, args.limit)
     threshold = float(bundle.config["threshold"])
@@ -51,39 +45,36 @@ def main(argv: list[str] | None = None) -> int:
         studies.append((float(scan), float(work)))
     rows = []
     for scan, work in studies:
-        started = time.perf_counter()
-        scores = evaluate(bundle, data, samples, (threshold,), device="cpu", pixel_sizes=PixelSizes(scan, work))
+        with Stopwatch() as watch:
+            scores = evaluate(bundle, data, samples, (threshold,), device="cpu", pixel_sizes=PixelSizes(scan, work))
         for row in scores:
             rows.append({"scan_mpp": scan, "work_mpp": work or "rule", "method": row.method, "dice": row.dice,
                          "dice_pooled": row.dice_pooled, "refined": row.refined_fraction, "aji": row.aji,
                          "pq": row.pq, "seconds_per_image": row.seconds_per_image})
-        print(f"scan {scan:g} um, work {work or 'rule'}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    command = "python benchmarks/pixel_size.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    args.results.mkdir(parents=True, exist_ok=True)
-    record = {"command": command, "bundle": str(args.model), "images": len(samples), "data_mpp": data.mpp,
+        print(f"scan {scan:g} um, work {work or 'rule'}: {watch.seconds:.0f} s", file=sys.stderr)
+    record = {"command": command_line(__file__, argv), "machine": machine(), "bundle": str(args.model),
+              "images": len(samples), "data_mpp": data.mpp,
               "model_mpp": bundle.config.get("mpp"), "model_mpp_range": bundle.config.get("mpp_range"),
               "threshold": threshold, "rows": rows}
-    (args.results / "pixel_size.json").write_text(json.dumps(record, indent=2))
-    write_markdown(record, args.results / "pixel_size.md")
-    print((args.results / "pixel_size.md").read_text())
+    write_result(args.results, "pixel_size", record, table(record))
     return 0
 
 
-def write_markdown(record: dict, path: Path) -> None:
-    """Write the table of ``record`` (what ``main`` stores in pixel_size.json) as markdown to ``path``."""
+def table(record: dict) -> list[str]:
+    """Markdown: the table of ``record`` (what ``main`` stores in pixel_size.json)."""
     low, high = record["model_mpp_range"] or (None, None)
     trained = f", trained across {low:.3f}-{high:.3f} um" if low is not None else ""
-    lines = [f"`{record['command']}`  ",
-             f"{record['images']} val images (taken as {record['data_mpp']:g} um/pixel), resampled to each "
-             f"scanned-at size; model at {record['model_mpp']:.3f} um/pixel{trained}", "",
+    lines = [*header(record["command"], record["machine"],
+                     f"{record['images']} val images (taken as {record['data_mpp']:g} um/pixel), resampled to each "
+                     f"scanned-at size; model at {record['model_mpp']:.3f} um/pixel{trained}"),
              "| scanned at (um) | segmented at | path | Dice | pooled | refined | AJI | PQ | s / image |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
-        method = "baseline" if r["method"] == "baseline" else f"two-stage t={record['threshold']:g}"
+        method = pipeline_name(r["method"], record["threshold"])
         lines.append(f"| {r['scan_mpp']:g} | {r['work_mpp']} | {method} | {100 * r['dice']:.2f} | "
                      f"{100 * r['dice_pooled']:.2f} | {100 * r['refined']:.1f} % | {r['aji']:.3f} | {r['pq']:.3f} | "
                      f"{r['seconds_per_image']:.3f} |")
-    path.write_text("\n".join(lines) + "\n")
+    return lines
 
 
 if __name__ == "__main__":

@@ -36,39 +36,26 @@ result differs from one forward pass over the whole image: a seam.
    tile refined (threshold 0, Model 2 with Model 1's context), and Model 2's
    receptive field over the image (context left out).
 
-Prints Markdown (with the command) and writes ``seam.json`` to ``--out``.
+Writes ``seam.{json,md}`` (the command on top) to ``--out`` and prints the Markdown.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SLIDES = (
-    ROOT / "benchmarks" / "slides" / "synthetic-16k.tif",
-    ROOT / "examples" / "data" / "CMU-1-Small-Region.svs",
-)
+from common import (EXAMPLE_SLIDE, ROOT, Stopwatch, add_results_argument, command_line, header, machine, make_parser,
+                    set_torch_threads, shown, tissue_mask, write_result)
+
+DEFAULT_SLIDES = (ROOT / "benchmarks" / "slides" / "synthetic-16k.tif", EXAMPLE_SLIDE)
 #: Output pixels (offsets from the input's centre) whose receptive field is measured: phases of stride 32.
 RF_OFFSETS = ((0, 0), (7, 13), (16, 16), (31, 31))
 
 
 # --------------------------------------------------------------------------- region
-
-
-def tissue_mask(image: np.ndarray) -> np.ndarray:
-    """Tissue pixels of an RGB uint8 image (the rule ``make_slides.py`` uses)."""
-    grey = image.mean(axis=2)
-    saturation = image.max(axis=2).astype(np.int16) - image.min(axis=2)
-    return (grey < 215) | (saturation > 25)
 
 
 def richest_region(slide: Any, size: int, step: int = 16) -> tuple[Any, float]:
@@ -152,19 +139,18 @@ def seam_rows(
     """
     from wsiseg.config import TwoStageConfig
 
-    start = time.perf_counter()
-    reference = run(TwoStageConfig(tile_size=image.shape[0], halo=0))
-    one_pass = time.perf_counter() - start
+    with Stopwatch() as one_pass:
+        reference = run(TwoStageConfig(tile_size=image.shape[0], halo=0))
     rows = []
     for halo in halos:
-        start = time.perf_counter()
-        tiled = run(TwoStageConfig(tile_size=tile, halo=halo))
-        seconds = time.perf_counter() - start
-        rows.append({"halo": halo, "aligned": halo % stride == 0 and tile % stride == 0, "seconds": seconds,
+        with Stopwatch() as watch:
+            tiled = run(TwoStageConfig(tile_size=tile, halo=halo))
+        rows.append({"halo": halo, "aligned": halo % stride == 0 and tile % stride == 0, "seconds": watch.seconds,
                      **compare(reference, tiled, band)})
         del tiled
     foreground = float((reference.mask == 1).mean())
-    return {"encoder_stride": stride, "one_pass_seconds": one_pass, "foreground_fraction": foreground, "rows": rows}
+    return {"encoder_stride": stride, "one_pass_seconds": one_pass.seconds, "foreground_fraction": foreground,
+            "rows": rows}
 
 
 # --------------------------------------------------------------------------- receptive field
@@ -233,49 +219,45 @@ def field_inputs(image: np.ndarray, size: int, seed: int = 0) -> dict[str, np.nd
 # --------------------------------------------------------------------------- main
 
 
-def machine() -> str:
-    import torch
-
-    return (f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores ({torch.get_num_threads()} torch threads), "
-            f"torch {torch.__version__}, python {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
-
-
-def print_markdown(result: dict[str, Any]) -> None:
-    print(f"\n`{result['command']}`  \n{result['machine']}\n")
+def markdown(result: dict[str, Any]) -> list[str]:
+    """The study as Markdown lines, the command and the machine on top."""
+    lines = header(result["command"], result["machine"])
     region = result["region"]
-    print(f"Region {region['size']} x {region['size']} at (y, x) = ({region['y0']}, {region['x0']}) of "
-          f"{result['slide']} ({100 * region['tissue_fraction']:.0f} % tissue); tile {result['tile']}, "
-          f"border band +-{result['band']} px ({100 * result['band_fraction']:.1f} % of the pixels).\n")
+    lines.append(f"Region {region['size']} x {region['size']} at (y, x) = ({region['y0']}, {region['x0']}) of "
+                 f"{result['slide']} ({100 * region['tissue_fraction']:.0f} % tissue); tile {result['tile']}, "
+                 f"border band +-{result['band']} px ({100 * result['band_fraction']:.1f} % of the pixels).\n")
     for name, study in result["studies"].items():
-        print(f"**{name}**: one pass {study['one_pass_seconds']:.1f} s, foreground "
-              f"{100 * study['foreground_fraction']:.1f} %\n")
-        print(f"| halo | windows on the stride-{study['encoder_stride']} grid | differing pixels | Dice vs one pass | "
-              "max abs prob diff | mean abs prob diff | "
-              "band: differing | band: max diff | band: mean diff | outside band: max diff | seconds |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append(f"**{name}**: one pass {study['one_pass_seconds']:.1f} s, foreground "
+                     f"{100 * study['foreground_fraction']:.1f} %\n")
+        lines.append(f"| halo | windows on the stride-{study['encoder_stride']} grid | differing pixels | "
+                     "Dice vs one pass | max abs prob diff | mean abs prob diff | "
+                     "band: differing | band: max diff | band: mean diff | outside band: max diff | seconds |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in study["rows"]:
-            print(f"| {r['halo']} | {'yes' if r['aligned'] else 'no'} | "
-                  f"{100 * r['differ_fraction']:.4f} % ({r['differ_pixels']}) | {r['dice']:.6f} | "
-                  f"{r['max_prob_diff']:.2e} | {r['mean_prob_diff']:.2e} | {100 * r['band_differ_fraction']:.4f} % | "
-                  f"{r['band_max_prob_diff']:.2e} | {r['band_mean_prob_diff']:.2e} | "
-                  f"{r['outside_band_max_prob_diff']:.2e} | {r['seconds']:.1f} |")
+            lines.append(f"| {r['halo']} | {'yes' if r['aligned'] else 'no'} | "
+                         f"{100 * r['differ_fraction']:.4f} % ({r['differ_pixels']}) | {r['dice']:.6f} | "
+                         f"{r['max_prob_diff']:.2e} | {r['mean_prob_diff']:.2e} | "
+                         f"{100 * r['band_differ_fraction']:.4f} % | "
+                         f"{r['band_max_prob_diff']:.2e} | {r['band_mean_prob_diff']:.2e} | "
+                         f"{r['outside_band_max_prob_diff']:.2e} | {r['seconds']:.1f} |")
         for kind, rf in study["receptive_field"].items():
-            print_field(kind, rf)
-        print()
+            lines += ["", field_line(kind, rf)]
+        lines.append("")
+    return lines
 
 
-def print_field(name: str, rf: dict[str, Any]) -> None:
+def field_line(name: str, rf: dict[str, Any]) -> str:
+    """One receptive-field measurement (:func:`receptive_field`) as a sentence."""
     cut = " (cut short by the input's edge: at least this)" if rf["truncated"] else ""
-    print(f"\nReceptive field on a {rf['input_size']}^2 {name} input (Chebyshev radius, worst of "
-          f"{len(rf['pixels'])} output pixels): 100 % of the nonzero gradient within {rf['r100']} px{cut}, "
-          f"99.9 % within {rf['r999']} px, 99 % within {rf['r99']} px, 90 % within {rf['r90']} px. "
-          f"Over a {rf['block']} x {rf['block']} block of output pixels (every stride phase) the gradient "
-          f"reaches {rf['block_r100']} px outside the block{cut}: the halo a tile needs to equal one pass.")
+    return (f"Receptive field on a {rf['input_size']}^2 {name} input (Chebyshev radius, worst of "
+            f"{len(rf['pixels'])} output pixels): 100 % of the nonzero gradient within {rf['r100']} px{cut}, "
+            f"99.9 % within {rf['r999']} px, 99 % within {rf['r99']} px, 90 % within {rf['r90']} px. "
+            f"Over a {rf['block']} x {rf['block']} block of output pixels (every stride phase) the gradient "
+            f"reaches {rf['block_r100']} px outside the block{cut}: the halo a tile needs to equal one pass.")
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("slide", nargs="?", type=Path, default=None)
     parser.add_argument("--model", default=None, help="bundle (default: the shipped model)")
     parser.add_argument("--region", type=int, default=2048, help="side of the region (default 2048)")
@@ -285,18 +267,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rf-size", type=int, default=1024, help="side of the receptive-field input (default 1024)")
     parser.add_argument("--two-stage", action="store_true", help="also the two-stage flow with every tile refined")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    add_results_argument(parser, "--out")
     args = parser.parse_args(argv)
-
-    import torch
 
     from wsiseg.bundle import load_bundle, resolve_model
     from wsiseg.run import segment_full_resolution, segment_image
     from wsiseg.slide import open_slide
     from wsiseg.uncertainty import TileSelection
 
-    torch.set_num_threads(args.threads)
-    command = "python benchmarks/seam.py " + " ".join(argv)
+    set_torch_threads(args.threads)
     slide_path = args.slide or next((p for p in DEFAULT_SLIDES if p.exists()), DEFAULT_SLIDES[-1])
     slide = open_slide(slide_path)
     box, tissue = richest_region(slide, args.region)
@@ -322,19 +301,13 @@ def main(argv: list[str] | None = None) -> int:
         studies["two-stage, every tile refined (Model 2)"]["receptive_field"] = {
             name: receptive_field(models["model2"], x) for name, x in rf_inputs.items()}
 
-    def shown(path: Path) -> str:
-        path = Path(path).resolve()
-        return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-
     result = {
-        "command": command, "machine": machine(), "slide": shown(slide_path),
+        "command": command_line(__file__, argv), "machine": machine(), "slide": shown(slide_path),
         "model": "wsiseg:default" if args.model is None else shown(args.model),
         "region": {"size": args.region, "y0": box.y0, "x0": box.x0, "tissue_fraction": tissue},
         "tile": args.tile, "band": args.band, "band_fraction": float(band.mean()), "studies": studies,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "seam.json").write_text(json.dumps(result, indent=2))
-    print_markdown(result)
+    write_result(args.out, "seam", result, markdown(result))
     return 0
 
 

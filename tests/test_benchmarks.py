@@ -1,19 +1,65 @@
-"""Smoke tests: each benchmark command runs on a tiny input (no timing asserts)."""
+"""Smoke tests: every benchmark script answers ``--help``, and each command runs on a tiny input (no timing asserts)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-pytestmark = pytest.mark.subprocess  # every benchmark runs as its own command
-
 ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+#: Every script in benchmarks/ (common.py is their helpers, not a script).
+SCRIPTS = sorted(p.relative_to(BENCHMARKS) for p in BENCHMARKS.rglob("*.py") if p.name != "common.py")
+#: The tests that run a benchmark command or its study code: slow, as conftest marks subprocess tests.
+runs_a_benchmark = pytest.mark.subprocess
 
 
+def load_script(name: str) -> ModuleType:
+    """Import ``benchmarks/NAME.py`` as a module, with its ``common`` helpers importable as its command finds them."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Not marked slow: ``--help`` imports no torch and no wsiseg, about 0.1-0.3 s a script.
+@pytest.mark.parametrize("script", SCRIPTS, ids=str)
+def test_every_benchmark_script_answers_help(script: Path) -> None:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: {script.name} "), result.stdout[:200]
+
+
+def test_common_helpers_write_a_result_with_the_command_that_made_it(tmp_path, capsys) -> None:
+    import argparse
+
+    common = load_script("common")
+    command = common.command_line(BENCHMARKS / "pixel_size.py", ["--scan", "0.5"])
+    assert command == "python benchmarks/pixel_size.py --scan 0.5"
+    lines = [*common.header(command, "the machine", "a note"), "| a |", "|---|", "| 1 |"]
+    common.write_result(tmp_path / "out", "study", {"command": command, "rows": [1]}, lines)
+    assert json.loads((tmp_path / "out" / "study.json").read_text()) == {"command": command, "rows": [1]}
+    markdown = (tmp_path / "out" / "study.md").read_text()
+    assert markdown.startswith(f"`{command}`  \nthe machine  \na note\n\n| a |") and markdown.endswith("| 1 |\n")
+    assert capsys.readouterr().out == markdown
+    assert common.named_bundle("new=b.safetensors") == ("new", "b.safetensors")
+    with pytest.raises(argparse.ArgumentTypeError):
+        common.named_bundle("b.safetensors")
+    assert common.pipeline_name("baseline", None) == "baseline"
+    assert common.pipeline_name("two-stage", 0.6) == "two-stage t=0.6"
+    machine = common.machine()
+    assert f"{common.cores()} cores" in machine and "torch " in machine
+
+
+@runs_a_benchmark
 def test_loss_benchmark_runs_on_a_tiny_batch(tmp_path) -> None:
     out = tmp_path / "losses.json"
     result = subprocess.run(
@@ -43,6 +89,7 @@ def _bench(tmp_path, *args) -> subprocess.CompletedProcess:
     )
 
 
+@runs_a_benchmark
 def test_make_slides_writes_a_pyramid_with_tissue(tmp_path) -> None:
     from wsiseg.slide import open_slide
 
@@ -58,6 +105,7 @@ def test_make_slides_writes_a_pyramid_with_tissue(tmp_path) -> None:
     assert info["tissue_fraction"] >= 0.3  # copies are added until 30 % is tissue (one copy is 49 % of 2k)
 
 
+@runs_a_benchmark
 def test_speed_study_runs_on_a_tiny_slide(tmp_path, test_bundle) -> None:
     result = _bench(tmp_path, "speed", str(_tiny_slide(tmp_path)), "--model", str(test_bundle), "--workers", "1",
                     "--thresholds", "0", "0.5", "--ratio", "2")
@@ -81,6 +129,7 @@ def test_speed_study_runs_on_a_tiny_slide(tmp_path, test_bundle) -> None:
     assert data["default_threshold"] == BundleSettings.from_config(inspect_bundle(test_bundle)["config"]).flow.selection.value
 
 
+@runs_a_benchmark
 def test_memory_and_scaling_studies_run_on_a_tiny_slide(tmp_path, test_bundle) -> None:
     slide = _tiny_slide(tmp_path)
     memory = _bench(tmp_path, "memory", str(slide), "--model", str(test_bundle), "--workers", "1")
@@ -94,6 +143,7 @@ def test_memory_and_scaling_studies_run_on_a_tiny_slide(tmp_path, test_bundle) -
     assert len({r["gflop"] for r in rows}) == 1  # the same work, however it is spread
 
 
+@runs_a_benchmark
 def test_peer_study_runs_on_a_tiny_region(tmp_path, test_bundle) -> None:
     peer = _bench(tmp_path, "peer", str(_tiny_slide(tmp_path)), "--model", str(test_bundle), "--workers", "1",
                   "--region", "512")
@@ -102,6 +152,7 @@ def test_peer_study_runs_on_a_tiny_region(tmp_path, test_bundle) -> None:
     assert data["rows"][0]["run"].startswith("MONAI") and 0.0 <= data["dice_monai_vs_wsiseg_full"] <= 1.0
 
 
+@runs_a_benchmark
 def test_dataset_via_segment_runs_on_a_fabricated_bowl_copy(tmp_path, test_bundle) -> None:
     from test_train import make_bowl
 
@@ -115,6 +166,7 @@ def test_dataset_via_segment_runs_on_a_fabricated_bowl_copy(tmp_path, test_bundl
     assert "3 bowl all images, tile 32" in result.stdout and "mean Dice" in result.stdout
 
 
+@runs_a_benchmark
 def test_cohort_benchmark_runs_on_three_tiny_slides(tmp_path) -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_cohort.py"), "--slides", "3", "--size", "256",
@@ -130,6 +182,7 @@ def test_cohort_benchmark_runs_on_three_tiny_slides(tmp_path) -> None:
     assert "| slides | s/slide |" in result.stdout and "bench_cohort.py --slides 3" in result.stdout
 
 
+@runs_a_benchmark
 def test_seam_study_matches_one_pass_once_the_halo_covers_the_receptive_field(tmp_path) -> None:
     import numpy as np
 
@@ -172,6 +225,7 @@ def test_seam_study_matches_one_pass_once_the_halo_covers_the_receptive_field(tm
         assert rows[160]["differ_pixels"] == 0 and rows[160]["dice"] == 1.0 and rows[160]["max_prob_diff"] < 1e-5
 
 
+@runs_a_benchmark
 def test_wsi_peer_study_scores_monai_against_wsiseg_on_a_tiny_slide(tmp_path, test_bundle) -> None:
     """The whole-slide peer study: MONAI's patch inferer over every 576-pixel window (stride 512: 2 x 2 on
     704 x 640), with the same network as wsiseg's full-resolution run, so their masks agree."""
@@ -186,14 +240,26 @@ def test_wsi_peer_study_scores_monai_against_wsiseg_on_a_tiny_slide(tmp_path, te
     assert missing.returncode != 0 and "--tiatoolbox-python" in missing.stderr
 
 
-def test_he_proxy_figures_relate_a_mask_to_the_hematoxylin_density() -> None:
-    import importlib.util
+@runs_a_benchmark
+def test_output_pixels_records_both_choices_on_a_tiny_slide(tmp_path, test_bundle) -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "output_pixels.py"), str(_tiny_slide(tmp_path)), "--model", str(test_bundle),
+         "--workers", "1", "--results", str(tmp_path / "results")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "results" / "output-pixels.json").read_text())
+    assert data["command"].startswith("python benchmarks/output_pixels.py ")
+    low, full = data["rows"]
+    assert (low["pixels"], full["pixels"]) == ("low", "full") and full["pixels_shape_yx"] == [640, 704]
+    assert 0 < low["pixel_bytes"] < full["pixel_bytes"] and "| tiny.tif (640 x 704) | full |" in result.stdout
 
+
+@runs_a_benchmark
+def test_he_proxy_figures_relate_a_mask_to_the_hematoxylin_density() -> None:
     import numpy as np
 
-    spec = importlib.util.spec_from_file_location("he_proxy", ROOT / "benchmarks" / "he_proxy.py")
-    he_proxy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(he_proxy)
+    he_proxy = load_script("he_proxy")
 
     density = np.tile(np.arange(100, dtype=float), (10, 1))  # (10, 100): columns 0..99, the darkest 10 % are 90..99
     tissue = np.ones((10, 100), bool)
@@ -206,12 +272,9 @@ def test_he_proxy_figures_relate_a_mask_to_the_hematoxylin_density() -> None:
     assert figures["darkest_marked"] == pytest.approx(4 / 8) and figures["marked_darkest"] == pytest.approx(4 / 8)
 
 
+@runs_a_benchmark
 def test_bowl_by_kind_weights_dice_and_agreement_by_image_count() -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bowl_by_kind", ROOT / "benchmarks" / "bowl_by_kind.py")
-    bowl_by_kind = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bowl_by_kind)
+    bowl_by_kind = load_script("bowl_by_kind")
 
     def kind(images, base_dice, two_dice, agreement):
         return {"images": images, "rows": [
@@ -234,17 +297,14 @@ def test_bowl_by_kind_weights_dice_and_agreement_by_image_count() -> None:
                          "cccccccccc (fluorescence) 90.0, aaaaaaaaaa (fluorescence) 95.0")
 
 
+@runs_a_benchmark
 def test_agreement_by_scale_compares_the_three_paths_masks() -> None:
-    import importlib.util
-
     import numpy as np
 
     from conftest import constant_model
     from wsiseg.bundle import Bundle
 
-    spec = importlib.util.spec_from_file_location("agreement_by_scale", ROOT / "benchmarks" / "agreement_by_scale.py")
-    by_scale = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(by_scale)
+    by_scale = load_script("agreement_by_scale")
 
     image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
     assert by_scale.resample(image, 1.0) is image and by_scale.resample(image, 1.5).shape == (60, 90, 3)
@@ -259,6 +319,7 @@ def test_agreement_by_scale_compares_the_three_paths_masks() -> None:
     assert by_scale.table(results)[-1] == "| 2 | 0.250 | 4 | 0.0 % | 0.0 % / 100.0 % / 100.0 % | 0.000 | 1.000 | 0.000 |"
 
 
+@runs_a_benchmark
 def test_pixel_size_study_scores_each_scan_and_work_pixel_size(tmp_path) -> None:
     from conftest import constant_model
     from test_datasets import make_release

@@ -17,19 +17,18 @@ segmentation models do). Prints one JSON line: seconds, patches, peak RSS and th
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import resource
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+# wsiseg from this checkout (not installed in the peer's environment), and the benchmarks' helpers.
+sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1])]
+
+from common import Stopwatch, make_parser, peak_rss_mb, set_torch_threads  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = make_parser(__doc__)
     parser.add_argument("slide", type=Path)
     parser.add_argument("model")
     parser.add_argument("out", type=Path)
@@ -45,7 +44,7 @@ def main() -> None:
 
     from wsiseg.bundle import load_bundle, resolve_model
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    set_torch_threads()
     network = load_bundle(resolve_model(args.model)).model.eval()
     patches = [0]
 
@@ -83,12 +82,11 @@ def main() -> None:
                                  patch_input_shape=(window, window), patch_output_shape=(window, window),
                                  stride_shape=(args.tile, args.tile))
     segmentor = SemanticSegmentor(model=BundleNetwork(), batch_size=4, num_workers=0, device="cpu", verbose=False)
-    start = time.perf_counter()
-    saved = segmentor.run([args.slide], patch_mode=False, ioconfig=ioconfig, save_dir=args.out, output_type="zarr",
-                          auto_get_mask=True, overwrite=True)
-    seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "patches": patches[0], "zarr": str(next(iter(saved.values()))),
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    with Stopwatch() as watch:
+        saved = segmentor.run([args.slide], patch_mode=False, ioconfig=ioconfig, save_dir=args.out,
+                              output_type="zarr", auto_get_mask=True, overwrite=True)
+    print(json.dumps({"seconds": watch.seconds, "patches": patches[0], "zarr": str(next(iter(saved.values()))),
+                      "peak_rss_mb": peak_rss_mb()}))
 
 
 if __name__ == "__main__":
