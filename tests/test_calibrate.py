@@ -28,7 +28,7 @@ CONFIG = {"ratio": 2, "tile_size": 32, "halo": 32, "context": False, "threshold"
 
 @pytest.fixture
 def fabricated(tmp_path):
-    """A folder data set whose truth is the baseline's own tiled masks, and a bundle in which Model 2
+    """A folder data set whose truth is the baseline's own masks, and a bundle in which Model 2
     is the baseline (context off) and Model 1 is uncertain everywhere, background everywhere.
 
     So the two-stage Dice is 1 at every threshold up to the tiles' score (all refined) and 0
@@ -44,7 +44,8 @@ def fabricated(tmp_path):
     for folder in ("images", "masks"):
         (tmp_path / "data" / folder).mkdir(parents=True)
     for i, image in enumerate(images):
-        truth = segment_full_resolution(image, baseline, TwoStageConfig(tile_size=32, halo=32), "cpu").mask
+        # The baseline's masks as wsiseg segment (and so calibration) runs it: tiles of about 512, tissue mask.
+        truth = segment_full_resolution(image, baseline, TwoStageConfig(halo=32), "cpu", tissue=True).mask
         assert 0 < truth.mean() < 1
         Image.fromarray(image).save(tmp_path / "data" / "images" / f"s{i}.png")
         Image.fromarray(truth * 255).save(tmp_path / "data" / "masks" / f"s{i}.png")
@@ -92,3 +93,14 @@ def test_choose_threshold_within_the_loss_or_the_best() -> None:
     assert choose_threshold(rows, 0.0) == (0.25, True)
     worse = [row("baseline", None, 0.9), row("two-stage", 1.0, 0.5), row("two-stage", 0.0, 0.6)]
     assert choose_threshold(worse, 0.01) == (0.0, False)
+
+
+def test_without_a_baseline_full_resolution_is_model2_everywhere_and_objects_count_too() -> None:
+    def row(threshold, dice, pq):
+        return MethodScores("two-stage", threshold, dice, 0, dice, 0, 0, 1, pq=pq)
+
+    rows = [row(1.0, 0.70, 0.30), row(0.6, 0.80, 0.50), row(0.3, 0.805, 0.545), row(0.0, 0.80, 0.55)]
+    # t = 0 is the reference; 0.6 is within a point of its Dice but not of its PQ, 0.3 of both.
+    assert choose_threshold(rows, 0.01) == (0.3, True)
+    with pytest.raises(InputError, match="threshold 0"):
+        choose_threshold([r for r in rows if r.threshold], 0.01)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 
@@ -12,7 +10,9 @@ from test_datasets import make_release
 from wsiseg.bundle import Bundle
 from wsiseg.config import BundleSettings, TwoStageConfig
 from wsiseg.errors import InputError
-from wsiseg.evaluate import PixelSizes, _pixel_steps, _Steps, _segment_at, evaluate, format_table, resize_labels
+from wsiseg.evaluate import (
+    PixelSizes, _as_scanned, describe_setting, evaluate, format_table, resize_labels, run_as_segment, scoring_setting,
+)
 from wsiseg.instances import whole_image_instances
 from wsiseg.metrics import instance_scores
 from wsiseg.run.objects import object_sizes
@@ -47,30 +47,64 @@ def test_images_are_scored_at_the_pixel_sizes_a_slide_would_be_segmented_at() ->
     ranged = BundleSettings(TwoStageConfig(), mpp=0.316, mpp_range=(0.2, 0.5))
     fixed = BundleSettings(TwoStageConfig(), mpp=0.4)
     # Finer than the model: down to its pixel size; coarser, within its range or not: never upsampled.
-    assert _pixel_steps(0.2, ranged, PixelSizes()) == _Steps(0.2, 0.2, 0.316)
-    assert _pixel_steps(None, ranged, PixelSizes()) == _Steps()  # unknown: nothing resampled
-    with pytest.raises(InputError, match="records no pixel size"):
-        _pixel_steps(None, ranged, PixelSizes(scan_mpp=0.5))
+    at_40x = scoring_setting(ranged, 0.2)
+    assert at_40x.downsample == pytest.approx(1.58) and at_40x.work_mpp == pytest.approx(0.316)
+    assert at_40x.config.tile_size is None and at_40x.config.ratio == 4  # tiles chosen as on slides
+    unknown = scoring_setting(ranged, None)
+    assert (unknown.downsample, unknown.work_mpp) == (1.0, None)  # unknown: nothing resampled
     with pytest.raises(InputError, match="positive"):
         PixelSizes(work_mpp=0)
-    assert _pixel_steps(0.1, ranged, PixelSizes()).work == pytest.approx(0.316)
-    assert _pixel_steps(0.31, ranged, PixelSizes()).work == 0.31  # within 5 %
-    assert _pixel_steps(0.2, ranged, PixelSizes(scan_mpp=0.5)).work == 0.5
-    assert _pixel_steps(0.2, ranged, PixelSizes(scan_mpp=1.0)).work == 1.0
-    assert _pixel_steps(0.2, fixed, PixelSizes()).work == pytest.approx(0.4)
-    assert _pixel_steps(0.2, ranged, PixelSizes(scan_mpp=0.5, work_mpp=0.25)).work == 0.25
-
-    seen = []
-
-    def run(x):
-        seen.append(x.shape)
-        return SimpleNamespace(mask=(x[..., 0] > 127).astype(np.uint8), tiles=SimpleNamespace(refined_fraction=0.5))
+    assert scoring_setting(ranged, 0.31).work_mpp == 0.31  # within 5 %
+    at_20x = scoring_setting(ranged, 0.5)
+    assert at_20x.work_mpp == 0.5 and at_20x.config.ratio == 3 and at_20x.note["model1_ratio"] == 3
+    assert scoring_setting(ranged, 0.5, {"ratio": 4}).config.ratio == 4  # a ratio given is run as given
+    assert scoring_setting(ranged, 1.0).work_mpp == 1.0
+    assert scoring_setting(fixed, 0.2).work_mpp == pytest.approx(0.4)
+    assert scoring_setting(ranged, 0.5, pixel_sizes=PixelSizes(0.5, 0.25)).downsample == 0.5
+    assert scoring_setting(ranged, 0.5, full_resolution=True).config.ratio == 4  # no Model 1 to adapt
+    assert "tiles of about 512 pixels, halo 32, Model 1 at 1/3, 0.5 um" in describe_setting(at_20x)
 
     image = np.zeros((40, 60, 3), np.uint8)
-    image[:, 30:] = 255
-    # Scanned at 0.5 (20x) from 0.2, then worked at 0.25: 16 x 24, then 32 x 48; scored back at 40 x 60.
-    mask, objects, refined = _segment_at(image, _pixel_steps(0.2, ranged, PixelSizes(0.5, 0.25)), run, False)
-    assert seen == [(32, 48, 3)] and mask.shape == (40, 60) and objects is None and refined == 0.5
-    assert (mask[:, :29] == 0).all() and (mask[:, 31:] == 1).all()
+    with pytest.raises(InputError, match="records no pixel size"):
+        _as_scanned(image, None, PixelSizes(scan_mpp=0.5))
+    scanned, mpp = _as_scanned(image, 0.2, PixelSizes(scan_mpp=0.5))
+    assert scanned.shape == (16, 24, 3) and mpp == 0.5
     np.testing.assert_array_equal(resize_labels(np.array([[1, 2], [3, 4]]), (4, 4)),
                                   np.array([[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]]))
+
+
+@pytest.mark.slow
+def test_evaluate_scores_the_mask_segment_writes(tmp_path) -> None:
+    """The same image at 0.2 um: evaluation's mask (in memory) equals wsiseg segment's (OME-Zarr), for
+    a bundle at 0.316 um: area-resampled by 1.58, Model 1's ratio, the tile given, the tissue mask."""
+    import zarr
+    from PIL import Image
+
+    from conftest import centred_model, structured_image
+    from wsiseg.bundle import load_bundle, save_bundle
+    from wsiseg.config import RunOptions
+    from wsiseg.run import prepare_run, run_segment
+    from wsiseg.tiling import downsample_mean
+
+    image = structured_image(np.random.default_rng(3), 700, 900)
+    image[:, :200] = 235  # glass: no tissue there
+    models = {"model1": centred_model("unet", "resnet_lite", downsample_mean(image, 4), 1),
+              "model2": centred_model("unet", "resnet_lite", image, 2)}
+    path = save_bundle(tmp_path / "b.safetensors", models,
+                       {"ratio": 4, "halo": 32, "threshold": 0.3, "mpp": 0.316, "mpp_range": [0.2, 0.5]})
+    Image.fromarray(image).save(tmp_path / "image.png")
+    overrides = {"tile_size": 128}
+    run = prepare_run([tmp_path / "image.png"], tmp_path / "out.zarr", overrides,
+                      RunOptions(model=str(path), mpp=0.2, device="cpu"))
+    (outcome,) = run_segment(run)  # what wsiseg segment IMAGE --mpp 0.2 --tile-size 128 runs
+    report = outcome.report
+    written = np.asarray(zarr.open_array(str(tmp_path / "out.zarr" / "labels" / "mask" / "0"), mode="r")[...])
+
+    bundle = load_bundle(path)
+    setting = scoring_setting(BundleSettings.from_config(bundle.config), 0.2, overrides)
+    result, _ = run_as_segment(image, setting, bundle, None, "two-stage", 0.3, "cpu", tissue=True)
+    assert report.scheduler["address"].startswith("inline")  # a small image runs without a cluster
+    assert written.shape == result.mask.shape == (444, 570)  # 700 x 900 at 0.2 um, worked at 0.316 um (ceil)
+    assert 0 < report.tiles.refined < report.tiles.total  # some tiles refined, not all
+    np.testing.assert_array_equal(result.mask, written)
+    assert not written[:, :100].any() and written[:, 140:].any()  # glass stays background

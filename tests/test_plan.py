@@ -6,7 +6,8 @@ import pytest
 
 from wsiseg.config import BundleSettings, RunOptions, TwoStageConfig
 from wsiseg.errors import BundleError, InputError
-from wsiseg.run.plan import ModelFacts, auto_tile_size, make_plan, model1_ratio, working_scale
+from wsiseg.config import model1_ratio
+from wsiseg.run.plan import ModelFacts, auto_tile_size, make_plan, working_scale
 from wsiseg.slide import Level, Slide
 from wsiseg.ngff import CONTEXT, IMAGE, MASK, PROBABILITY, REFINED
 

@@ -1,10 +1,12 @@
 """Threshold calibration: the bundle's default threshold chosen on the user's own images.
 
-:func:`calibrate` scores a bundle's full-resolution baseline and its
-two-stage pipeline at a grid of thresholds on a labelled data set
+:func:`calibrate` scores a bundle's two-stage pipeline at a grid of
+thresholds on a labelled data set, and full resolution (its baseline, or
+Model 2 on every tile), in the setting ``wsiseg segment`` runs
 (:func:`wsiseg.evaluate.evaluate`, the same code ``wsiseg evaluate`` runs),
-picks the highest threshold whose mean Dice is within ``max_loss`` of the
-baseline's (the fewest refined tiles, so the fastest run that is as good),
+picks the highest threshold whose mean Dice (and panoptic quality, where the
+truth has objects) is within ``max_loss`` of full resolution's (the fewest
+refined tiles, so the fastest run that is as good),
 and writes a copy of the bundle with that threshold as its default (a new
 checksum): ``wsiseg segment --model COPY`` then uses it without
 ``--threshold``. The original bundle is never changed.
@@ -46,16 +48,31 @@ class Calibration:
 
 
 def choose_threshold(rows: list[Any], max_loss: float) -> tuple[float, bool]:
-    """The highest two-stage threshold whose Dice is at least the baseline's minus ``max_loss``.
+    """The highest two-stage threshold that scores within ``max_loss`` of full resolution.
+
+    Full resolution is the baseline row where there is one, else two-stage
+    at threshold 0 (Model 2 on every tile: what ``--full-resolution`` runs
+    for a bundle without a separate baseline). Within means the mean Dice
+    and, where the rows score objects, the panoptic quality (what users of
+    ``--objects`` consume) are each at least the reference's minus ``max_loss``.
 
     Returns
     -------
     threshold, within
         ``within`` is False when none qualifies; the threshold is then the best-scoring one.
     """
-    baseline = next(r for r in rows if r.method == "baseline")
     two_stage = [r for r in rows if r.method == "two-stage"]
-    good = [r for r in two_stage if r.dice >= baseline.dice - max_loss]
+    reference = next((r for r in rows if r.method == "baseline"), None)
+    if reference is None:
+        reference = next((r for r in two_stage if r.threshold == 0), None)
+    if reference is None:
+        raise InputError("choosing a threshold needs a full-resolution baseline or a row at threshold 0")
+
+    def within(row: Any) -> bool:
+        objects_ok = row.pq is None or reference.pq is None or row.pq >= reference.pq - max_loss
+        return row.dice >= reference.dice - max_loss and objects_ok
+
+    good = [r for r in two_stage if within(r)]
     if good:
         return max(r.threshold for r in good), True
     return max(two_stage, key=lambda r: (r.dice, r.threshold)).threshold, False
@@ -103,9 +120,10 @@ def calibrate(
     if out.exists():
         raise InputError(f"{out} already exists; choose another --out (the calibrated bundle is a new file)")
     bundle = load_bundle(bundle_path)
-    if "model" not in bundle.models or not bundle.is_two_stage:
-        raise InputError("calibration needs a bundle with a Model 1 / Model 2 pair and a full-resolution "
-                         "baseline (train it with --stage all)")
+    if not bundle.is_two_stage:
+        raise InputError("calibration needs a bundle with a Model 1 / Model 2 pair")
+    if "model" not in bundle.models:  # full resolution is Model 2 everywhere
+        thresholds = tuple(dict.fromkeys((*thresholds, 0.0)))
     data, samples, _ = scored_split(bundle, dataset, data_root, split, split_seed, multiclass, limit)
     rows = evaluate(bundle, data, samples, tuple(thresholds), None, device, progress)
     threshold, within = choose_threshold(rows, max_loss)

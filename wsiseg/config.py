@@ -122,7 +122,7 @@ class BundleSettings:
     mpp_range : (float, float) or None
         The pixel sizes the training crops spanned (scale jitter): a slide
         coarser than ``mpp`` but inside it is read as it is, one coarser still
-        with a warning (see :func:`wsiseg.run.plan.scale_factor`). None: ``mpp`` only.
+        with a warning (see :func:`scale_factor`). None: ``mpp`` only.
     classes : tuple of str or None
         Class names, background first.
     image_size : int or None
@@ -257,7 +257,7 @@ class RunOptions:
     fixed_ratio : bool
         Model 1 runs at the flow's ratio on every slide (``--ratio`` was
         given) instead of one adapted to the slide's pixel size
-        (:func:`wsiseg.run.plan.model1_ratio`).
+        (:func:`model1_ratio`).
     """
 
     model: str | None = None
@@ -297,4 +297,132 @@ class RunOptions:
                 raise InputError(f"{name.replace('_', '-')} must be at least 1, got {value}")
 
 
-__all__ = ["AUTO_TILE_SIZE", "BundleSettings", "RunOptions", "TwoStageConfig"]
+#: Pixel-size ratios within this fraction of 1 are not resampled.
+SCALE_TOLERANCE = 0.05
+
+
+def scale_factor(
+    image_mpp: float, model_mpp: float, mpp_range: tuple[float, float] | None = None
+) -> tuple[float, str]:
+    """How much to downsample an image of ``image_mpp`` for a model, and why.
+
+    An image finer than the model's pixel size (beyond :data:`SCALE_TOLERANCE`)
+    is downsampled to it: a model trained across a range of pixel sizes still
+    does best at its centre (benchmarks/RESULTS.md, "A default model trained on real H&E nuclei", "Pixel size"). A coarser one
+    is never upsampled; up to the coarse end of ``mpp_range`` (the range its
+    training crops spanned) it is what the model was trained on.
+
+    Returns
+    -------
+    factor, decision
+        ``factor`` >= 1 (1: as it is); ``decision`` one of ``"native"``,
+        ``"downsampled"``, ``"coarser"`` (coarser than the model was trained on).
+    """
+    high = mpp_range[1] if mpp_range else model_mpp
+    if image_mpp * (1 + SCALE_TOLERANCE) < model_mpp:
+        return model_mpp / image_mpp, "downsampled"
+    if image_mpp > high * (1 + SCALE_TOLERANCE):
+        return 1.0, "coarser"
+    return 1.0, "native"
+
+
+def model1_ratio(ratio: int, model_mpp: float | None, work_mpp: float | None) -> int:
+    """Model 1's downsampling for an image worked at ``work_mpp``: Model 1 kept near its trained pixel size.
+
+    The bundle's ``ratio`` holds where the image is worked at the model's
+    pixel size. Where it is worked coarser (a 20x slide inside the model's
+    trained range is read as it is, not upsampled), the ratio shrinks so
+    that Model 1 still sees pixels of about ``ratio x model_mpp``: rounded,
+    at least 1. For the shipped model (0.316 um, ratio 4) a 0.5 um slide
+    gets 3, which scored 4.4 points of Dice above 4 on 20x images
+    (benchmarks/RESULTS.md, "A default model trained on real H&E nuclei",
+    "Model 1 on 20x slides").
+    """
+    if not model_mpp or not work_mpp or work_mpp <= model_mpp * (1 + SCALE_TOLERANCE):
+        return ratio
+    return max(1, round(ratio * model_mpp / work_mpp))
+
+
+@dataclass(frozen=True)
+class ResolvedFlow:
+    """The flow one image runs with, and the pixels it is worked at.
+
+    Attributes
+    ----------
+    config : TwoStageConfig
+        The flow (``tile_size`` None: chosen per image, see :data:`AUTO_TILE_SIZE`).
+    downsample : float
+        Image pixels per working pixel: >= 1 from the pixel-size rule
+        (:func:`scale_factor`); below 1 only where a caller asked for a finer
+        working pixel size (evaluation's ``--work-mpp``).
+    work_mpp : float or None
+        Micrometres per working pixel (None: the image's pixel size is unknown).
+    note : dict
+        What was decided about Model 1's ratio, and why (part of a report's
+        ``working_resolution``); empty when the ratio is the flow's.
+    """
+
+    config: TwoStageConfig
+    downsample: float = 1.0
+    work_mpp: float | None = None
+    note: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_flow(
+    settings: BundleSettings,
+    image_mpp: float | None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    rescale: bool = True,
+    full_resolution: bool = False,
+    fixed_ratio: bool = False,
+    work_mpp: float | None = None,
+) -> ResolvedFlow:
+    """The one resolution of a run's settings: the bundle's, the image's pixel size, the user's overrides.
+
+    ``wsiseg segment`` (every slide), ``wsiseg evaluate`` and ``wsiseg
+    calibrate`` (every image) and the benchmarks call it, so that what is
+    scored is what runs on slides: the tile chosen per image (about 512
+    pixels) instead of the training images' tile, the pixel-size rule
+    (:func:`scale_factor`) and Model 1's ratio rule (:func:`model1_ratio`).
+
+    Parameters
+    ----------
+    settings : BundleSettings
+    image_mpp : float or None
+        Micrometres per pixel of the image (None: unknown, worked as it is).
+    overrides : mapping, optional
+        :class:`TwoStageConfig` fields the user set (None values ignored). A
+        ``ratio`` given is run as it is.
+    rescale : bool
+        Bring the image to the bundle's pixel size (``--no-rescale``: as it is).
+    full_resolution : bool
+        The baseline: no Model 1, so no ratio to adapt.
+    fixed_ratio : bool
+        Keep the flow's ratio on every image (a caller's own flow).
+    work_mpp : float, optional
+        Work at exactly this pixel size instead of the rule's choice
+        (upsampling too; evaluation's research setting).
+    """
+    overrides = dict(overrides or {})
+    config = settings.for_slides().with_overrides(**overrides)
+    downsample = 1.0
+    if image_mpp and work_mpp:
+        downsample = work_mpp / image_mpp
+    elif image_mpp and settings.mpp and rescale:
+        downsample = scale_factor(image_mpp, settings.mpp, settings.mpp_range)[0]
+    worked = image_mpp * downsample if image_mpp else None
+    note: dict[str, Any] = {}
+    if not (fixed_ratio or full_resolution or overrides.get("ratio") is not None):
+        ratio = model1_ratio(config.ratio, settings.mpp, worked)
+        if ratio != config.ratio:
+            note = {"model1_ratio": ratio,
+                    "model1_ratio_why": (f"the bundle's ratio {config.ratio} is for {settings.mpp:g} um pixels; at "
+                                         f"{worked:.3g} um Model 1 runs at 1/{ratio}, near its trained "
+                                         f"{config.ratio * settings.mpp:.3g} um (--ratio sets it)")}
+            config = replace(config, ratio=ratio)
+    return ResolvedFlow(config, downsample, worked, note)
+
+
+__all__ = ["AUTO_TILE_SIZE", "BundleSettings", "ResolvedFlow", "RunOptions", "TwoStageConfig", "model1_ratio",
+           "resolve_flow", "scale_factor"]

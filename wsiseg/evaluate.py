@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 
 from wsiseg.bundle import Bundle
-from wsiseg.config import BundleSettings
+from wsiseg.config import AUTO_TILE_SIZE, BundleSettings, ResolvedFlow, resolve_flow
+from wsiseg.errors import InputError
 from wsiseg.metrics import IGNORE, confusion, dice_iou, instance_scores
 from wsiseg.models.base import SegmentationModel
 from wsiseg.nuclei import instance_output_of
 from wsiseg.train.datasets import Sample, SegmentationData, resize_image, resize_sample
 from wsiseg.run.in_memory import segment_full_resolution, segment_image
-from wsiseg.run.plan import model1_ratio
 from wsiseg.uncertainty import TileSelection
 
 PAPER_THRESHOLDS = (1.0, 0.75, 0.5, 0.25, 0.0)
@@ -79,8 +79,6 @@ class PixelSizes:
     work_mpp: float | None = None
 
     def __post_init__(self) -> None:
-        from wsiseg.errors import InputError
-
         for name in ("scan_mpp", "work_mpp"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -129,8 +127,16 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
     overrides: dict[str, Any] | None = None,
     pixel_sizes: PixelSizes = PixelSizes(),
+    tissue: bool = True,
 ) -> list[MethodScores]:
-    """Score the baseline (if any) and the two-stage pipeline at each threshold.
+    """Score the baseline (if any) and the two-stage pipeline at each threshold, as ``wsiseg segment`` runs.
+
+    Each image is segmented in the setting ``wsiseg segment`` uses on a slide
+    of its pixel size (:func:`scoring_setting`: the one resolution of the
+    bundle's settings, the pixel size and the overrides; tiles of about 512
+    pixels; the tissue mask), by the same engine in memory; masks are scored
+    at the truth's own pixels. ``seconds_per_image`` times the run only (not
+    the resampling, nor the object split).
 
     Parameters
     ----------
@@ -147,8 +153,9 @@ def evaluate(
         :class:`~wsiseg.config.TwoStageConfig` fields to change from the bundle's (None ignored).
     pixel_sizes : PixelSizes
         Where the data set's pixel size is known, images are brought to the
-        bundle's as ``wsiseg segment`` brings slides (or as ``pixel_sizes``
-        says); masks are scored at the truth's own pixels.
+        bundle's as ``wsiseg segment`` brings slides (or as ``pixel_sizes`` says).
+    tissue : bool
+        Detect tissue first, as ``wsiseg segment`` does by default.
 
     Returns
     -------
@@ -156,10 +163,6 @@ def evaluate(
         Baseline first (when there is one), then two-stage by threshold.
     """
     settings = BundleSettings.from_config(bundle.config)
-    steps = _pixel_steps(data.mpp, settings, pixel_sizes)
-    flow = settings.flow.with_overrides(**(overrides or {}))
-    if (overrides or {}).get("ratio") is None:  # as on slides: Model 1 kept near its trained pixel size
-        flow = replace(flow, ratio=model1_ratio(flow.ratio, settings.mpp, steps.work))
     baseline = baseline if baseline is not None else bundle.models.get("model")
     methods: list[tuple[str, float | None]] = ([("baseline", None)] if baseline is not None else [])
     if bundle.is_two_stage:
@@ -169,21 +172,18 @@ def evaluate(
     for done, sample in enumerate(samples, 1):
         image, truth = resize_sample(*data.load(sample), settings.image_size)
         true_objects = data.instances(sample) if not settings.image_size else None
+        scanned, scan_mpp = _as_scanned(image, data.mpp, pixel_sizes)
         baseline_mask: np.ndarray | None = None
         for tally, (method, threshold) in zip(tallies, methods):
-            start = time.perf_counter()
-            if method == "baseline":
-                run = partial(segment_full_resolution, model=baseline, config=flow, device=device)
-            else:
-                cfg = replace(flow, selection=TileSelection.threshold(threshold))
-                run = partial(segment_image, model1=bundle.model1, model2=bundle.model2, config=cfg, device=device)
-            mask, objects, refined = _segment_at(image, steps, run, true_objects is not None, instance_output)
-            seconds = time.perf_counter() - start
+            setting = scoring_setting(settings, scan_mpp, overrides, pixel_sizes, full_resolution=method == "baseline")
+            result, seconds = run_as_segment(scanned, setting, bundle, baseline, method, threshold, device, tissue)
+            mask, objects = _scored_masks(result.mask, truth.shape, setting, true_objects is not None,
+                                          instance_output)
             scores = None
             if true_objects is not None:
                 found = instance_scores(objects, true_objects, ignore=truth == IGNORE)
                 scores = (found.aji, found.pq, found.dq, found.sq)
-            tally.add(mask, truth, refined, seconds, baseline_mask, scores)
+            tally.add(mask, truth, result.tiles.refined_fraction, seconds, baseline_mask, scores)
             if method == "baseline":
                 baseline_mask = mask
         if progress:
@@ -191,62 +191,84 @@ def evaluate(
     return [tally.scores(method, threshold) for tally, (method, threshold) in zip(tallies, methods)]
 
 
-@dataclass(frozen=True)
-class _Steps:
-    """Pixel sizes of one evaluation: the data's, as scanned, and worked at (None: unknown, nothing resampled)."""
+def scoring_setting(
+    settings: BundleSettings,
+    image_mpp: float | None,
+    overrides: dict[str, Any] | None = None,
+    pixel_sizes: PixelSizes = PixelSizes(),
+    full_resolution: bool = False,
+) -> ResolvedFlow:
+    """The flow an image of ``image_mpp`` is scored with: what ``wsiseg segment`` runs on a slide of that
+    pixel size (:func:`~wsiseg.config.resolve_flow`), or at ``pixel_sizes.work_mpp`` where given."""
+    if image_mpp is None and pixel_sizes.work_mpp:
+        raise InputError("this data set records no pixel size, so it cannot be resampled to another")
+    return resolve_flow(settings, image_mpp, overrides, full_resolution=full_resolution,
+                        work_mpp=pixel_sizes.work_mpp)
 
-    data: float | None = None
-    scan: float | None = None
-    work: float | None = None
+
+def describe_setting(setting: ResolvedFlow) -> str:
+    """One line: the setting an evaluation scored (tile, halo, ratio, working pixel size)."""
+    flow = setting.config
+    tile = f"{flow.tile_size}-pixel tiles" if flow.tile_size else f"tiles of about {AUTO_TILE_SIZE} pixels"
+    pixels = f", {setting.work_mpp:.3g} um working pixels" if setting.work_mpp else ""
+    return f"as wsiseg segment runs: {tile}, halo {flow.halo}, Model 1 at 1/{flow.ratio}{pixels}"
 
 
-def _pixel_steps(data_mpp: float | None, settings: BundleSettings, pixel_sizes: PixelSizes) -> _Steps:
-    """Where images are resampled to: as scanned, then as the bundle's rule (or ``work_mpp``) says."""
-    from wsiseg.errors import InputError
-    from wsiseg.run.plan import scale_factor
-
+def _as_scanned(image: np.ndarray, data_mpp: float | None, pixel_sizes: PixelSizes) -> tuple[np.ndarray, float | None]:
+    """``image`` as if scanned at ``pixel_sizes.scan_mpp`` (a 20x slide: 0.5), and its pixel size."""
     if data_mpp is None:
-        if pixel_sizes.scan_mpp or pixel_sizes.work_mpp:
+        if pixel_sizes.scan_mpp:
             raise InputError("this data set records no pixel size, so it cannot be resampled to another")
-        return _Steps()
+        return image, None
     scan = pixel_sizes.scan_mpp or data_mpp
-    if pixel_sizes.work_mpp:
-        work = pixel_sizes.work_mpp
-    elif settings.mpp:
-        work = scan * scale_factor(scan, settings.mpp, settings.mpp_range)[0]
+    if scan == data_mpp:
+        return image, scan
+    return resize_image(image, _size(image.shape, data_mpp / scan)), scan
+
+
+def run_as_segment(
+    image: np.ndarray, setting: ResolvedFlow, bundle: Bundle, baseline: SegmentationModel | None, method: str,
+    threshold: float | None, device: str, tissue: bool,
+) -> tuple[Any, float]:
+    """The engine's result on ``image`` in ``setting`` (at the working pixels), and the run's seconds.
+
+    What ``wsiseg segment`` writes for the same image at the same pixel size
+    (``tests/test_evaluate.py``): the same flow, tissue rule and resampling,
+    in memory. ``method`` is ``baseline`` (``baseline`` on every tile) or
+    ``two-stage`` at ``threshold``.
+    """
+    downsample = setting.downsample
+    if downsample < 1:  # a finer working pixel size than the image's (--work-mpp): upsampled first
+        image, downsample = resize_image(image, _size(image.shape, 1 / downsample), antialias=False), 1.0
+    start = time.perf_counter()
+    if method == "baseline":
+        result = segment_full_resolution(image, baseline, setting.config, device, downsample=downsample,
+                                         tissue=tissue)
     else:
-        work = scan
-    return _Steps(data_mpp, scan, work)
+        config = replace(setting.config, selection=TileSelection.threshold(threshold))
+        result = segment_image(image, bundle.model1, bundle.model2, config, device, downsample=downsample,
+                               tissue=tissue)
+    return result, time.perf_counter() - start
 
 
-def _segment_at(
-    image: np.ndarray, steps: _Steps, run: Callable[[np.ndarray], Any], with_objects: bool,
-    instance_output: str | None = None,
-) -> tuple[np.ndarray, np.ndarray | None, float]:
-    """``run``'s mask of ``image`` resampled as ``steps`` say, its objects (made as ``wsiseg segment
-    --objects`` makes them, at the working pixels), both back at the image's own pixels (nearest);
-    and the refined fraction. With an instance output the mask is scored as nucleus (any class
-    after the background) or not, and its classes split the objects."""
+def _scored_masks(
+    mask: np.ndarray, shape: tuple[int, int], setting: ResolvedFlow, with_objects: bool, instance_output: str | None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The mask and its objects (made as ``wsiseg segment --objects`` makes them, at the working pixels),
+    both back at the truth's pixels (nearest). With an instance output the mask is scored as nucleus
+    (any class after the background) or not, and its classes split the objects."""
     from wsiseg.instances import whole_image_instances
     from wsiseg.run.objects import object_sizes
 
-    shape = image.shape[:2]
-    x = image
-    if steps.data is not None and steps.scan != steps.data:
-        x = resize_image(x, _size(shape, steps.data / steps.scan))
-    if steps.data is not None and steps.work != steps.scan:
-        x = resize_image(x, _size(shape, steps.data / steps.work), antialias=steps.work > steps.scan)
-    result = run(x)
     objects = None
     if with_objects:
         # The objects --objects streams tile by tile, made at once (the same split, equal up to numbering:
         # tests/test_objects.py); without the table and outlines it is 20 times faster.
-        max_size, min_distance, min_area = object_sizes(OBJECT_TILE, steps.work, None)
-        objects = whole_image_instances(result.mask, max_size, min_distance, instance_output or 1,
-                                        min_area=min_area)[0]
+        max_size, min_distance, min_area = object_sizes(OBJECT_TILE, setting.work_mpp, None)
+        objects = whole_image_instances(mask, max_size, min_distance, instance_output or 1, min_area=min_area)[0]
         objects = resize_labels(objects, shape)
-    mask = (result.mask > 0).astype(np.uint8) if instance_output else result.mask
-    return resize_labels(mask, shape), objects, result.tiles.refined_fraction
+    scored = (mask > 0).astype(np.uint8) if instance_output else mask
+    return resize_labels(scored, shape), objects
 
 
 #: Tile of the object split in evaluation (as on slides: ids do not depend on it, the largest object does).
@@ -317,6 +339,7 @@ def evaluate_bundle(
     out_dir: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     pixel_sizes: PixelSizes = PixelSizes(),
+    tissue: bool = True,
 ) -> tuple[list[MethodScores], dict[str, Path]]:
     """``wsiseg evaluate``: score a bundle on a data set's split and write the results.
 
@@ -341,12 +364,15 @@ def evaluate_bundle(
     data, samples, seed = scored_split(bundle, dataset, data_root, split, split_seed, multiclass, limit)
     baseline = load_bundle(baseline_path).model if baseline_path else None
     rows = evaluate(bundle, data, samples, thresholds or PAPER_THRESHOLDS, baseline, device, progress, overrides,
-                    pixel_sizes)
+                    pixel_sizes, tissue)
+    setting = scoring_setting(BundleSettings.from_config(bundle.config), pixel_sizes.scan_mpp or data.mpp, overrides,
+                              pixel_sizes)
     paths = write_results(
         rows, out_dir or Path(f"evaluation-{bundle_path.stem}"),
         f"{bundle_path.name} on {dataset} ({split}, {len(samples)} images)",
         {"bundle": str(bundle_path), "dataset": dataset, "split": split, "split_seed": seed,
-         "data_mpp": data.mpp, "scan_mpp": pixel_sizes.scan_mpp, "work_mpp": pixel_sizes.work_mpp},
+         "data_mpp": data.mpp, "scan_mpp": pixel_sizes.scan_mpp, "work_mpp": pixel_sizes.work_mpp,
+         "setting": describe_setting(setting), "tissue_mask": tissue},
     )
     return rows, paths
 
@@ -365,7 +391,6 @@ def scored_split(
     ``split_seed`` None takes the seed the bundle was trained with, so its test
     split holds no training image. Returns the data set, the samples and the seed.
     """
-    from wsiseg.errors import InputError
     from wsiseg.train.datasets import open_dataset
 
     data = open_dataset(dataset, data_root, multiclass)

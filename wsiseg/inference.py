@@ -23,13 +23,13 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
 
 from wsiseg.errors import InputError
-from wsiseg.models.base import SegmentationModel, forward_gflop, logits_to_probabilities
+from wsiseg.models.base import FlopCount, SegmentationModel, forward_gflop, logits_to_probabilities
 from wsiseg.runtime import resolve_device
 from wsiseg.tiling import Box, TileGrid, linear_resample, round_up, sample_plan
 
@@ -74,7 +74,8 @@ class ModelRunner:
 
     def gflop_per_image(self, height: int, width: int) -> float:
         """Floating-point work (GFLOP) of one forward pass on an ``height x width`` input,
-        counted once per shape (see :func:`~wsiseg.models.base.forward_gflop`)."""
+        counted once per shape (see :func:`~wsiseg.models.base.forward_gflop`): on the
+        first batch of that shape :meth:`predict` runs, else by a pass of its own."""
         key = (height, width)
         if key not in self._gflop_per_image:
             self._gflop_per_image[key] = forward_gflop(self.model, height, width)
@@ -127,13 +128,18 @@ class ModelRunner:
             x = x.contiguous(memory_format=torch.channels_last)
         if class_context is not None:
             class_context = class_context.to(self.device)
+        work = getattr(self._counter, "work", None) if self.count_work else None
+        shape = tuple(images.shape[1:3])
+        counting = FlopCount(self.model) if work is not None and shape not in self._gflop_per_image else nullcontext()
         with torch.inference_mode():
-            logits, features = self.model(x, class_context=class_context)
+            with counting:
+                logits, features = self.model(x, class_context=class_context)
             probs = logits_to_probabilities(logits)
             projected = None if project is None else project(features).float().cpu().contiguous()
-        work = getattr(self._counter, "work", None)
-        if work is not None and self.count_work:
-            work["gflop"] += images.shape[0] * self.gflop_per_image(*images.shape[1:3])
+        if isinstance(counting, FlopCount):
+            self._gflop_per_image[shape] = counting.gflop / images.shape[0]
+        if work is not None:
+            work["gflop"] += images.shape[0] * self.gflop_per_image(*shape)
         return probs.float().cpu().contiguous(), projected
 
 

@@ -9,6 +9,8 @@ two-stage framework (Cruz et al., Sensors 2023).
 from __future__ import annotations
 
 import math
+import threading
+from typing import Any
 
 import numpy as np
 
@@ -177,33 +179,63 @@ def forward_gflop(model: nn.Module, height: int, width: int) -> float:
 
     Counts what torch's ``FlopCounterMode`` counts for these networks (2 per
     multiply-add of every convolution and linear layer; additions of biases,
-    activations and resampling are not counted), from forward hooks on a copy
-    of the model on the ``meta`` device: shapes only, no memory, no arithmetic,
-    and without importing the FLOP counter's machinery (~120 MB per process).
+    activations and resampling are not counted), from forward hooks during
+    one pass of a zero batch (:class:`FlopCount`). Where a real batch is run
+    anyway, count on it instead (``with FlopCount(model) as count``): the
+    count costs no extra pass.
     """
-    import copy
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), FlopCount(model) as count:
+            model(torch.zeros(1, 3, height, width, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+    return count.gflop
 
-    meta = copy.deepcopy(model).to("meta").eval()
-    total = [0]
 
-    def count(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+class FlopCount:
+    """Floating-point work of the forward passes run inside ``with FlopCount(model) as count``.
+
+    ``count.gflop`` after the block: 2 per multiply-add of every convolution,
+    transposed convolution and linear layer, summed over the batches run (the
+    rule of :func:`forward_gflop`), from forward hooks, which only read shapes.
+    Only the passes of the thread that entered the block count (the threads of
+    a Dask worker share one model).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.flop = 0
+        self._hooks: list[Any] = []
+        self._thread = threading.get_ident()
+
+    @property
+    def gflop(self) -> float:
+        return self.flop / 1e9
+
+    def __enter__(self) -> FlopCount:
+        self._thread = threading.get_ident()
+        layers = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+        self._hooks = [m.register_forward_hook(self._count) for m in self.model.modules() if isinstance(m, layers)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def _count(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if threading.get_ident() != self._thread:
+            return
         if isinstance(module, nn.Linear):
-            total[0] += 2 * output.numel() * module.in_features
+            self.flop += 2 * output.numel() * module.in_features
         elif isinstance(module, nn.ConvTranspose2d):
             kh, kw = module.kernel_size
-            total[0] += 2 * inputs[0].numel() * module.out_channels // module.groups * kh * kw
+            self.flop += 2 * inputs[0].numel() * module.out_channels // module.groups * kh * kw
         else:  # nn.Conv2d
             kh, kw = module.kernel_size
-            total[0] += 2 * output.numel() * module.in_channels // module.groups * kh * kw
-
-    hooks = [m.register_forward_hook(count) for m in meta.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
-    try:
-        with torch.inference_mode():
-            meta(torch.zeros(1, 3, height, width, device="meta"))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return total[0] / 1e9
+            self.flop += 2 * output.numel() * module.in_channels // module.groups * kh * kw
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Sequential:

@@ -26,7 +26,7 @@ _EXPORTS = {
     "segment_image": "wsiseg.run.in_memory",
     "segment_full_resolution": "wsiseg.run.in_memory",
     "segment_slide": "wsiseg.run.slides",
-    "run_job": "wsiseg.run.slides",
+    "run_slide": "wsiseg.run.slides",
     "prepare_run": "wsiseg.run.job",
     "bundle_settings": "wsiseg.run.job",
     "default_output": "wsiseg.run.inputs",

@@ -3,13 +3,14 @@
 :func:`find_slides` turns slides, folders of slides and a list file into
 slide paths; :func:`plan_outputs` gives each its own output folder, and
 :func:`~wsiseg.run.job.prepare_run` makes their jobs. :func:`run_jobs` runs
-prepared jobs on ``parallel`` threads of this driver sharing one client
-(:func:`~wsiseg.run.slides.run_job` each), skips those whose output was
+prepared jobs with one executor (:func:`~wsiseg.run.slides.run_slide`
+each: inline one after the other, or ``parallel`` threads of this driver
+sharing one cluster), skips those whose output was
 complete, resumes interrupted ones, records a slide that fails with a
 :class:`~wsiseg.errors.WsisegError` and goes on, and writes ``manifest.csv``;
 one slide is a cohort of one without a manifest, whose error ends the run.
-:func:`run_segment` starts the cluster and runs them: what ``wsiseg
-segment`` calls. :func:`segment_cohort` does both on a client of the caller's.
+:func:`run_segment` runs them inline when they are small, else starts
+a cluster for them: what ``wsiseg segment`` calls. :func:`segment_cohort` does both on a client of the caller's.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from wsiseg.config import RunOptions, TwoStageConfig
 from wsiseg.errors import WsisegError
 from wsiseg.run.driver import ProgressCallback
 from wsiseg.run.inputs import one_line
-from wsiseg.run.job import COMPLETE, INTERRUPTED, SegmentRun, SlideJob, for_given_flow, prepare_cohort
+from wsiseg.run.executors import DaskExecutor, Executor, InlineExecutor
+from wsiseg.run.job import COMPLETE, INTERRUPTED, SegmentRun, SlideJob, for_given_flow, given_flow, prepare_cohort
+from wsiseg.run.slides import run_slide
 from wsiseg.run.report import RunReport, read_report
 
 MANIFEST_NAME = "manifest.csv"
@@ -90,6 +93,22 @@ class SlideOutcome:
 SlideDone = Callable[[SlideOutcome], None]
 
 
+#: Images of at most this many working pixels run in this process, without a cluster, unless a
+#: cluster is asked for (benchmarks/RESULTS.md, "One engine: inline or on a cluster").
+INLINE_MAX_PIXELS = 4096 * 4096
+
+
+def runs_inline(run: SegmentRun, scheduler: str | None = None, workers: int | None = None) -> bool:
+    """Whether ``run`` goes without a cluster: ``workers`` is 0, or no cluster was asked for
+    (``--scheduler``, ``--workers N``) and every slide to segment is small (:data:`INLINE_MAX_PIXELS`
+    working pixels at most)."""
+    if scheduler:
+        return False
+    if workers is not None:
+        return workers == 0
+    return all(job.slide is None or job.working_pixels <= INLINE_MAX_PIXELS for job in run.jobs)
+
+
 def run_segment(
     run: SegmentRun,
     scheduler: str | None = None,
@@ -97,35 +116,41 @@ def run_segment(
     progress: SlideProgress | None = None,
     on_done: SlideDone | None = None,
 ) -> list[SlideOutcome]:
-    """Start the cluster (:func:`wsiseg.cluster.start_client`), run the prepared jobs, close it."""
+    """Run the prepared jobs: in this process when they are small (:func:`runs_inline`), else on a
+    cluster started for them (:func:`wsiseg.cluster.start_client`) and closed after."""
     from wsiseg.cluster import start_client
 
+    if runs_inline(run, scheduler, workers):
+        return run_jobs(run, InlineExecutor(), progress, on_done)
     client = start_client(scheduler, workers)
     try:
-        return run_jobs(run, client, progress, on_done)
+        limit = next((job.options.max_in_flight for job in run.jobs), None)
+        return run_jobs(run, DaskExecutor(client, limit), progress, on_done)
     finally:
         client.close()
 
 
 def run_jobs(
     run: SegmentRun,
-    client: Any,
+    executor: Executor,
     progress: SlideProgress | None = None,
     on_done: SlideDone | None = None,
 ) -> list[SlideOutcome]:
-    """Run prepared jobs on ``client``, ``run.parallel`` at a time; their outcomes in job order.
+    """Run prepared jobs with ``executor``; their outcomes in job order.
 
-    A cohort records a slide that fails with a :class:`~wsiseg.errors.WsisegError`
-    and goes on, then writes ``manifest.csv``; one slide's error is raised. An
-    interruption (or an unexpected error) stops the slides in flight at their
-    next progress step, leaves their outputs resumable, writes no manifest and
-    is re-raised.
+    On a cluster ``run.parallel`` slides are in flight at once (one thread of
+    this driver each); inline, one after the other. A cohort records a slide
+    that fails with a :class:`~wsiseg.errors.WsisegError` and goes on, then
+    writes ``manifest.csv``; one slide's error is raised. An interruption (or
+    an unexpected error) stops the slides in flight at their next progress
+    step, leaves their outputs resumable, writes no manifest and is re-raised.
     """
     if run.is_cohort:
         run.out_dir.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
-    jobs = [(_run_one, job, client, run.is_cohort, _slide_progress(job.path, progress, stop)) for job in run.jobs]
-    outcomes = _run_threads(jobs, run.parallel, stop, on_done)
+    jobs = [(_run_one, job, executor, run.is_cohort, _slide_progress(job.path, progress, stop)) for job in run.jobs]
+    parallel = 1 if isinstance(executor, InlineExecutor) else run.parallel
+    outcomes = _run_threads(jobs, parallel, stop, on_done)
     if run.is_cohort:
         write_manifest([outcome.row() for outcome in outcomes], run.out_dir / MANIFEST_NAME)
     return outcomes
@@ -134,30 +159,30 @@ def run_jobs(
 def segment_cohort(
     slides: Sequence[Path],
     out_dir: Path,
-    client: Any,
+    client: Any = None,
     config: TwoStageConfig | None = None,
     options: RunOptions = RunOptions(),
     parallel: int = 1,
     progress: SlideProgress | None = None,
     on_done: SlideDone | None = None,
 ) -> list[dict[str, Any]]:
-    """Segment ``slides`` into ``out_dir`` on a client of the caller's, ``parallel`` at a time;
-    write the manifest and return its rows (see :func:`~wsiseg.run.job.prepare_cohort`, :func:`run_jobs`)."""
-    run = prepare_cohort(slides, out_dir, for_given_flow(options, config), config, parallel)
-    return [outcome.row() for outcome in run_jobs(run, client, progress, on_done)]
+    """Segment ``slides`` into ``out_dir`` on a client of the caller's (None: in this process),
+    ``parallel`` at a time on a cluster; write the manifest and return its rows (see
+    :func:`~wsiseg.run.job.prepare_cohort`, :func:`run_jobs`)."""
+    run = prepare_cohort(slides, out_dir, for_given_flow(options, config), given_flow(config), parallel)
+    executor = InlineExecutor() if client is None else DaskExecutor(client, options.max_in_flight)
+    return [outcome.row() for outcome in run_jobs(run, executor, progress, on_done)]
 
 
-def _run_one(job: SlideJob, client: Any, record_errors: bool, progress: ProgressCallback) -> SlideOutcome:
+def _run_one(job: SlideJob, executor: Executor, record_errors: bool, progress: ProgressCallback) -> SlideOutcome:
     """One job: skipped, failed (recorded, in a cohort), or run."""
-    from wsiseg.run.slides import run_job
-
     if job.error is not None:
         return SlideOutcome(job, "failed", error=job.error, seconds=0.0)
     if job.state == COMPLETE:
         return SlideOutcome(job, "skipped", read_report(job.output))
     started = time.perf_counter()
     try:
-        report = run_job(job, client, progress)
+        report = run_slide(job, executor, progress)
     except WsisegError as exc:
         if not record_errors:
             raise
@@ -186,6 +211,12 @@ def _run_threads(
 ) -> list[SlideOutcome]:
     """Run the jobs on ``parallel`` threads; their outcomes in job order."""
     outcomes: list[SlideOutcome | None] = [None] * len(jobs)
+    if parallel <= 1:  # one after the other, in this thread
+        for index, job in enumerate(jobs):
+            outcomes[index] = job[0](*job[1:])
+            if on_done:
+                on_done(outcomes[index])
+        return [outcome for outcome in outcomes if outcome is not None]
     pool = ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="wsiseg-slide")
     try:
         futures: dict[Future[Any], int] = {pool.submit(*job): index for index, job in enumerate(jobs)}

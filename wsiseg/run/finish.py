@@ -40,7 +40,6 @@ def finish_output(
     classes: list[str],
     options: RunOptions,
     executor: Any,
-    client: Any,
     progress: ProgressCallback | None,
 ) -> dict[str, Any]:
     """Pyramids, objects, NGFF metadata, GeoJSON and overlay; returns the report's ``outputs``."""
@@ -70,7 +69,7 @@ def finish_output(
     outputs.update(_map_metadata(plan, out))
     write_image_metadata(out, Path(plan.source.path).name, image_levels, plan.image_step, plan.source.mpp)
     if options.geojson:
-        outputs["geojson"] = _geojson(plan, out, outputs, classes, options, client)
+        outputs["geojson"] = _geojson(plan, out, outputs, classes, options, executor.client)
     step(steps - 2)
     background = thumbnail(out, image_levels)
     write_overlay(out, background, mask_thumbnail(out, mask_levels, max(background.shape[:2])),
@@ -128,17 +127,18 @@ def _geojson(plan: Plan, out: Path, outputs: dict[str, Any], classes: list[str],
 
 
 def thumbnail(out: Path, levels: int, max_side: int = 1024) -> np.ndarray:
-    """A small RGB view ``(h, w, 3)`` uint8 of the slide, from the output's smallest fitting pixels level."""
-    import dask.array as da
+    """A small RGB view ``(h, w, 3)`` uint8 of the slide, from the output's smallest fitting pixels level.
 
+    That level is at most ``2 * max_side`` on its longer side (or the
+    coarsest there is), so it is read whole and block-averaged in memory.
+    """
     level = next((n for n in range(levels) if max(open_array(out, str(n)).shape[1:]) <= 2 * max_side), levels - 1)
-    source = da.from_zarr(open_array(out, str(level))).transpose(1, 2, 0)
+    source = np.asarray(open_array(out, str(level))[...]).transpose(1, 2, 0)
     factor = max(1, math.ceil(max(source.shape[:2]) / max_side))
-    if factor > 1:
-        h, w = (source.shape[0] // factor) * factor, (source.shape[1] // factor) * factor
-        if h and w:
-            source = da.coarsen(np.mean, source[:h, :w], {0: factor, 1: factor}, trim_excess=True)
-    return np.asarray(source.compute(scheduler="threads")).astype(np.uint8)
+    h, w = (source.shape[0] // factor) * factor, (source.shape[1] // factor) * factor
+    if factor > 1 and h and w:
+        source = source[:h, :w].reshape(h // factor, factor, w // factor, factor, 3).mean(axis=(1, 3))
+    return source.astype(np.uint8)
 
 
 def mask_thumbnail(out: Path, levels: int, size: int) -> np.ndarray:

@@ -18,7 +18,7 @@ from wsiseg.config import TwoStageConfig
 from wsiseg.errors import InputError
 from wsiseg.run.driver import ProgressCallback, run_flow
 from wsiseg.run.executors import InlineExecutor
-from wsiseg.run.plan import ModelFacts, Plan, make_plan
+from wsiseg.run.plan import ModelFacts, Plan, make_plan, view_for
 from wsiseg.run.report import TileCounts, Timings
 from wsiseg.slide import Level
 from wsiseg.tiling import Box
@@ -67,16 +67,17 @@ class SegmentationResult:
 
 
 class ImageSource:
-    """An ``(H, W, 3)`` uint8 image as a one-level pyramid (coarser views are block means)."""
+    """An ``(H, W, 3)`` uint8 image as a one-level pyramid (coarser views are block means, or
+    area-resampled where the factor is not whole), with its pixel size when known."""
 
-    def __init__(self, image: np.ndarray) -> None:
+    def __init__(self, image: np.ndarray, mpp: float | None = None) -> None:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise InputError(
                 f"expected an (H, W, 3) uint8 RGB image, got shape {image.shape} and dtype {image.dtype}"
             )
         self.image = image
         self.levels = (Level(image.shape[:2], (1.0, 1.0), None),)
-        self.mpp = None
+        self.mpp = (mpp, mpp) if mpp else None
 
     def read_region(self, level: int, box: Box) -> np.ndarray:
         return self.image[box.slices()]
@@ -124,6 +125,8 @@ def segment_image(
     batch_size: int | None = None,
     progress: ProgressCallback | None = None,
     probabilities: bool = False,
+    downsample: float = 1.0,
+    tissue: bool = False,
 ) -> SegmentationResult:
     """Two-stage segmentation of one in-memory image.
 
@@ -143,6 +146,14 @@ def segment_image(
         ``progress(stage, done, total)``.
     probabilities : bool
         Also keep the composed probabilities (``C x H x W`` float32).
+    downsample : float
+        Work at the image downsampled by this factor (>= 1; whole: block
+        means, else area-resampled), as a slide is brought to the model's
+        pixel size (:attr:`~wsiseg.config.ResolvedFlow.downsample`). The
+        result is at the working resolution.
+    tissue : bool
+        Detect tissue first and keep the mask and refinement to it, as
+        ``wsiseg segment`` does (:mod:`wsiseg.tissue`).
     """
     if model1.num_classes != model2.num_classes:
         raise InputError(f"Model 1 has {model1.num_classes} classes but Model 2 has {model2.num_classes}")
@@ -151,7 +162,8 @@ def segment_image(
             f"Model 1 has {model1.feature_channels} feature channels but Model 2 has "
             f"{model2.feature_channels}; the context path needs them equal"
         )
-    return _run({"model1": model1, "model2": model2}, image, config, False, device, batch_size, progress, probabilities)
+    return _run({"model1": model1, "model2": model2}, image, config, False, device, batch_size, progress, probabilities,
+                downsample, tissue)
 
 
 def segment_full_resolution(
@@ -162,13 +174,16 @@ def segment_full_resolution(
     batch_size: int | None = None,
     progress: ProgressCallback | None = None,
     probabilities: bool = False,
+    downsample: float = 1.0,
+    tissue: bool = False,
 ) -> SegmentationResult:
     """The baseline: one model on every full-resolution tile, with the same tasks.
 
-    Only ``tile_size`` and ``halo`` of ``config`` apply. The result has no
-    stage-1 outputs and every tile marked refined.
+    Only ``tile_size`` and ``halo`` of ``config`` apply (``downsample`` and
+    ``tissue`` as in :func:`segment_image`). The result has no stage-1
+    outputs and every tile on tissue marked refined.
     """
-    return _run({"model": model}, image, config, True, device, batch_size, progress, probabilities)
+    return _run({"model": model}, image, config, True, device, batch_size, progress, probabilities, downsample, tissue)
 
 
 def _run(
@@ -180,19 +195,25 @@ def _run(
     batch_size: int | None,
     progress: ProgressCallback | None,
     probabilities: bool,
+    downsample: float = 1.0,
+    tissue: bool = False,
 ) -> SegmentationResult:
     from wsiseg.inference import ModelRunner
     from wsiseg.runtime import synchronize
 
     start = time.perf_counter()
     source = ImageSource(image)
+    if downsample < 1:
+        raise InputError(f"an image is worked at its own pixels or coarser, not downsampled by {downsample}")
     runners = {role: ModelRunner(model, device, count_work=False) for role, model in models.items()}
     facts = ModelFacts(
         {role: r.stride for role, r in runners.items()}, next(iter(models.values())).num_classes,
         {role: r.model.grid_stride for role, r in runners.items()},
     )
     store = MemoryStore()
-    plan = make_plan(source, store, LoadedModels(runners), facts, config, full_resolution, batch_size)
+    working = view_for(source, downsample)
+    plan = make_plan(source, store, LoadedModels(runners), facts, config, full_resolution, batch_size, working,
+                     tissue=tissue)
     store.allocate(plan, probabilities)
     flow = run_flow(plan, config.selection, InlineExecutor(), progress=progress)
     for runner in runners.values():

@@ -25,12 +25,13 @@ from typing import Any
 import numpy as np
 
 from wsiseg.bundle import DEFAULT_MODEL, inspect_bundle, resolve_model, shipped_name
-from wsiseg.config import BundleSettings, RunOptions, TwoStageConfig
+from wsiseg.config import BundleSettings, RunOptions, TwoStageConfig, resolve_flow
 from wsiseg.errors import InputError, WsisegError
 from wsiseg.guard import check_output_path, not_a_folder_error
 from wsiseg.run.inputs import check_cohort, default_output, find_slides, is_cohort, one_line, output_state
-from wsiseg.run.plan import model1_ratio, working_scale
+from wsiseg.run.plan import working_scale
 from wsiseg.slide import Slide, open_slide
+from wsiseg.uncertainty import TileSelection
 
 #: ``SlideJob.state``: what the output holds when the job is prepared.
 NEW, INTERRUPTED, COMPLETE = "new", "interrupted", "complete"
@@ -82,6 +83,15 @@ class SlideJob:
     error: str | None = None
 
     @property
+    def working_pixels(self) -> int:
+        """Pixels of the slide at the resolution it is worked at (0 without a slide)."""
+        if self.slide is None:
+            return 0
+        level, coarsen = self.working
+        height, width = self.slide.levels[level].shape
+        return int(height / coarsen) * int(width / coarsen)
+
+    @property
     def tile_size_note(self) -> str:
         """Where the run's tile size comes from (the report's ``settings.tile_size_from``)."""
         if self.config.tile_size is not None:
@@ -129,6 +139,14 @@ def bundle_settings(model: str | os.PathLike[str] | None) -> BundleSettings:
     return BundleSettings.from_config(inspect_bundle(resolve_model(ref))["config"], f"model bundle {ref!r}")
 
 
+def full_resolution_of(model: str, options: RunOptions, overrides: Mapping[str, Any]) -> tuple[RunOptions, dict[str, Any]]:
+    """What ``--full-resolution`` runs with this bundle: its separate full-resolution model on every
+    tile where it has one; else Model 2 on every tile (threshold 0), Model 1 running for its context."""
+    if not options.full_resolution or "model" in inspect_bundle(resolve_model(model))["models"]:
+        return options, dict(overrides)
+    return dataclasses.replace(options, full_resolution=False), {**overrides, "selection": TileSelection.threshold(0.0)}
+
+
 def prepare_run(
     inputs: Sequence[Path],
     out: Path | None,
@@ -162,13 +180,19 @@ def prepare_run(
     """
     model = model_reference(options.model)
     settings = bundle_settings(model)
-    config = settings.for_slides().with_overrides(**overrides)
-    if overrides.get("ratio") is not None:
-        options = dataclasses.replace(options, fixed_ratio=True)
+    options, overrides = full_resolution_of(model, options, overrides)
     if not is_cohort(inputs, listing):
-        return SegmentRun((prepare_slide(inputs[0], out, model, settings, config, options),))
+        return SegmentRun((prepare_slide(inputs[0], out, model, settings, overrides, options),))
     slides = find_slides(inputs, listing)
-    return prepare_cohort(slides, out if out is not None else Path("."), options, config, parallel, model, settings)
+    return prepare_cohort(slides, out if out is not None else Path("."), options, overrides, parallel, model, settings)
+
+
+def given_flow(config: TwoStageConfig | None) -> dict[str, Any]:
+    """A caller's own flow as overrides of every field (None: the bundle's flow, no override);
+    run as it is with :attr:`RunOptions.fixed_ratio` (see :func:`for_given_flow`)."""
+    if config is None:
+        return {}
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
 def for_given_flow(options: RunOptions, config: TwoStageConfig | None) -> RunOptions:
@@ -182,7 +206,7 @@ def prepare_slide(
     out: Path | None,
     model: str,
     settings: BundleSettings,
-    config: TwoStageConfig,
+    overrides: Mapping[str, Any],
     options: RunOptions,
 ) -> SlideJob:
     """One slide's job; its output may exist only with ``--overwrite`` or ``--resume``.
@@ -198,14 +222,14 @@ def prepare_slide(
         raise not_a_folder_error(output)
     if output.exists() and not (options.overwrite or options.resume):
         raise InputError(f"{output} already exists; use --overwrite to replace it or --resume to continue it")
-    return _opened(path, output, model, settings, config, options, NEW)
+    return _opened(path, output, model, settings, overrides, options, NEW)
 
 
 def prepare_cohort(
     slides: Sequence[Path],
     out_dir: Path,
     options: RunOptions,
-    config: TwoStageConfig | None = None,
+    overrides: Mapping[str, Any] | None = None,
     parallel: int | None = None,
     model: str | None = None,
     settings: BundleSettings | None = None,
@@ -224,61 +248,47 @@ def prepare_cohort(
     """
     model = model or model_reference(options.model)
     settings = settings or bundle_settings(model)
-    config = config or settings.for_slides()
+    overrides = overrides or {}
     parallel = parallel if parallel is not None else min(2, len(slides))
     outputs = check_cohort(slides, out_dir, parallel)
-    jobs = tuple(_cohort_job(slide, output, model, settings, config, options) for slide, output in zip(slides, outputs))
+    jobs = tuple(_cohort_job(slide, output, model, settings, overrides, options)
+                 for slide, output in zip(slides, outputs))
     return SegmentRun(jobs, out_dir, parallel)
 
 
 def _cohort_job(
-    slide: Path, output: Path, model: str, settings: BundleSettings, config: TwoStageConfig, options: RunOptions
+    slide: Path, output: Path, model: str, settings: BundleSettings, overrides: Mapping[str, Any],
+    options: RunOptions,
 ) -> SlideJob:
-    bare = SlideJob(slide, output.absolute(), model, settings, config, options)
+    bare = SlideJob(slide, output.absolute(), model, settings, resolve_flow(settings, None, overrides).config, options)
     try:
         state = output_state(output, slide)
         if state == COMPLETE and not options.overwrite:
             return dataclasses.replace(bare, state=COMPLETE)
         resume = state == INTERRUPTED and not options.overwrite
-        return _opened(slide, output, model, settings, config, dataclasses.replace(options, resume=resume),
+        return _opened(slide, output, model, settings, overrides, dataclasses.replace(options, resume=resume),
                        INTERRUPTED if resume else NEW)
     except WsisegError as exc:
         return dataclasses.replace(bare, error=one_line(exc))
 
 
 def _opened(
-    path: Path, output: Path, model: str, settings: BundleSettings, config: TwoStageConfig, options: RunOptions,
-    state: str,
+    path: Path, output: Path, model: str, settings: BundleSettings, overrides: Mapping[str, Any],
+    options: RunOptions, state: str,
 ) -> SlideJob:
-    """The job with its slide opened, its pixel size decided and its warnings gathered."""
+    """The job with its slide opened, its flow resolved (:func:`~wsiseg.config.resolve_flow`), its pixel
+    size decided and its warnings gathered."""
     slide = open_slide(path, options.backend)
     if options.mpp:
         slide = dataclasses.replace(slide, mpp=(options.mpp, options.mpp))
+    resolved = resolve_flow(settings, float(np.mean(slide.mpp)) if slide.mpp else None, overrides,
+                            rescale=options.rescale, full_resolution=options.full_resolution,
+                            fixed_ratio=options.fixed_ratio)
     working, note = working_scale(slide, settings.mpp, options.rescale, settings.mpp_range)
-    if not options.fixed_ratio and not options.full_resolution:
-        config = _ratio_for_slide(slide, working, settings, config, note)
+    note.update(resolved.note)
     warnings = [*slide.warnings, *_bundle_warnings(settings), *_scale_warnings(slide, settings, options, note)]
-    return SlideJob(path, output.absolute(), model, settings, config, options, slide, working, note, tuple(warnings),
-                    state)
-
-
-def _ratio_for_slide(
-    slide: Slide, working: tuple[int, float], settings: BundleSettings, config: TwoStageConfig, note: dict[str, Any]
-) -> TwoStageConfig:
-    """``config`` with Model 1's ratio for the pixels the slide is worked at (:func:`model1_ratio`);
-    a changed ratio is recorded in ``note`` (the report's ``working_resolution``)."""
-    if not slide.mpp or not settings.mpp:
-        return config
-    level, coarsen = working
-    work_mpp = float(np.mean(slide.mpp)) * float(np.mean(slide.levels[level].downsample)) * coarsen
-    ratio = model1_ratio(config.ratio, settings.mpp, work_mpp)
-    if ratio == config.ratio:
-        return config
-    note["model1_ratio"] = ratio
-    note["model1_ratio_why"] = (f"the bundle's ratio {config.ratio} is for {settings.mpp:g} um pixels; at "
-                                f"{work_mpp:.3g} um Model 1 runs at 1/{ratio}, near its trained "
-                                f"{config.ratio * settings.mpp:.3g} um (--ratio sets it)")
-    return dataclasses.replace(config, ratio=ratio)
+    return SlideJob(path, output.absolute(), model, settings, resolved.config, options, slide, working, note,
+                    tuple(warnings), state)
 
 
 def _bundle_warnings(settings: BundleSettings) -> list[str]:

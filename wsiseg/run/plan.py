@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from wsiseg.config import AUTO_TILE_SIZE, TwoStageConfig
+from wsiseg.config import AUTO_TILE_SIZE, TwoStageConfig, scale_factor
 from wsiseg.errors import InputError
 from wsiseg.output import ArraySpec
 from wsiseg.slide import Level
@@ -327,10 +327,6 @@ def auto_tile_size(file_tile: tuple[int, int] | None, stride: int, target: int =
     return round_up(target, stride)
 
 
-#: Pixel-size ratios within this fraction of 1 are not resampled.
-SCALE_TOLERANCE = 0.05
-
-
 def view_for(source: Any, downsample: float) -> tuple[int, float]:
     """Level and coarsening factor that give ``downsample`` (level-0 pixels per pixel).
 
@@ -345,48 +341,6 @@ def view_for(source: Any, downsample: float) -> tuple[int, float]:
         (i for i, lv in enumerate(source.levels) if float(np.mean(lv.downsample)) <= downsample * 1.01), default=0
     )
     return level, downsample / float(np.mean(source.levels[level].downsample))
-
-
-def scale_factor(
-    image_mpp: float, model_mpp: float, mpp_range: tuple[float, float] | None = None
-) -> tuple[float, str]:
-    """How much to downsample an image of ``image_mpp`` for a model, and why.
-
-    An image finer than the model's pixel size (beyond :data:`SCALE_TOLERANCE`)
-    is downsampled to it: a model trained across a range of pixel sizes still
-    does best at its centre (benchmarks/RESULTS.md, "A default model trained on real H&E nuclei", "Pixel size"). A coarser one
-    is never upsampled; up to the coarse end of ``mpp_range`` (the range its
-    training crops spanned) it is what the model was trained on.
-
-    Returns
-    -------
-    factor, decision
-        ``factor`` >= 1 (1: as it is); ``decision`` one of ``"native"``,
-        ``"downsampled"``, ``"coarser"`` (coarser than the model was trained on).
-    """
-    high = mpp_range[1] if mpp_range else model_mpp
-    if image_mpp * (1 + SCALE_TOLERANCE) < model_mpp:
-        return model_mpp / image_mpp, "downsampled"
-    if image_mpp > high * (1 + SCALE_TOLERANCE):
-        return 1.0, "coarser"
-    return 1.0, "native"
-
-
-def model1_ratio(ratio: int, model_mpp: float | None, work_mpp: float | None) -> int:
-    """Model 1's downsampling for an image worked at ``work_mpp``: Model 1 kept near its trained pixel size.
-
-    The bundle's ``ratio`` holds where the image is worked at the model's
-    pixel size. Where it is worked coarser (a 20x slide inside the model's
-    trained range is read as it is, not upsampled), the ratio shrinks so
-    that Model 1 still sees pixels of about ``ratio x model_mpp``: rounded,
-    at least 1. For the shipped model (0.316 um, ratio 4) a 0.5 um slide
-    gets 3, which scored 4.4 points of Dice above 4 on 20x images
-    (benchmarks/RESULTS.md, "A default model trained on real H&E nuclei",
-    "Model 1 on 20x slides").
-    """
-    if not model_mpp or not work_mpp or work_mpp <= model_mpp * (1 + SCALE_TOLERANCE):
-        return ratio
-    return max(1, round(ratio * model_mpp / work_mpp))
 
 
 def working_scale(

@@ -218,6 +218,18 @@ def load_models_on_workers(
         client.submit(describe_bundle, model_ref, workers=[worker], allow_other_workers=True, pure=False)
         for worker in workers
     ])[0]
+    facts, info = model_facts(described, model_ref, full_resolution)
+    return facts, info, malloc_warnings(client)
+
+
+def model_facts(described: dict[str, Any], model_ref: str, full_resolution: bool) -> tuple[ModelFacts, dict[str, Any]]:
+    """What planning needs of a bundle (:func:`describe_bundle`'s description) and the report's model entry.
+
+    Raises
+    ------
+    InputError
+        The bundle lacks the models the run needs.
+    """
     roles = described["roles"]
     if full_resolution and "model" not in roles:
         raise InputError(
@@ -233,7 +245,7 @@ def load_models_on_workers(
     )
     info = {"bundle": model_ref, "checksum": described["checksum"],
             "roles": {role: facts["spec"] for role, facts in roles.items()}}
-    return facts, info, malloc_warnings(client)
+    return facts, info
 
 
 #: Seconds a run waits for a first worker to join a cluster that has none yet.
