@@ -65,6 +65,8 @@ HE = dict(COMMON, dataset="nuinsseg", epochs=30, lr=3e-4, mpp=0.316, scale_jitte
 #: 90-degree rotations and flips, HED stain jitter 0.3 and gamma jitter 0.6 (stains from 1.6 times paler to 1.6
 #: times darker in optical density) (benchmarks/RESULTS.md, "Instance-aware H&E model").
 HE_INSTANCE = dict(HE, stage="two-stage", epochs=40, stain_jitter=0.3, gamma_jitter=0.6, rotate=True)
+#: ``he-distance-2`` fine-tunes ``he-distance``'s bundle (``--init-from``) 30 more epochs at 1e-4 with milder stain
+#: and gamma jitter (0.2, 0.3).
 VARIANTS: dict[str, dict[str, Any]] = {
     "bowl": BOWL,
     "hematoxylin": dict(BOWL, input_transform="hematoxylin", stain_jitter=0.2, scale_jitter=0.5),
@@ -77,10 +79,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "he-gaps": dict(HE, lr=1e-4, touching_gaps=True),
     "he-border": dict(HE_INSTANCE, instance_output="border"),
     "he-distance": dict(HE_INSTANCE, instance_output="distance"),
+    "he-distance-2": dict(HE_INSTANCE, instance_output="distance", epochs=30, lr=1e-4, stain_jitter=0.2,
+                          gamma_jitter=0.3),
 }
 #: The variants that fine-tune the bundle given by ``--init-from``.
 FINE_TUNED = ("finetuned", "synthetic", "synthetic-more", "synthetic-long", "he", "he-bowl", "he-gaps", "he-border",
-              "he-distance")
+              "he-distance", "he-distance-2")
 
 #: What each data set is, under which licence, and how to cite it (the bundle's ``training_data``).
 PROVENANCE = {

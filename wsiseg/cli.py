@@ -94,7 +94,9 @@ def _quiet_libraries() -> None:
 @click.option("--top", type=int, default=None, metavar="N", help="Refine the N most uncertain tiles.")
 @click.option("--budget", type=float, default=None, metavar="F", help="Refine this fraction of tiles, most uncertain first.")
 @click.option("--full-resolution", is_flag=True,
-              help="Baseline: run the bundle's single model on every tile (no stage 1).")
+              help="Full resolution everywhere: the bundle's separate full-resolution model on every tile (no "
+                   "stage 1) where it has one; else (the shipped H&E model) Model 2 on every tile, Model 1 running "
+                   "only for its context.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
               help="Output OME-Zarr folder (one slide) or folder for the <name>.zarr outputs and manifest.csv "
                    "(folders, --from-list, several slides). Default: ./<slide name>.zarr, or the current folder.")

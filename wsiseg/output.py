@@ -195,10 +195,12 @@ def prepare_output(
 def create_arrays(out: Path, arrays: Iterable[ArraySpec], overwrite: bool = False) -> None:
     """Create the arrays (and the groups above them) in output ``out``, filled with 0."""
     root = _zarr().open_group(str(out), mode="r+", zarr_format=2)
+    groups = {"": root}  # each parent group required once (a zarr call costs ~20 ms)
     for spec in arrays:
         parent, _, leaf = spec.name.rpartition("/")
-        group = root.require_group(parent) if parent else root
-        group.create_array(
+        if parent not in groups:
+            groups[parent] = root.require_group(parent)
+        groups[parent].create_array(
             leaf,
             shape=spec.shape,
             chunks=spec.chunks,
