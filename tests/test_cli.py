@@ -184,11 +184,12 @@ def test_evaluate_without_a_terminal_prints_progress_lines_only(tmp_path, monkey
     """No stray label line: ten progress lines, then the table on stdout."""
     import wsiseg.evaluate
 
-    def fake_evaluate(*args, progress, pixel_sizes):
-        assert pixel_sizes == wsiseg.evaluate.PixelSizes()
+    def fake_evaluate(*args, progress, pixel_sizes, tissue):
+        assert pixel_sizes == wsiseg.evaluate.PixelSizes() and tissue
         for done in range(21):
             progress(done, 20)
         names = {"csv": "evaluation.csv", "json": "evaluation.json", "plot": "speed_vs_dice.png"}
+        (tmp_path / "evaluation.json").write_text('{"setting": "as wsiseg segment runs: ..."}')
         return [], {key: tmp_path / name for key, name in names.items()}
 
     monkeypatch.setattr(wsiseg.evaluate, "evaluate_bundle", fake_evaluate)
@@ -199,6 +200,7 @@ def test_evaluate_without_a_terminal_prints_progress_lines_only(tmp_path, monkey
     assert [line.split()[1] for line in lines] == [f"{2 * i}/20" for i in range(1, 11)]
     assert all(line.startswith("images        ") for line in lines)
     assert lines[-1].endswith("(100 %) 00:00 elapsed")
+    assert result.stdout.splitlines()[0] == "scored as wsiseg segment runs: ..., tissue mask on"
 
 
 def test_train_options_are_the_train_configs_fields_with_its_defaults() -> None:

@@ -64,8 +64,8 @@ def test_plan_of_a_40x_slide_for_a_20x_model() -> None:
     plan = make_plan(slide, None, None, FACTS, TwoStageConfig(ratio=4), working=working)
     assert plan.work_shape == (20000, 15000) and plan.tile_size == 512  # coarsened: not file-tile aligned
     # Model 1 wants downsample 8 of level 0: level 1 (4x) coarsened by 2.
-    assert (plan.level, plan.coarsen, plan.low_shape, plan.scale) == (1, 2, (5000, 3750), (4.0, 4.0))
-    assert plan.halo == 32 and plan.block == 512 and plan.context_shape == (313, 235)
+    assert (plan.stage1_level, plan.stage1_coarsen, plan.stage1_shape, plan.stage1_scale) == (1, 2, (5000, 3750), (4.0, 4.0))
+    assert plan.halo == 32 and plan.stage1_block == 512 and plan.context_shape == (313, 235)
     specs = {spec.name: spec for spec in plan.arrays()}
     assert list(specs)[:2] == [MASK, REFINED] and {PROBABILITY, IMAGE, CONTEXT} <= set(specs)
     # The output's pixels are Model 1's view, written by stage 1 in its blocks.
@@ -82,9 +82,9 @@ def test_plan_at_native_pixels_aligns_tiles_and_full_resolution_has_no_stage1() 
     assert working == (0, 1) and note["decision"] == "native pixels"
     plan = make_plan(slide, None, None, FACTS, TwoStageConfig(halo=40), working=working)
     assert plan.tile_size == 480 and plan.halo == 64  # halo rounded up to Model 2's stride
-    assert (plan.level, plan.coarsen) == (1, 1)  # level 1 is exactly the ratio
+    assert (plan.stage1_level, plan.stage1_coarsen) == (1, 1)  # level 1 is exactly the ratio
     baseline = make_plan(slide, None, None, FACTS, TwoStageConfig(), full_resolution=True)
-    assert baseline.stage2_role == "model" and not baseline.context and baseline.low_shape == (1, 1)
+    assert baseline.stage2_role == "model" and not baseline.context and baseline.stage1_shape == (1, 1)
     assert [spec.name for spec in baseline.arrays()] == [MASK, REFINED, IMAGE]
     # Without stage 1 the low view of the pixels is read from the slide's level 1 (the ratio, 4).
     assert not baseline.image_from_stage1 and (baseline.image_level, baseline.image_coarsen) == (1, 1)
@@ -112,8 +112,8 @@ def test_a_non_integer_pixel_size_ratio_is_resampled_not_rounded() -> None:
     plan = make_plan(slide, None, None, FACTS, TwoStageConfig(ratio=4), working=working)
     assert plan.work_shape == (25000, 18750) and plan.work_downsample == pytest.approx((1.6, 1.6))
     # Model 1 wants 6.4 x level 0: level 1 (4x) resampled by 1.6, not level 0 by 6.
-    assert (plan.level, plan.coarsen, plan.low_shape) == (1, pytest.approx(1.6), (6250, 4688))
-    assert plan.scale == pytest.approx((4.0, 18750 / 7500 * 1.6))
+    assert (plan.stage1_level, plan.stage1_coarsen, plan.stage1_shape) == (1, pytest.approx(1.6), (6250, 4688))
+    assert plan.stage1_scale == pytest.approx((4.0, 18750 / 7500 * 1.6))
     # Within 5 % of the model's pixel size: native pixels; a whole factor: block means.
     assert working_scale(slide, 0.26, rescale=True)[0] == (0, 1)
     assert working_scale(slide, 1.0, rescale=True)[0] == (1, 1)

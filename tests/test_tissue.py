@@ -251,7 +251,7 @@ def test_the_blocks_a_tissue_tile_needs_hold_everything_it_reads_from_stage_1() 
         on_tissue = rng.random(plan.grid.shape) < 0.05
         needed = stage1_blocks_needed(plan, on_tissue)
         for row, col in np.argwhere(on_tissue):
-            crop = stage1_crop(plan.grid.tile(row, col), plan.scale, plan.low_shape)
-            side = plan.block
+            crop = stage1_crop(plan.grid.tile(row, col), plan.stage1_scale, plan.stage1_shape)
+            side = plan.stage1_block
             assert needed[crop.y0 // side : (crop.y1 - 1) // side + 1, crop.x0 // side : (crop.x1 - 1) // side + 1].all()
         assert not stage1_blocks_needed(plan, np.zeros(plan.grid.shape, bool)).any()

@@ -96,7 +96,7 @@ def stage1_block(plan: Plan, row: int, col: int) -> dict[str, Any]:
 
     runner = plan.models.runner("model1")
     project = plan.models.runner(plan.stage2_role).model.project_context if plan.context else None
-    grid = plan.block_grid
+    grid = plan.stage1_grid
     block = grid.tile(row, col)
     reads: list[np.ndarray] = []
     read_seconds = [0.0]
@@ -104,7 +104,7 @@ def stage1_block(plan: Plan, row: int, col: int) -> dict[str, Any]:
 
     def read_window(window: Box) -> np.ndarray:
         t = time.perf_counter()
-        reads.append(read_scaled(plan.source, plan.level, plan.coarsen, window))
+        reads.append(read_scaled(plan.source, plan.stage1_level, plan.stage1_coarsen, window))
         read_seconds[0] += time.perf_counter() - t
         return reads[-1]
 
@@ -126,7 +126,7 @@ def stage1_block(plan: Plan, row: int, col: int) -> dict[str, Any]:
         store.array(CONTEXT)[:, fy0 : fy0 + projected.shape[1], fx0 : fx0 + projected.shape[2]] = projected.numpy()
     tiles = plan.grid
     r0, c0, sums, areas = tile_integrals(
-        uncertainty, tiles.edges(0), tiles.edges(1), plan.scale, origin=(block.y0, block.x0)
+        uncertainty, tiles.edges(0), tiles.edges(1), plan.stage1_scale, origin=(block.y0, block.x0)
     )
     timings = {"read": read_seconds[0], "model": t1 - t0 - read_seconds[0], "write": time.perf_counter() - t1}
     return {"r0": r0, "c0": c0, "sums": sums.tolist(), "areas": areas.tolist(), "timings": timings,
@@ -141,12 +141,12 @@ def stage1_background(plan: Plan, row: int, col: int) -> dict[str, Any]:
     and the output's pixels are written when they are the view stage 1 reads.
     Returns ``timings`` (read and write seconds).
     """
-    block = plan.block_grid.tile(row, col)
+    block = plan.stage1_grid.tile(row, col)
     store = plan.store
     t0 = time.perf_counter()
     pixels = None
     if plan.image_from_stage1 and store.has(IMAGE):
-        pixels = read_scaled(plan.source, plan.level, plan.coarsen, block)
+        pixels = read_scaled(plan.source, plan.stage1_level, plan.stage1_coarsen, block)
     t1 = time.perf_counter()
     if plan.num_classes > 1:
         store.array(PROBABILITY)[0, block.y0 : block.y1, block.x0 : block.x1] = 1.0
@@ -196,7 +196,7 @@ def refine_tiles(
     context_for = None
     context_seconds = [0.0]
     if plan.context:
-        sample = context_reader(_map_reader(plan, CONTEXT), plan.context_shape, plan.scale, plan.stride1, runner2.stride)
+        sample = context_reader(_map_reader(plan, CONTEXT), plan.context_shape, plan.stage1_scale, plan.stage1_stride, runner2.stride)
 
         def context_for(windows: list[Box], shape: tuple[int, int]) -> Any:
             t = time.perf_counter()
@@ -220,7 +220,7 @@ def refine_tiles(
         else:
             weights = blend_weights(flags[(row, col)], 1, 1, tile, plan.blend)
             probs = compose_tile(
-                lambda tile=tile: upsample_stage1(read_probs, plan.low_shape, plan.scale, tile), p2, weights
+                lambda tile=tile: upsample_stage1(read_probs, plan.stage1_shape, plan.stage1_scale, tile), p2, weights
             )
         counts[f"{row},{col}"] = _write_labels(plan, tile, probs, tissue=_tissue_in(plan, tile))
     timings.update(model=t1 - t0 - context_seconds[0], context=context_seconds[0], compose=time.perf_counter() - t1)
@@ -251,10 +251,10 @@ def compose_tiles(plan: Plan, tiles: list[tuple[int, int]]) -> dict[str, Any]:
     read = _stage1_reader(plan, [tile for _, tile, _ in rest]) if rest else None
     keep_probabilities = plan.store.has(COMPOSED)
     for (row, col), tile, tissue in rest:
-        crop = np.asarray(read(stage1_crop(tile, plan.scale, plan.low_shape)))
+        crop = np.asarray(read(stage1_crop(tile, plan.stage1_scale, plan.stage1_shape)))
         label = None if keep_probabilities else uniform_label(crop)
         if label is None:
-            probs = upsample_stage1(read, plan.low_shape, plan.scale, tile).numpy()
+            probs = upsample_stage1(read, plan.stage1_shape, plan.stage1_scale, tile).numpy()
             counts[f"{row},{col}"] = _write_labels(plan, tile, probs, tissue=tissue)
             continue
         if tissue is not None and label != 0:
@@ -322,5 +322,5 @@ def _stage1_reader(plan: Plan, tiles: list[Box]) -> Callable[[Box], Any]:
     """Model 1's stored probabilities over ``tiles``, read once over the union of their crops."""
     from wsiseg.inference import union_reader
 
-    crops = [stage1_crop(tile, plan.scale, plan.low_shape) for tile in tiles]
+    crops = [stage1_crop(tile, plan.stage1_scale, plan.stage1_shape) for tile in tiles]
     return union_reader(_map_reader(plan, PROBABILITY), crops)

@@ -204,7 +204,7 @@ def _stage1(
     arrays' fill value, and add nothing to the scores. Returns the scores and
     the number of blocks Model 1 ran on.
     """
-    blocks = list(plan.block_grid.tiles())
+    blocks = list(plan.stage1_grid.tiles())
     run = [b for b in blocks if needed is None or needed[b]]
     finished = {tuple(e["stage1"]): e for e in done if "stage1" in e}
     todo = [b for b in run if b not in finished]

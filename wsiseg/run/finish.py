@@ -110,7 +110,7 @@ def _map_metadata(plan: Plan, out: Path) -> dict[str, str]:
     if plan.full_resolution:
         return {}
     mpp, (wy, wx) = plan.source.mpp, plan.work_downsample
-    low_step = (plan.scale[0] * wy, plan.scale[1] * wx)
+    low_step = (plan.stage1_scale[0] * wy, plan.stage1_scale[1] * wx)
     write_map_metadata(out, PROBABILITY_GROUP, ("c", "y", "x"), low_step, mpp)
     write_map_metadata(out, UNCERTAINTY_GROUP, ("y", "x"), low_step, mpp)
     write_map_metadata(out, TILE_SCORES_GROUP, ("y", "x"), (plan.tile_size * wy, plan.tile_size * wx), mpp)

@@ -204,7 +204,7 @@ def write_objects(plan: Any, out: Path, refined: np.ndarray, options: Any, execu
     spec = ObjectsSpec(
         out=str(out), tile_size=plan.tile_size, work_shape=plan.work_shape, max_size=max_size,
         min_distance=min_distance, foreground=foreground, min_area=min_area, step=step, mpp=mpp, probability_channel=channel,
-        low_scale=plan.scale, refined=np.asarray(refined, bool),
+        low_scale=plan.stage1_scale, refined=np.asarray(refined, bool),
         class_name=_class_name(classes, foreground),
         geojson=options.geojson,
     )

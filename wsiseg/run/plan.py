@@ -77,8 +77,9 @@ class Plan:
 
     Attributes
     ----------
-    source, store, models
-        Where pixels, maps and models come from.
+    source, store, models : Source, Store, ModelSource
+        The run's handles: where pixels, maps and models come from (everything
+        else is geometry and settings, :meth:`geometry`).
     stage2_role : str
         ``model2``, or ``model`` for the full-resolution baseline.
     full_resolution : bool
@@ -88,13 +89,13 @@ class Plan:
         (area-resampled where it is not whole, see :func:`view_for`).
     tile_size, halo, blend : int
         Full-resolution tile side, Model 2's halo, blend ramp (working pixels).
-    level, coarsen : int, int or float
+    stage1_level, stage1_coarsen : int, int or float
         Model 1's input: this level, block-averaged (or area-resampled) by this factor.
-    low_shape : (h, w)
-        Size of Model 1's input and maps.
-    scale : (sy, sx)
+    stage1_shape : (h, w)
+        Size of Model 1's input and maps (the low resolution).
+    stage1_scale : (sy, sx)
         Working pixels per low-resolution pixel.
-    block, stage1_halo, stride1 : int
+    stage1_block, stage1_halo, stage1_stride : int
         Stage-1 block side and halo (low-resolution pixels); Model 1's feature stride.
     context_shape : (fh, fw)
         Size of the stored projected context (Model 1's feature grid).
@@ -114,9 +115,9 @@ class Plan:
         Model 1 only on the blocks tissue tiles need (:func:`stage1_blocks_needed`).
     """
 
-    source: Any
-    store: Any
-    models: Any
+    source: Source
+    store: Store
+    models: ModelSource
     stage2_role: str
     full_resolution: bool
     work_level: int
@@ -124,13 +125,13 @@ class Plan:
     tile_size: int
     halo: int
     blend: int
-    level: int
-    coarsen: float
-    low_shape: tuple[int, int]
-    scale: tuple[float, float]
-    block: int
+    stage1_level: int
+    stage1_coarsen: float
+    stage1_shape: tuple[int, int]
+    stage1_scale: tuple[float, float]
+    stage1_block: int
     stage1_halo: int
-    stride1: int
+    stage1_stride: int
     context_shape: tuple[int, int]
     uncertainty: str
     context: bool
@@ -182,7 +183,9 @@ class Plan:
     @property
     def image_from_stage1(self) -> bool:
         """The output's pixels are Model 1's input, written by stage 1 as it reads them."""
-        return not self.full_resolution and (self.image_level, self.image_coarsen) == (self.level, self.coarsen)
+        return not self.full_resolution and (
+            (self.image_level, self.image_coarsen) == (self.stage1_level, self.stage1_coarsen)
+        )
 
     @property
     def grid(self) -> TileGrid:
@@ -190,9 +193,9 @@ class Plan:
         return TileGrid(*self.work_shape, self.tile_size)
 
     @property
-    def block_grid(self) -> TileGrid:
+    def stage1_grid(self) -> TileGrid:
         """Model 1's blocks over the low-resolution view."""
-        return TileGrid(*self.low_shape, self.block)
+        return TileGrid(*self.stage1_shape, self.stage1_block)
 
     def geometry(self) -> dict[str, Any]:
         """The settings that fix the output (for resuming): every field but the handles."""
@@ -204,7 +207,7 @@ class Plan:
     def arrays(self) -> list[ArraySpec]:
         """The arrays this run writes: name, shape, chunks (tiles and blocks), dtype."""
         t = self.tile_size
-        side = self.block if self.image_from_stage1 else t  # one writer per chunk
+        side = self.stage1_block if self.image_from_stage1 else t  # one writer per chunk
         specs = [ArraySpec(MASK, self.work_shape, (t, t), "uint8"),
                  ArraySpec(REFINED, self.grid.shape, self.grid.shape, "uint8"),
                  ArraySpec(IMAGE, (3, *self.image_shape), (3, side, side), "uint8")]
@@ -212,22 +215,22 @@ class Plan:
             specs.append(ArraySpec(TISSUE, self.tissue_shape, (256, 256), "uint8"))
         if self.full_resolution:
             return specs
-        b, (h, w), c = self.block, self.low_shape, self.num_classes
+        b, (h, w), c = self.stage1_block, self.stage1_shape, self.num_classes
         specs += [
             ArraySpec(PROBABILITY, (c, h, w), (c, b, b), "float32"),
             ArraySpec(UNCERTAINTY, (h, w), (b, b), "float32"),
             ArraySpec(TILE_SCORES, self.grid.shape, self.grid.shape, "float32"),
         ]
         if self.context:
-            fb = self.block // self.stride1
+            fb = self.stage1_block // self.stage1_stride
             specs.append(ArraySpec(CONTEXT, (c, *self.context_shape), (c, fb, fb), "float32"))
         return specs
 
 
 def make_plan(
-    source: Any,
-    store: Any,
-    models: Any,
+    source: Source,
+    store: Store,
+    models: ModelSource,
     facts: ModelFacts,
     config: TwoStageConfig,
     full_resolution: bool = False,
@@ -290,8 +293,8 @@ def make_plan(
     return Plan(
         source=source, store=store, models=models, stage2_role=stage2_role, full_resolution=full_resolution,
         work_level=work_level, work_coarsen=work_coarsen, tile_size=tile, halo=halo, blend=config.blend,
-        level=level, coarsen=coarsen, low_shape=low_shape, scale=scale, block=block,
-        stage1_halo=config.stage1_halo, stride1=stride1,
+        stage1_level=level, stage1_coarsen=coarsen, stage1_shape=low_shape, stage1_scale=scale, stage1_block=block,
+        stage1_halo=config.stage1_halo, stage1_stride=stride1,
         context_shape=(-(-low_shape[0] // stride1), -(-low_shape[1] // stride1)),
         uncertainty=config.uncertainty, context=config.context and not full_resolution,
         num_classes=facts.num_classes, batch_size=batch_size,
@@ -388,10 +391,10 @@ def stage1_blocks_needed(plan: Plan, on_tissue: np.ndarray) -> np.ndarray:
     the context Model 2 samples for it. Blocks outside every such footprint
     are glass: their maps are background and Model 1 never runs on them.
     """
-    blocks = plan.block_grid
+    blocks = plan.stage1_grid
     needed = np.zeros(blocks.shape, bool)
-    sy, sx = plan.scale
-    (low_h, low_w), side = plan.low_shape, plan.block
+    sy, sx = plan.stage1_scale
+    (low_h, low_w), side = plan.stage1_shape, plan.stage1_block
     for row, col in np.argwhere(on_tissue):
         window = plan.grid.window(int(row), int(col), plan.halo)
         y0, y1 = max(0, math.floor(window.y0 / sy) - 1), min(low_h, math.ceil(window.y1 / sy) + 1)

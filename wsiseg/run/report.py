@@ -191,8 +191,8 @@ def build_report(
             "tile_size_from": job.tile_size_note,
         },
         stage1=None if plan.full_resolution else {
-            "level": plan.level, "coarsen": plan.coarsen, "scale": list(plan.scale), "shape": list(plan.low_shape),
-            "blocks": plan.block_grid.num_tiles, "blocks_run": flow.stage1_blocks_run,
+            "level": plan.stage1_level, "coarsen": plan.stage1_coarsen, "scale": list(plan.stage1_scale), "shape": list(plan.stage1_shape),
+            "blocks": plan.stage1_grid.num_tiles, "blocks_run": flow.stage1_blocks_run,
         },
         tissue=None if flow.tissue is None else {**(flow.tissue_summary or {}), "tiles": int((flow.tissue > 0).sum())},
         domain=domain,
