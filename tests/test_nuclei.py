@@ -89,8 +89,9 @@ def test_the_split_of_perfect_targets_gives_back_the_nuclei(kind: str) -> None:
 def test_instance_outputs_stream_exactly_and_split_what_shape_cannot(kind: str) -> None:
     ids = overlapping_discs()
     classes = encode_targets((ids > 0).astype(np.uint8), ids, kind)
-    reference, too_large = whole_image_instances(classes, 48, 4, kind, tile_size=48)
-    streamed, table = stream_instances(classes, 48, 48, 4, kind)
+    # Seed distance 2: markers of one pixel count (perfect targets give small nuclei tiny cores).
+    reference, too_large = whole_image_instances(classes, 48, 2, kind, tile_size=48)
+    streamed, table = stream_instances(classes, 48, 48, 2, kind)
     np.testing.assert_array_equal(streamed, reference)  # the exactness rule holds for the network's split
     assert too_large == 0 and table["id"].size == reference.max()
     truth = int(ids.max())
@@ -105,3 +106,14 @@ def test_class_names_name_the_instance_output() -> None:
     assert instance_output_of(("background", "nucleus inside", "nucleus border")) == "border"
     assert instance_output_of(["background", "nucleus rim", "nucleus middle", "nucleus core"]) == "distance"
     assert instance_output_of(("background", "nucleus")) is None and instance_output_of(None) is None
+
+
+def test_markers_smaller_than_the_minimum_are_flooded_from_the_others() -> None:
+    ids = two_squares()
+    labels = encode_targets((ids > 0).astype(np.uint8), ids, "distance")
+    labels[3, 17] = 3  # a speck of core in the right nucleus's middle ring, apart from its core (rows 5-8)
+    objects, count = split_labels(labels, "distance")
+    assert count == 3  # the speck is a marker of its own
+    objects, count = split_labels(labels, "distance", min_marker_area=2)
+    assert count == 2  # a one-pixel marker is noise, flooded from the others
+    np.testing.assert_array_equal(objects, ids)

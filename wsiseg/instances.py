@@ -88,8 +88,8 @@ class _Component:
 
     def split(self, min_distance: int, min_area: int, foreground: Foreground) -> np.ndarray:
         """``(h, w)`` int32 sub-objects 1..k of the component (see :func:`split_component`)."""
-        if isinstance(foreground, str):
-            return _drop_small(split_labels(self.classes, foreground)[0], min_area)
+        if isinstance(foreground, str):  # markers narrower than half the seed distance are noise
+            return _drop_small(split_labels(self.classes, foreground, (min_distance // 2) ** 2)[0], min_area)
         return split_component(self.crop, min_distance, min_area)
 
     @property

@@ -112,7 +112,7 @@ def encode_targets(mask: np.ndarray, ids: np.ndarray, kind: str) -> np.ndarray:
     return out
 
 
-def split_labels(labels: np.ndarray, kind: str) -> tuple[np.ndarray, int]:
+def split_labels(labels: np.ndarray, kind: str, min_marker_area: int = 0) -> tuple[np.ndarray, int]:
     """Split one connected nucleus region of an instance output's classes into objects.
 
     Parameters
@@ -122,6 +122,12 @@ def split_labels(labels: np.ndarray, kind: str) -> tuple[np.ndarray, int]:
         region (one 8-connected component of ``labels > 0``, nothing else).
     kind : str
         ``border`` or ``distance``.
+    min_marker_area : int
+        Markers (components of "inside" / "core") of fewer pixels are noise,
+        not nuclei: their pixels are flooded from the others. On NuInsSeg's
+        val split, dropping cores under 8 pixels (at 0.316 um) lifted the
+        distance model's PQ from 0.388 to 0.400 (benchmarks/RESULTS.md,
+        "Instance-aware H&E models").
 
     Returns
     -------
@@ -139,9 +145,16 @@ def split_labels(labels: np.ndarray, kind: str) -> tuple[np.ndarray, int]:
     region = labels > 0
     core = labels == (1 if kind == "border" else len(INSTANCE_OUTPUTS[kind]) - 1)
     markers, count = ndimage.label(core, structure=np.ones((3, 3), bool))
+    if min_marker_area > 1 and count > 1:
+        areas = np.bincount(markers.ravel())
+        kept = areas >= min_marker_area
+        kept[0] = False
+        renumber = np.zeros(areas.size, np.int32)
+        renumber[kept] = np.arange(1, int(kept.sum()) + 1, dtype=np.int32)
+        markers, count = renumber[markers], int(kept.sum())
     if count <= 1:
         return region.astype(np.int32), 1
-    # Markers numbered by their first pixel in raster order (ndimage.label already does so).
+    # Markers numbered by their first pixel in raster order (ndimage.label does so; dropping keeps the order).
     if kind == "border":
         elevation = ndimage.distance_transform_edt(~core)
     else:
