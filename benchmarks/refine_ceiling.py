@@ -96,18 +96,21 @@ def curves(images: list[dict], tiles: list[dict], seed: int = 0) -> dict[str, An
         "oracle-pq": sorted(candidates, key=lambda i: -tiles[i]["pq_gain"]),
     }
     out: dict[str, Any] = {}
+    scored: dict[tuple[int, tuple[int, ...]], tuple[float, float, Any]] = {}  # (image, its refined tiles) -> scores
     for name, order in ranking.items():
         rows = []
         for fraction in FRACTIONS:
             chosen = set(order[: round(fraction * len(order))])
             dices, pqs, pooled = [], [], np.zeros((2, 2), np.int64)
-            for record in images:
-                composed = record["alone"].copy()
-                for index in record["tiles"]:
-                    if index in chosen:
+            for image_index, record in enumerate(images):
+                refined = tuple(index for index in record["tiles"] if index in chosen)
+                if (image_index, refined) not in scored:
+                    composed = record["alone"].copy()
+                    for index in refined:
                         box = record["grid"].tile(*tiles[index]["tile"])
                         composed[box.slices()] = record["everywhere"][box.slices()]
-                dice, pq, counts = record["score"](composed)
+                    scored[image_index, refined] = record["score"](composed)
+                dice, pq, counts = scored[image_index, refined]
                 dices.append(dice)
                 pqs.append(pq)
                 pooled += counts
