@@ -163,6 +163,23 @@ def named_bundle(spec: str) -> tuple[str, str]:
     return name, bundle
 
 
+def two_stage_pair(reference: str) -> Any:
+    """A bundle (a path or a shipped name) with its Model 1 and Model 2 only: no baseline to score."""
+    from wsiseg.bundle import Bundle, load_bundle, resolve_model
+
+    loaded = load_bundle(resolve_model(reference))
+    return Bundle({role: loaded.models[role] for role in ("model1", "model2")}, loaded.config)
+
+
+def add_scoring_arguments(parser: argparse.ArgumentParser, many: bool = True) -> None:
+    """``--model NAME=BUNDLE`` (repeatable with ``many``), ``--dataset`` (default NuInsSeg), the data and results."""
+    parser.add_argument("--model", type=named_bundle, required=True, metavar="NAME=BUNDLE",
+                        **({"action": "append"} if many else {}))
+    parser.add_argument("--dataset", default="nuinsseg")
+    add_data_arguments(parser)
+    add_results_argument(parser)
+
+
 # --------------------------------------------------------------------------- images
 
 

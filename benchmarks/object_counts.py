@@ -18,8 +18,8 @@ import sys
 from collections import defaultdict
 from typing import Any
 
-from common import (add_data_arguments, add_results_argument, command_line, header, machine, make_parser,
-                    named_bundle, set_torch_threads, write_result)
+from common import (add_scoring_arguments, command_line, header, machine, make_parser, set_torch_threads,
+                    two_stage_pair, write_result)
 
 
 def organ(sample_id: str) -> str:
@@ -56,20 +56,15 @@ def counts(bundle: Any, data: Any, samples: list, threshold: float | None) -> di
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser(__doc__)
-    parser.add_argument("--model", type=named_bundle, action="append", required=True, metavar="NAME=BUNDLE")
-    parser.add_argument("--dataset", default="nuinsseg")
     parser.add_argument("--threshold", type=float, default=None, help="default: each bundle's own")
-    add_data_arguments(parser)
-    add_results_argument(parser)
+    add_scoring_arguments(parser)
     args = parser.parse_args(argv)
-    from wsiseg.bundle import Bundle, load_bundle, resolve_model
     from wsiseg.evaluate import scored_split
 
     set_torch_threads()
     record: dict[str, Any] = {"command": command_line(__file__, argv), "machine": machine(), "models": {}}
     for name, path in args.model:
-        loaded = load_bundle(resolve_model(path))
-        pair = Bundle({role: loaded.models[role] for role in ("model1", "model2")}, loaded.config)
+        pair = two_stage_pair(path)
         data, samples, _ = scored_split(pair, args.dataset, args.data_root, "test", None, False, args.limit)
         record["models"][name] = counts(pair, data, samples, args.threshold)
     names = list(record["models"])

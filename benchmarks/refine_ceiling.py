@@ -29,8 +29,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import (add_data_arguments, add_results_argument, command_line, header, machine, make_parser,
-                    named_bundle, set_torch_threads, write_result)
+from common import (add_scoring_arguments, command_line, header, machine, make_parser, set_torch_threads,
+                    two_stage_pair, write_result)
 
 FRACTIONS = tuple(round(0.05 * i, 2) for i in range(21))
 ORDERS = ("oracle", "gate", "random")
@@ -154,18 +154,14 @@ def plot(result: dict[str, Any], path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser(__doc__)
-    parser.add_argument("--model", type=named_bundle, required=True, metavar="NAME=BUNDLE")
-    parser.add_argument("--dataset", default="nuinsseg")
     parser.add_argument("--scan-mpp", type=float, default=None, help="score the images as if scanned at this size")
-    add_data_arguments(parser)
-    add_results_argument(parser)
+    add_scoring_arguments(parser, many=False)
     args = parser.parse_args(argv)
-    from wsiseg.bundle import load_bundle, resolve_model
     from wsiseg.evaluate import scored_split
 
     set_torch_threads()
     name, path = args.model
-    bundle = load_bundle(resolve_model(path))
+    bundle = two_stage_pair(path)
     data, samples, _ = scored_split(bundle, args.dataset, args.data_root, "test", None, False, args.limit)
     images, tiles = tile_records(bundle, data, samples, args.scan_mpp)
     result = curves(images, tiles)

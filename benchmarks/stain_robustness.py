@@ -29,8 +29,8 @@ import dataclasses
 import sys
 from typing import Any
 
-from common import (add_data_arguments, add_results_argument, command_line, header, machine, make_parser,
-                    named_bundle, set_torch_threads, write_result)
+from common import (add_scoring_arguments, command_line, header, machine, make_parser, set_torch_threads,
+                    two_stage_pair, write_result)
 
 RENDERINGS = ("as is", "paler", "faint nuclei", "paler, normalised", "as is, normalised")
 
@@ -84,21 +84,16 @@ def rendered(data: Any, rendering: str) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser(__doc__)
-    parser.add_argument("--model", type=named_bundle, action="append", required=True, metavar="NAME=BUNDLE")
-    parser.add_argument("--dataset", default="nuinsseg")
     parser.add_argument("--threshold", type=float, default=0.0, help="two-stage threshold scored (0: full resolution)")
-    add_data_arguments(parser)
-    add_results_argument(parser)
+    add_scoring_arguments(parser)
     args = parser.parse_args(argv)
-    from wsiseg.bundle import Bundle, load_bundle, resolve_model
     from wsiseg.evaluate import evaluate, scored_split
 
     set_torch_threads()
     record: dict[str, Any] = {"command": command_line(__file__, argv), "machine": machine(),
                               "threshold": args.threshold, "rows": []}
     for name, path in args.model:
-        loaded = load_bundle(resolve_model(path))
-        pair = Bundle({role: loaded.models[role] for role in ("model1", "model2")}, loaded.config)  # no baseline
+        pair = two_stage_pair(path)
         data, samples, _ = scored_split(pair, args.dataset, args.data_root, "test", None, False, args.limit)
         for rendering in RENDERINGS:
             (row,) = evaluate(pair, rendered(data, rendering), samples, (args.threshold,), device="cpu")

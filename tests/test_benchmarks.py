@@ -356,3 +356,44 @@ def test_geojson_tracer_benchmark_finds_the_library_polygons_exact_or_not() -> N
     differing = {name: float(cells[4]) for name, cells in rows.items() if name != "method"}
     assert differing["wsiseg"] == differing["shapely runs, union_all"] == 0.0
     assert differing["shapely pixels, coverage_union_all"] == 0.0 and differing["skimage contours"] > 0
+
+
+def test_refinement_curves_follow_each_order_and_the_oracle_leads() -> None:
+    """Four one-tile images whose refinement gains are known: the orders refine them in the right sequence."""
+    import numpy as np
+
+    from wsiseg.tiling import TileGrid
+
+    ceiling = load_script("refine_ceiling")
+    gains = [0.4, -0.2, 0.1, 0.0]  # Dice (and PQ) of each image rises by this when refined, from 0.5
+    scores = [0.1, 0.9, 0.5, 0.3]  # the gate's: it refines image 1 (a loss) first
+    images, tiles = [], []
+    for index, (gain, score) in enumerate(zip(gains, scores)):
+        def score_of(labels, gain=gain):
+            value = 0.5 + gain * float(labels.mean())  # labels: 0 as Model 1 alone, 1 as Model 2
+            return value, value, np.array([[1, 0], [0, 1]])
+
+        images.append({"alone": np.zeros((4, 4), np.uint8), "everywhere": np.ones((4, 4), np.uint8),
+                       "grid": TileGrid(4, 4, 4), "score": score_of, "tiles": [index]})
+        tiles.append({"image": index, "tile": (0, 0), "on_tissue": True, "score": score,
+                      "dice_gain": gain, "pq_gain": gain})
+    result = ceiling.curves(images, tiles)
+    at = {name: {row["fraction"]: round(row["dice"], 6) for row in rows} for name, rows in result.items()}
+    assert at["oracle-dice"][0.25] == 0.6 and at["oracle-dice"][0.5] == 0.625  # images 0, then 2
+    assert at["gate"][0.25] == 0.45 and at["gate"][0.5] == 0.475  # images 1, then 2
+    assert at["gate"][0.0] == at["oracle-pq"][0.0] == 0.5 and at["gate"][1.0] == at["random"][1.0] == 0.575
+    assert ceiling.captured(result["oracle-dice"], "dice", 0.25) == pytest.approx(0.1 / 0.075)
+    assert ceiling.captured(result["gate"], "dice", 0.25) == pytest.approx(-0.05 / 0.075)
+
+
+def test_stain_renderings_and_organ_names() -> None:
+    import numpy as np
+
+    stains = load_script("stain_robustness")
+    image = np.array([[[0, 64, 255]]], np.uint8)
+    np.testing.assert_array_equal(stains.paler(image), [[[0, 111, 255]]])  # 255 * (64 / 255) ** 0.6 = 111.3
+    ramp = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
+    normalised = stains.normalised(ramp)
+    assert normalised.min() == 0 and normalised.max() == 255  # stretched from the 1st to the 99th percentile
+    assert normalised[8, 0, 0] == round(255 * ((128 - 2.55) / (252.45 - 2.55)) ** 1.6)
+    assert load_script("object_counts").organ("mouse_muscle_tibia_04") == "mouse_muscle_tibia"
