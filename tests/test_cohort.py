@@ -218,3 +218,19 @@ def test_console_script_on_a_folder_exits_1_when_a_slide_failed(tmp_path, test_b
     assert lines[-1] == f"2 slides: 1 done, 0 resumed, 0 skipped, 1 failed; manifest {out / 'manifest.csv'}"
     assert any(line.startswith("failed   ") and "broken.tif" in line for line in lines)
     assert _report(out / "good.zarr").tiles == TileCounts(total=6, refined=3, refined_fraction=0.5, resumed=0)
+
+
+def test_small_images_run_in_this_process_unless_a_cluster_is_asked_for() -> None:
+    from types import SimpleNamespace
+
+    from wsiseg.run.cohort import INLINE_MAX_PIXELS, runs_inline
+    from wsiseg.run.job import SegmentRun
+
+    def run(*pixels):
+        return SegmentRun(tuple(SimpleNamespace(slide=object(), working_pixels=n) for n in pixels))
+
+    small, large = INLINE_MAX_PIXELS, INLINE_MAX_PIXELS + 1
+    assert runs_inline(run(small, 512 * 512)) and not runs_inline(run(small, large))
+    assert not runs_inline(run(small), workers=2) and not runs_inline(run(small), scheduler="tcp://h:8786")
+    assert runs_inline(run(large), workers=0)  # --workers 0: in this process, whatever the size
+    assert runs_inline(SegmentRun((SimpleNamespace(slide=None, working_pixels=0),)))  # a failed job needs nothing

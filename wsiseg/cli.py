@@ -108,7 +108,7 @@ def _quiet_libraries() -> None:
 @click.option("--workers", type=int, default=None,
               help="Local worker processes of a Dask cluster started for the run (default: one per core; 4 sharing "
                    "the GPU when one is visible). 0: run in this process, without a cluster. Default: images of "
-                   "at most 4096 x 4096 working pixels run in this process, larger ones on a local cluster.")
+                   "at most 3072 x 3072 working pixels run in this process, larger ones on a local cluster.")
 @click.option("--tile-size", type=int, default=None, help="Tile side in pixels (default: ~512, aligned to the file's tiles).")
 @click.option("--halo", type=int, default=None,
               help=f"Context pixels read around each tile (default: the bundle's, or {FLOW_DEFAULTS.halo}).")

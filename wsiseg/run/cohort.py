@@ -94,8 +94,8 @@ SlideDone = Callable[[SlideOutcome], None]
 
 
 #: Images of at most this many working pixels run in this process, without a cluster, unless a
-#: cluster is asked for (benchmarks/RESULTS.md, "One engine: inline or on a cluster").
-INLINE_MAX_PIXELS = 4096 * 4096
+#: cluster is asked for (benchmarks/RESULTS.md, "One engine: in this process or on a cluster").
+INLINE_MAX_PIXELS = 3072 * 3072
 
 
 def runs_inline(run: SegmentRun, scheduler: str | None = None, workers: int | None = None) -> bool:
