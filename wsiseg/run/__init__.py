@@ -2,18 +2,18 @@
 
 - :func:`segment_image`, :func:`segment_full_resolution`: one in-memory image
   (:mod:`wsiseg.run.in_memory`).
-- :func:`segment_slide`: one slide on a Dask cluster into OME-Zarr
-  (:mod:`wsiseg.run.slides`).
-- :func:`segment_cohort`: many slides (:func:`find_slides`) on one cluster,
-  several in flight, with a manifest (:mod:`wsiseg.run.cohort`).
+- :func:`segment_slide`, :func:`run_slide`: one slide into OME-Zarr, in this
+  process or on a Dask cluster (:mod:`wsiseg.run.slides`, the one engine).
+- :func:`segment_cohort`: many slides (:func:`find_slides`), a loop over the
+  engine, several in flight on a cluster, with a manifest (:mod:`wsiseg.run.cohort`).
 - :func:`prepare_run` then :func:`run_segment`: what ``wsiseg segment`` does,
   one function that prepares the jobs (:mod:`wsiseg.run.job`) and one that
   runs them; every slide run returns a :class:`RunReport` (:func:`read_report`).
 
 Both plan with :mod:`wsiseg.run.plan`, run the tile tasks of
 :mod:`wsiseg.tile_tasks` through :func:`wsiseg.run.driver.run_flow`, and differ
-only in their executor, store and model source. Imported lazily: the slide
-path never loads torch in the calling process.
+only in their executor, store and model source. Imported lazily: on a
+cluster the calling process never loads torch.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A Dask worker lives for many slides. What it keeps between tasks is held in
 bounded caches (:mod:`wsiseg.cache`) that close what they drop: slide
-readers (:mod:`wsiseg.slide`), output arrays (:mod:`wsiseg.output`), and
+readers (:mod:`wsiseg.readers`), output arrays (:mod:`wsiseg.output`), and
 here the loaded bundles and their model runners. A changed bundle file is a
 new key (its size and modification time are part of it), so it is loaded
 afresh and the stale copy leaves the cache.
