@@ -18,7 +18,6 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -169,13 +168,17 @@ def evaluate(
         methods += [("two-stage", t) for t in thresholds]
     tallies = [_Tally(max(2, data.num_classes)) for _ in methods]
     instance_output = instance_output_of(settings.classes)
+    scan_mpp = (pixel_sizes.scan_mpp or data.mpp) if data.mpp is not None else None
+    setting_of = {  # every image of a data set shares its pixel size, so its setting
+        full: scoring_setting(settings, scan_mpp, overrides, pixel_sizes, full_resolution=full) for full in (False, True)
+    }
     for done, sample in enumerate(samples, 1):
         image, truth = resize_sample(*data.load(sample), settings.image_size)
         true_objects = data.instances(sample) if not settings.image_size else None
-        scanned, scan_mpp = _as_scanned(image, data.mpp, pixel_sizes)
+        scanned, _ = _as_scanned(image, data.mpp, pixel_sizes)
         baseline_mask: np.ndarray | None = None
         for tally, (method, threshold) in zip(tallies, methods):
-            setting = scoring_setting(settings, scan_mpp, overrides, pixel_sizes, full_resolution=method == "baseline")
+            setting = setting_of[method == "baseline"]
             result, seconds = run_as_segment(scanned, setting, bundle, baseline, method, threshold, device, tissue)
             mask, objects = _scored_masks(result.mask, truth.shape, setting, true_objects is not None,
                                           instance_output)

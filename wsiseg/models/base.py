@@ -12,7 +12,6 @@ import math
 import threading
 from typing import Any
 
-import numpy as np
 
 import torch
 import torch.nn.functional as F
