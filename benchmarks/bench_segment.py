@@ -246,7 +246,7 @@ def study_speed(
 def _row(run: str, threshold: float | None, report: dict[str, Any], dice_full: float, dice_t0: float | None) -> dict[str, Any]:
     domain, tissue = report.get("domain") or {}, report.get("tissue") or {}
     return {"run": run, "threshold": threshold, "refined": report["tiles"]["refined_fraction"],
-            "refined_of_tissue": domain.get("refined_fraction"), "uncertain_of_tissue": domain.get("uncertain_fraction"),
+            "refined_of_tissue": tissue.get("refined_fraction"), "median_score_of_tissue": domain.get("median_score"),
             "tissue_fraction": tissue.get("fraction"), "tissue_tiles": tissue.get("tiles"),
             "seconds": report["timings"]["total"], "process_seconds": report["bench"]["process_seconds"],
             "gflop": _total_gflop(report), "peak_tree_rss_mb": report["bench"]["peak_tree_rss_mb"],
@@ -423,7 +423,7 @@ def study_wsi_peer(
     rows += [
         _peer_row("wsiseg --full-resolution (tissue tiles)", full),
         _peer_row(f"wsiseg two-stage (default threshold {bundle_threshold(model):g})", two,
-                  refined_of_tissue=(two.get("domain") or {}).get("refined_fraction")),
+                  refined_of_tissue=(two.get("tissue") or {}).get("refined_fraction")),
     ]
     return {
         "slide": str(slide),

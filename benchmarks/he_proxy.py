@@ -86,14 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         mask = np.asarray(group["labels/mask/0"][:]) > 0
         tissue = _upsample_nearest(np.asarray(group["labels/tissue/0"][:]) > 0, mask.shape)
         results["models"][name] = {"bundle": bundle, "threshold": report["settings"]["selection"],
-                                   "domain": report["domain"],
+                                   "domain": report["domain"], "refined_of_tissue": report["tissue"]["refined_fraction"],
                                    **stain_figures(hematoxylin, mask, tissue)}
     lines = [*header(results["command"], results["machine"]),
-             "| model | selection | tissue tiles >= 0.5 | tissue tiles refined | marked | H marked "
+             "| model | selection | median tissue-tile score | tissue tiles refined | marked | H marked "
              "| H unmarked | darkest 10 % marked | marked in darkest 10 % |", "|---" * 9 + "|"]
     for name, m in results["models"].items():
-        lines.append(f"| {name} | {m['threshold']} | {100 * m['domain']['uncertain_fraction']:.0f} % "
-                     f"| {100 * m['domain']['refined_fraction']:.0f} % | {100 * m['marked']:.1f} % "
+        lines.append(f"| {name} | {m['threshold']} | {m['domain']['median_score']:.2f} "
+                     f"| {100 * m['refined_of_tissue']:.0f} % | {100 * m['marked']:.1f} % "
                      f"| {m['h_marked']:.4f} | {m['h_unmarked']:.4f} | {100 * m['darkest_marked']:.1f} % "
                      f"| {100 * m['marked_darkest']:.1f} % |")
     write_result(args.results, "he_proxy", results, lines)

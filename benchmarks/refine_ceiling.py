@@ -15,7 +15,9 @@ refines the tiles in three orders and scores the composed masks:
 - **oracle**: the largest gain first (by Dice for the Dice curve, by PQ for
   the PQ curve): the best any gate could do;
 - **gate**: the highest score first (the shipped gate);
-- **random**: a seeded random order.
+- **random**: a seeded random order;
+- **gate-NAME**: candidate gates, other tile scores from Model 1's
+  probabilities (:func:`candidate_scores`): per-nucleus, foreground, split.
 
 A composed image takes each tile's labels from Model 2 where it is refined,
 else from Model 1 (the engine blends a 16-pixel ramp at refined borders;
@@ -77,10 +79,40 @@ def tile_records(bundle: Any, data: Any, samples: list, scan_mpp: float | None) 
             on_tissue = bool(everywhere.refined[row, col])
             tiles.append({"image": index, "tile": (row, col), "on_tissue": on_tissue,
                           "score": float(alone.tile_scores[row, col]) if on_tissue else -1.0,
+                          "candidates": candidate_scores(alone.stage1_probabilities, box, alone.mask.shape),
                           "dice_gain": dice - base_dice, "pq_gain": pq - base_pq})
             record["tiles"].append(len(tiles) - 1)
         images.append(record)
     return images, tiles
+
+
+#: Candidate gates, each a tile score from Model 1's low-resolution probabilities (``candidate_scores``).
+CANDIDATES = ("per-nucleus", "foreground", "split")
+
+
+def candidate_scores(probabilities: Any, box: Any, shape: tuple[int, int]) -> dict[str, float]:
+    """Candidate gate scores of the tile ``box`` (working pixels of an image of ``shape``) from Model 1's
+    ``(C, h, w)`` probabilities: ``per-nucleus``, the mean normalised entropy divided by the mean foreground
+    probability (uncertainty per nucleus pixel, not per tile pixel); ``foreground``, the mean foreground
+    probability (nucleus density); ``split``, for instance outputs (C > 2), the mean normalised entropy among
+    the nucleus classes weighted by the foreground probability (how unsure Model 1 is where nuclei divide)."""
+    import numpy as np
+
+    from wsiseg.uncertainty import entropy
+
+    c, h, w = probabilities.shape
+    sy, sx = shape[0] / h, shape[1] / w
+    crop = probabilities[:, int(box.y0 / sy): max(int(box.y0 / sy) + 1, round(box.y1 / sy)),
+                         int(box.x0 / sx): max(int(box.x0 / sx) + 1, round(box.x1 / sx))].astype(np.float64)
+    foreground = crop[0] if c == 1 else 1.0 - crop[0]
+    mean_foreground = float(foreground.mean())
+    scores = {"per-nucleus": float(entropy(crop).mean()) / max(mean_foreground, 0.01),
+              "foreground": mean_foreground, "split": 0.0}
+    if c > 2:
+        nucleus = crop[1:] / np.maximum(crop[1:].sum(axis=0, keepdims=True), 1e-6)
+        split = -(nucleus * np.log(np.maximum(nucleus, 1e-12))).sum(axis=0) / np.log(c - 1)
+        scores["split"] = float((split * foreground).sum() / max(foreground.sum(), 1e-6))
+    return scores
 
 
 def curves(images: list[dict], tiles: list[dict], seed: int = 0) -> dict[str, Any]:
@@ -94,6 +126,8 @@ def curves(images: list[dict], tiles: list[dict], seed: int = 0) -> dict[str, An
         "random": list(rng.permutation(candidates)),
         "oracle-dice": sorted(candidates, key=lambda i: -tiles[i]["dice_gain"]),
         "oracle-pq": sorted(candidates, key=lambda i: -tiles[i]["pq_gain"]),
+        **{f"gate-{name}": sorted(candidates, key=lambda i, name=name: -tiles[i]["candidates"][name])
+           for name in CANDIDATES},
     }
     out: dict[str, Any] = {}
     scored: dict[tuple[int, tuple[int, ...]], tuple[float, float, Any]] = {}  # (image, its refined tiles) -> scores
@@ -178,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for order, dice_rows, pq_rows in (("oracle", result["oracle-dice"], result["oracle-pq"]),
                                       ("gate", result["gate"], result["gate"]),
+                                      *((f"gate-{n}", result[f"gate-{n}"], result[f"gate-{n}"]) for n in CANDIDATES),
                                       ("random", result["random"], result["random"])):
         lines.append(f"| {order} | {dice_rows[0]['dice']:.4f} | {dice_rows[-1]['dice']:.4f} | "
                      f"{captured(dice_rows, 'dice', 0.2):.0%} | {pq_rows[0]['pq']:.4f} | {pq_rows[-1]['pq']:.4f} | "

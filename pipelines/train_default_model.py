@@ -18,7 +18,9 @@
    (:func:`wsiseg.calibrate.choose_threshold`): the highest threshold whose
    mean Dice is within one point of the baseline's (``wsiseg calibrate
    --max-loss 1``).
-4. Writes the bundle with those defaults, the training data's provenance
+4. Writes the bundle with those defaults, its domain profile on the same split
+   (:mod:`wsiseg.domain`, what ``wsiseg segment``'s domain check compares with),
+   the training data's provenance
    (name, licence, citation) and the table, also to
    ``benchmarks/results/<variant>_model.{json,md}``.
 """
@@ -66,7 +68,8 @@ HE = dict(COMMON, dataset="nuinsseg", epochs=30, lr=3e-4, mpp=0.316, scale_jitte
 #: times darker in optical density) (benchmarks/RESULTS.md, "Instance-aware H&E model").
 HE_INSTANCE = dict(HE, stage="two-stage", epochs=40, stain_jitter=0.3, gamma_jitter=0.6, rotate=True)
 #: ``he-distance-2`` fine-tunes ``he-distance``'s bundle (``--init-from``) 30 more epochs at 1e-4 with milder stain
-#: and gamma jitter (0.2, 0.3).
+#: and gamma jitter (0.2, 0.3); ``he-distance-dice`` is the same round with the loss ``focal_dice`` (focal plus
+#: the nucleus mask's soft Dice).
 VARIANTS: dict[str, dict[str, Any]] = {
     "bowl": BOWL,
     "hematoxylin": dict(BOWL, input_transform="hematoxylin", stain_jitter=0.2, scale_jitter=0.5),
@@ -81,10 +84,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "he-distance": dict(HE_INSTANCE, instance_output="distance"),
     "he-distance-2": dict(HE_INSTANCE, instance_output="distance", epochs=30, lr=1e-4, stain_jitter=0.2,
                           gamma_jitter=0.3),
+    "he-distance-dice": dict(HE_INSTANCE, instance_output="distance", epochs=30, lr=1e-4, stain_jitter=0.2,
+                             gamma_jitter=0.3, loss="focal_dice"),
 }
 #: The variants that fine-tune the bundle given by ``--init-from``.
 FINE_TUNED = ("finetuned", "synthetic", "synthetic-more", "synthetic-long", "he", "he-bowl", "he-gaps", "he-border",
-              "he-distance", "he-distance-2")
+              "he-distance", "he-distance-2", "he-distance-dice")
 
 #: What each data set is, under which licence, and how to cite it (the bundle's ``training_data``).
 PROVENANCE = {
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from wsiseg.bundle import load_bundle, save_bundle
     from wsiseg.calibrate import choose_threshold
-    from wsiseg.evaluate import evaluate, format_table
+    from wsiseg.evaluate import domain_profile, evaluate, format_table
     from wsiseg.train.datasets import open_dataset
     from wsiseg.train.fit import train
 
@@ -189,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     config.pop("validation", None)
+    config["domain"] = domain_profile(bundle, data, test, threshold,
+                                      f"{dataset} test split, {len(test)} images").to_config()
     path = save_bundle(args.out, bundle.models, _portable(config))
     _write_results(args.results, args.variant, config["evaluation"], threshold, table, measured, command, len(test))
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

@@ -376,6 +376,7 @@ def test_refinement_curves_follow_each_order_and_the_oracle_leads() -> None:
         images.append({"alone": np.zeros((4, 4), np.uint8), "everywhere": np.ones((4, 4), np.uint8),
                        "grid": TileGrid(4, 4, 4), "score": score_of, "tiles": [index]})
         tiles.append({"image": index, "tile": (0, 0), "on_tissue": True, "score": score,
+                      "candidates": {name: -score for name in ceiling.CANDIDATES},  # the gate's order reversed
                       "dice_gain": gain, "pq_gain": gain})
     result = ceiling.curves(images, tiles)
     at = {name: {row["fraction"]: round(row["dice"], 6) for row in rows} for name, rows in result.items()}
@@ -384,6 +385,26 @@ def test_refinement_curves_follow_each_order_and_the_oracle_leads() -> None:
     assert at["gate"][0.0] == at["oracle-pq"][0.0] == 0.5 and at["gate"][1.0] == at["random"][1.0] == 0.575
     assert ceiling.captured(result["oracle-dice"], "dice", 0.25) == pytest.approx(0.1 / 0.075)
     assert ceiling.captured(result["gate"], "dice", 0.25) == pytest.approx(-0.05 / 0.075)
+    assert at["gate-per-nucleus"][0.25] == 0.6 and at["gate-split"][0.5] == 0.6  # images 0, then 3
+
+
+def test_candidate_gate_scores_of_a_known_tile() -> None:
+    """Model 1's probabilities over one tile: per-nucleus entropy, foreground, and the split among nucleus classes."""
+    import numpy as np
+
+    from wsiseg.tiling import Box
+
+    ceiling = load_script("refine_ceiling")
+    probabilities = np.zeros((4, 2, 4), np.float32)  # background, rim, middle, core over a 2 x 4 map
+    probabilities[0, :, :2] = 1.0  # left half: sure background
+    probabilities[1:, :, 2:] = 1 / 3  # right half: nucleus, unsure which class
+    scores = ceiling.candidate_scores(probabilities, Box(0, 8, 0, 16), (8, 16))
+    entropy_right = np.log(3) / np.log(4)  # normalised entropy of (0, 1/3, 1/3, 1/3)
+    assert scores["foreground"] == pytest.approx(0.5)
+    assert scores["per-nucleus"] == pytest.approx(entropy_right / 2 / 0.5, rel=1e-5)
+    assert scores["split"] == pytest.approx(1.0, rel=1e-5)  # all nucleus pixels split evenly among 3 classes
+    left = ceiling.candidate_scores(probabilities, Box(0, 8, 0, 8), (8, 16))
+    assert left == {"per-nucleus": 0.0, "foreground": 0.0, "split": 0.0}
 
 
 def test_stain_renderings_and_organ_names() -> None:

@@ -240,8 +240,8 @@ def test_shipped_bundles_load_by_name(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert inspect_bundle("bowl")["config"]["dataset"] == "bowl"
     shipped = load_bundle("default")
-    assert shipped.config["dataset"] == "nuinsseg" and shipped.config["threshold"] == 0.6
-    assert sorted(shipped.models) == ["model", "model1", "model2"]
+    assert shipped.config["dataset"] == "nuinsseg" and shipped.config["threshold"] == 0.1
+    assert sorted(shipped.models) == ["model1", "model2"]  # --full-resolution: Model 2 on every tile
     # A file of that name in the working directory is what the name means there.
     pair_path = tmp_path / "bowl"
     pair_path.write_bytes(b"not a bundle")

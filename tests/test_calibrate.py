@@ -65,6 +65,9 @@ def test_calibration_picks_the_highest_threshold_as_good_as_the_baseline(fabrica
     assert (result.threshold, result.within) == (0.95, True)
     calibrated = load_bundle(result.path)
     assert calibrated.config["threshold"] == 0.95 and calibrated.config["calibration"]["images"] == 3
+    domain = calibrated.config["domain"]  # the images' profile, measured at the chosen threshold
+    assert domain["images"] == 3 and domain["measured_on"] == "folder all split, 3 images"
+    assert domain["score_high"] == pytest.approx(SCORE, abs=1e-4)  # every tile scores SCORE (the fabricated Model 1)
     assert calibrated.checksum != load_bundle(bundle).checksum
     assert bundle.read_bytes() == before  # the original is never changed
     with pytest.raises(InputError, match="already exists"):

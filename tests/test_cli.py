@@ -52,15 +52,19 @@ def test_info_describes_the_shipped_model_from_its_header() -> None:
     result = CliRunner().invoke(main, ["info", "default"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].endswith("default.safetensors (wsiseg bundle: baseline unet/resnet_lite, "
-                             "Model 1 unet/resnet_lite, Model 2 unet/resnet_lite)")
+    assert lines[0].endswith("default.safetensors (wsiseg bundle: Model 1 unet/resnet_lite, Model 2 unet/resnet_lite)")
     assert lines[1] == ("trained:   NuInsSeg: 532 H&E images of 31 human and mouse organs, every nucleus "
                         "outlined by hand (CC BY 4.0)")
     assert lines[2].startswith("cite:      A. Mahbod et al.") and lines[2].endswith("doi:10.1038/s41597-024-03117-2")
     assert lines[3] == "pixels:    0.316 um per pixel, trained across 0.2-0.499 um"
-    assert lines[4].startswith("flow:      Model 1 at 1/4 resolution, entropy threshold 0.6 ")
-    assert lines[6] == ("scores:    two-stage t=0.6, 61.3 % of tiles refined: Dice 73.89 % (pooled 79.18 %), "
-                        "PQ 0.385, AJI 0.449 on 133 nuinsseg test images")
+    assert lines[4] == ("classes:   background, nucleus rim, nucleus middle, nucleus core (instance output 'distance': "
+                        "--objects splits touching nuclei at it)")
+    assert lines[5].startswith("flow:      Model 1 at 1/4 resolution, entropy threshold 0.1 ")
+    assert lines[6] == ("scores:    two-stage t=0.1, 83.5 % of tiles refined: Dice 76.04 % (pooled 80.99 %), "
+                        "PQ 0.426, AJI 0.475 on 133 nuinsseg test images")
+    assert lines[7] == ("scores:    full resolution (Model 2 everywhere): Dice 76.34 % (pooled 81.07 %), "
+                        "PQ 0.431, AJI 0.482 on 133 nuinsseg test images")
+    assert lines[8].startswith("domain:    bright backgrounds; 99 % of tile scores <= 0.5695; ")
 
 
 def test_info_on_a_missing_bundle_is_one_line(tmp_path) -> None:

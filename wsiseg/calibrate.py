@@ -7,8 +7,9 @@ Model 2 on every tile), in the setting ``wsiseg segment`` runs
 picks the highest threshold whose mean Dice (and panoptic quality, where the
 truth has objects) is within ``max_loss`` of full resolution's (the fewest
 refined tiles, so the fastest run that is as good),
-and writes a copy of the bundle with that threshold as its default (a new
-checksum): ``wsiseg segment --model COPY`` then uses it without
+and writes a copy of the bundle with that threshold as its default and the
+images' domain profile (:mod:`wsiseg.domain`: what the domain check compares
+runs with) (a new checksum): ``wsiseg segment --model COPY`` then uses it without
 ``--threshold``. The original bundle is never changed.
 """
 
@@ -111,7 +112,7 @@ def calibrate(
         A bundle without a baseline or a pair, an output that exists or is the bundle, a bad ``max_loss``.
     """
     from wsiseg.bundle import load_bundle, save_bundle
-    from wsiseg.evaluate import evaluate, scored_split
+    from wsiseg.evaluate import domain_profile, evaluate, scored_split
 
     bundle_path = Path(bundle_path)
     out = Path(out) if out is not None else bundle_path.with_name(f"{bundle_path.stem}-calibrated.safetensors")
@@ -129,5 +130,7 @@ def calibrate(
     threshold, within = choose_threshold(rows, max_loss)
     record = {"dataset": dataset, "split": split, "images": len(samples), "max_loss": max_loss,
               "within": within, "rows": [vars(r) for r in rows]}
-    path = save_bundle(out, bundle.models, {**bundle.config, "threshold": threshold, "calibration": record})
+    profile = domain_profile(bundle, data, samples, threshold, f"{dataset} {split} split, {len(samples)} images")
+    path = save_bundle(out, bundle.models, {**bundle.config, "threshold": threshold, "calibration": record,
+                                            "domain": profile.to_config()})
     return Calibration(rows, threshold, within, path)

@@ -313,7 +313,8 @@ TRAIN = train_defaults()
 @click.option("--batch-size", default=TRAIN["batch_size"], show_default=True)
 @click.option("--lr", default=TRAIN["lr"], show_default=True, help="Adam learning rate.")
 @click.option("--loss", type=click.Choice(LOSS_NAMES), default=TRAIN["loss"], show_default=True,
-              help="focal (the two-stage paper), ce, ohem (IFBFNet's) or lad (locally adaptive).")
+              help="focal (the two-stage paper), ce, ohem (IFBFNet's), lad (locally adaptive) or focal_dice "
+                   "(focal plus the nucleus mask's soft Dice).")
 @click.option("--aux-weight", default=TRAIN["aux_weight"], show_default=True, help="Weight of an auxiliary head's loss (IFBFNet).")
 @click.option("--lad-window", default=TRAIN["lad_window"], show_default=True, help="Window of the locally adaptive loss.")
 @click.option("--lad-power", default=TRAIN["lad_power"], show_default=True, help="Minkowski power of the locally adaptive loss.")

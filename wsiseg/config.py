@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from wsiseg.domain import DomainProfile
 from wsiseg.errors import BundleError, InputError
 from wsiseg.uncertainty import UNCERTAINTY_MEASURES, TileSelection
 
@@ -127,6 +128,9 @@ class BundleSettings:
         Class names, background first.
     image_size : int or None
         Training images were resized to this square (evaluation does the same).
+    domain : DomainProfile or None
+        What the bundle's validation images looked like to it (:mod:`wsiseg.domain`);
+        None for bundles made before profiles (no domain warning then).
     """
 
     flow: TwoStageConfig = field(default_factory=TwoStageConfig)
@@ -134,6 +138,7 @@ class BundleSettings:
     mpp_range: tuple[float, float] | None = None
     classes: tuple[str, ...] | None = None
     image_size: int | None = None
+    domain: DomainProfile | None = None
 
     def __post_init__(self) -> None:
         if self.flow.selection.kind != "threshold":
@@ -173,9 +178,13 @@ class BundleSettings:
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in mpp_range)
             ):
                 raise InputError(f"mpp_range must be a list of two numbers, got {mpp_range!r}")
+            try:
+                domain = DomainProfile.from_config(config)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise InputError(f"domain must hold backgrounds, score_high, foreground_low and images ({exc!r})") from exc
             return cls(flow, _typed(config, "mpp", float, None),
                        (float(mpp_range[0]), float(mpp_range[1])) if mpp_range else None,
-                       tuple(classes) if classes else None, _typed(config, "image_size", int, None) or None)
+                       tuple(classes) if classes else None, _typed(config, "image_size", int, None) or None, domain)
         except InputError as exc:
             raise BundleError(f"{source}: its config is invalid ({exc})") from exc
 
@@ -187,6 +196,7 @@ class BundleSettings:
             "threshold": flow.selection.value, "context": flow.context,
             "classes": list(self.classes) if self.classes else None, "image_size": self.image_size,
             "mpp": self.mpp, "mpp_range": list(self.mpp_range) if self.mpp_range else None,
+            "domain": self.domain.to_config() if self.domain else None,
         }
 
     def for_slides(self) -> TwoStageConfig:

@@ -8,6 +8,7 @@ from typing import Any
 from wsiseg.bundle import inspect_bundle
 from wsiseg.guard import RECORD_DIR
 from wsiseg.ngff import MAPS, MASK_GROUP, OBJECTS_GROUP, TISSUE_GROUP
+from wsiseg.nuclei import instance_output_of
 from wsiseg.run.report import read_report
 
 
@@ -70,7 +71,7 @@ def _group_line(root: Any, name: str) -> str:
 def describe_bundle(path: str | Path) -> list[str]:
     """Lines describing model bundle ``path`` from its header alone (no weights are loaded):
     its models, what they were trained on (name, licence, citation), their pixel size, the
-    default flow and the scores recorded with it."""
+    default flow, the scores recorded with it and its domain profile."""
     header = inspect_bundle(path)
     config = header["config"]
     roles = {"model1": "Model 1", "model2": "Model 2", "model": "baseline"}
@@ -88,22 +89,36 @@ def describe_bundle(path: str | Path) -> list[str]:
         span = config.get("mpp_range")
         across = f", trained across {span[0]:.3g}-{span[1]:.3g} um" if span else ""
         lines.append(f"pixels:    {config['mpp']:g} um per pixel{across}")
+    classes = config.get("classes")
+    if isinstance(classes, list) and classes:
+        kind = instance_output_of(classes)
+        split = (f" (instance output '{kind}': --objects splits touching nuclei at it)" if kind else "")
+        lines.append(f"classes:   {', '.join(classes)}{split}")
     lines.append(f"flow:      Model 1 at 1/{config.get('ratio')} resolution, {config.get('uncertainty', 'entropy')} "
                  f"threshold {config.get('threshold')} "
                  f"(tiles refined where Model 1's uncertainty exceeds it)")
     lines.extend(_score_lines(config.get("evaluation"), config.get("threshold")))
+    domain = config.get("domain")
+    if isinstance(domain, dict):
+        lines.append(f"domain:    {' and '.join(domain.get('backgrounds', []))} backgrounds; 99 % of tile scores "
+                     f"<= {domain.get('score_high')}; nuclei on >= {100 * domain.get('foreground_low', 0):.2f} % of "
+                     f"the tissue of 99 % of images ({domain.get('measured_on')}): what the domain check compares with")
     return lines
 
 
 def _score_lines(evaluation: Any, threshold: Any) -> list[str]:
-    """The recorded baseline and default-threshold rows of a bundle's evaluation, one line each."""
+    """The recorded full-resolution (the baseline, else Model 2 everywhere) and default-threshold rows of a
+    bundle's evaluation, one line each."""
     if not isinstance(evaluation, dict) or not evaluation.get("rows"):
         return []
     where = " ".join(str(part) for part in (evaluation.get("images"), evaluation.get("dataset"), "test images") if part)
     lines = []
+    has_baseline = any(row.get("method") == "baseline" for row in evaluation["rows"])
     for row in evaluation["rows"]:
         if row.get("method") == "baseline":
             name = "full resolution"
+        elif not has_baseline and row.get("threshold") == 0 and threshold != 0:
+            name = "full resolution (Model 2 everywhere)"
         elif row.get("threshold") == threshold:
             name = f"two-stage t={threshold:g}, {100 * row['refined_fraction']:.1f} % of tiles refined"
         else:

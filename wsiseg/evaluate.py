@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import numpy as np
 
 from wsiseg.bundle import Bundle
 from wsiseg.config import AUTO_TILE_SIZE, BundleSettings, ResolvedFlow, resolve_flow
+from wsiseg.domain import DomainProfile
 from wsiseg.errors import InputError
 from wsiseg.metrics import IGNORE, confusion, dice_iou, instance_scores
 from wsiseg.models.base import SegmentationModel
@@ -402,3 +403,19 @@ def scored_split(
     if not samples:
         raise InputError(f"the {split} split of {data_root} is empty")
     return data, samples, seed
+
+
+def domain_profile(bundle: Bundle, data: SegmentationData, samples: Sequence[Sample], threshold: float,
+                   measured_on: str = "") -> DomainProfile:
+    """Run ``bundle`` on each of ``samples`` as ``wsiseg segment`` would (tissue mask on, two-stage at
+    ``threshold``) and profile the runs (:class:`~wsiseg.domain.DomainProfile`: what the domain check of
+    a run compares with)."""
+    settings = BundleSettings.from_config(bundle.config)
+    evidence = []
+    for sample in samples:
+        image, _ = data.load(sample)
+        scanned, mpp = _as_scanned(image, data.mpp, PixelSizes(None))
+        result, _ = run_as_segment(scanned, scoring_setting(settings, mpp), bundle, None, "two-stage", threshold,
+                                   "cpu", tissue=True)
+        evidence.append(result.domain)
+    return DomainProfile.of_images(evidence, measured_on)

@@ -7,8 +7,11 @@ the grey intensity. Which one applies is decided from the thumbnail's median
 grey. Tissue is where the signal exceeds Otsu's threshold, capped (so that an
 image that is all tissue, where Otsu would split tissue in two, keeps all of
 it) and floored (so that an image that is all glass keeps none); then holes
-and specks smaller than ``min_area`` are removed and the mask is grown by
-``margin`` pixels, so that nuclei on the tissue's border are kept.
+and (bright-field only) specks smaller than ``min_area`` are removed and the
+mask is grown by ``margin`` pixels, so that nuclei on the tissue's border are
+kept. On a dark background the signal is the nuclei themselves, a few
+thumbnail pixels each at Model 1's downsample, so no speck is dropped
+(``tests/test_tissue.py``).
 
 :func:`tile_tissue` gives each tile of the working grid the fraction of it
 that is tissue, from the mask's pixels under it.
@@ -96,7 +99,8 @@ def detect_tissue(rgb: np.ndarray, min_area: int = 64, margin: int = 2) -> Tissu
     threshold = min(max(otsu, low), high)
     mask = signal > threshold
     if min_area > 1:
-        mask = _drop_small(mask, min_area)  # specks
+        if background == "bright":  # specks of dust; on a dark background the signal is the nuclei themselves,
+            mask = _drop_small(mask, min_area)  # a few thumbnail pixels each at Model 1's downsample: all kept
         mask = ~_drop_small(~mask, min_area)  # holes
     if margin > 0:
         disk = np.hypot(*np.mgrid[-margin : margin + 1, -margin : margin + 1]) <= margin

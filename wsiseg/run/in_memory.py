@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from wsiseg.config import TwoStageConfig
+from wsiseg.domain import DomainEvidence
 from wsiseg.errors import InputError
 from wsiseg.run.driver import ProgressCallback, run_flow
 from wsiseg.run.executors import InlineExecutor
@@ -52,6 +53,8 @@ class SegmentationResult:
         Seconds: ``stage1``, ``select``, ``stage2`` (compose included), ``compose``, ``total``.
     stage2_input_pixels : int
         Pixels Model 2 (or the baseline) read, halos included.
+    domain : DomainEvidence
+        The run's tissue-tile scores, foreground fraction and background (:mod:`wsiseg.domain`).
     """
 
     mask: np.ndarray
@@ -64,6 +67,7 @@ class SegmentationResult:
     tiles: TileCounts
     timings: Timings
     stage2_input_pixels: int = 0
+    domain: DomainEvidence | None = None
 
 
 class ImageSource:
@@ -232,6 +236,7 @@ def _run(
         tiles=TileCounts.of(flow.refined),
         timings=timings,
         stage2_input_pixels=_stage2_input_pixels(plan, flow.refined),
+        domain=DomainEvidence.of_flow(flow),
     )
 
 

@@ -22,16 +22,11 @@ from typing import Any
 import numpy as np
 
 from wsiseg import __version__
+from wsiseg.domain import DomainEvidence, check_domain
 from wsiseg.run.driver import FlowResult
 from wsiseg.run.inputs import REPORT_NAME
 from wsiseg.run.job import SlideJob
 from wsiseg.run.plan import Plan
-
-#: A tile is uncertain when Model 1's mean uncertainty over it is at least this.
-UNCERTAIN_TILE = 0.5
-#: More than this fraction of uncertain tissue tiles and the run warns that the images look out of the
-#: model's domain (measured in benchmarks/RESULTS.md, "Domain check").
-OUT_OF_DOMAIN = 0.5
 
 VERSIONED_PACKAGES = (
     "torch", "torchvision", "dask", "distributed", "zarr", "tifffile", "openslide-python", "openslide-bin", "numpy",
@@ -166,11 +161,11 @@ def build_report(
     for histogram in flow.counts.values():
         label_totals[: len(histogram)] += np.asarray(histogram, np.int64)
     wy, wx = plan.work_downsample
-    domain, domain_warning = domain_check(flow)
+    domain, domain_warnings = check_domain(job.settings.domain, DomainEvidence.of_flow(flow))
     return RunReport(
         status="complete",
         wsiseg_version=__version__,
-        warnings=[*job.warnings, *worker_warnings, *([domain_warning] if domain_warning else [])],
+        warnings=[*job.warnings, *worker_warnings, *domain_warnings],
         input=InputInfo(slide.path, slide.format, slide.backend, list(slide.shape),
                         [list(level.shape) for level in slide.levels], list(slide.mpp) if slide.mpp else None,
                         list(getattr(slide, "warnings", ()))),
@@ -194,7 +189,10 @@ def build_report(
             "level": plan.stage1_level, "coarsen": plan.stage1_coarsen, "scale": list(plan.stage1_scale), "shape": list(plan.stage1_shape),
             "blocks": plan.stage1_grid.num_tiles, "blocks_run": flow.stage1_blocks_run,
         },
-        tissue=None if flow.tissue is None else {**(flow.tissue_summary or {}), "tiles": int((flow.tissue > 0).sum())},
+        tissue=None if flow.tissue is None else {
+            **(flow.tissue_summary or {}), "tiles": int((flow.tissue > 0).sum()),
+            "refined_fraction": round(float(flow.refined[flow.tissue > 0].mean()), 4) if (flow.tissue > 0).any() else 0.0,
+        },
         domain=domain,
         tiles=TileCounts.of(flow.refined, flow.resumed_tiles),
         label_pixels={str(c): int(n) for c, n in zip(classes, label_totals)},
@@ -212,36 +210,6 @@ def class_names(job: SlideJob, plan: Plan) -> list[str]:
     if job.settings.classes:
         return list(job.settings.classes)
     return ["background", "foreground"] if plan.num_classes == 1 else [f"class {i}" for i in range(plan.num_classes)]
-
-
-def domain_check(flow: FlowResult) -> tuple[dict[str, Any] | None, str | None]:
-    """How uncertain Model 1 was over the tissue tiles, and a warning line when most of them are uncertain.
-
-    Returns
-    -------
-    (summary, warning)
-        ``summary`` (None at full resolution): ``tissue_tiles``,
-        ``mean_uncertainty`` and ``uncertain_fraction`` (tiles scoring at least
-        :data:`UNCERTAIN_TILE`) over them, ``refined_fraction`` over them, ``limit``.
-    """
-    if flow.scores is None:
-        return None, None
-    on_tissue = np.ones(flow.scores.shape, bool) if flow.tissue is None else flow.tissue > 0
-    summary: dict[str, Any] = {"tissue_tiles": int(on_tissue.sum()), "limit": OUT_OF_DOMAIN}
-    if not on_tissue.any():
-        return summary, None
-    scores = flow.scores[on_tissue]
-    uncertain = float((scores >= UNCERTAIN_TILE).mean())
-    summary.update(mean_uncertainty=round(float(scores.mean()), 4), uncertain_fraction=round(uncertain, 4),
-                   refined_fraction=round(float(flow.refined[on_tissue].mean()), 4))
-    if uncertain <= OUT_OF_DOMAIN:
-        return summary, None
-    return summary, (
-        f"the model is uncertain on {100 * uncertain:.0f} % of the tissue tiles (more than "
-        f"{100 * OUT_OF_DOMAIN:.0f} %): these images look out of its domain, so its mask may be poor and the "
-        "two-stage run saves little; fine-tune it on such images: wsiseg train --dataset folder "
-        "--data-root DIR (DIR/images, DIR/masks) --init-from MODEL --stage all --image-size 0"
-    )
 
 
 def versions() -> dict[str, str]:

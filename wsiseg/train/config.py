@@ -20,7 +20,7 @@ from wsiseg.uncertainty import SAMPLING_STRATEGIES
 #: The phases each ``stage`` trains, in order.
 PHASES = {"two-stage": ("stage1", "stage2"), "baseline": ("baseline",), "all": ("stage1", "stage2", "baseline")}
 #: The losses of :mod:`wsiseg.train.losses`, by name.
-LOSS_NAMES = ("focal", "ce", "ohem", "lad")
+LOSS_NAMES = ("focal", "ce", "ohem", "lad", "focal_dice")
 #: The flow's defaults that training shares (ratio, halo, threshold).
 FLOW = TwoStageConfig()
 
@@ -40,7 +40,8 @@ class TrainConfig:
     patches : about this many tiles per image when resizing (4, 16, 64, 128).
     tile_size : tile side at native size (default ``crop_size // 4``).
     halo : context pixels around each tile, as at inference.
-    epochs, batch_size, lr, loss : optimisation (Adam); loss focal, ce, ohem or lad.
+    epochs, batch_size, lr, loss : optimisation (Adam); loss focal, ce, ohem, lad or focal_dice
+        (focal plus the foreground's soft Dice).
     aux_weight : weight of an auxiliary head's loss (IFBFNet; the paper: 0.4).
     lad_window, lad_power : the locally adaptive loss's window and Minkowski power.
     sampling : how stage 2 picks a tile: random, weighted or highest.
