@@ -1,22 +1,28 @@
 """Train, evaluate and package the bundles wsiseg ships (``wsiseg/data/default.safetensors``, ``bowl.safetensors``).
 
-    python pipelines/train_default_model.py --variant he --data-root ../shared/data/nuinsseg
-        --init-from wsiseg/data/bowl.safetensors --work w1 --out round1.safetensors
-    python pipelines/train_default_model.py --variant he-gaps --data-root ../shared/data/nuinsseg
-        --init-from round1.safetensors --work w2 [--out wsiseg/data/default.safetensors]
+    python pipelines/train_default_model.py --variant he-distance-dice --data-root ../shared/data/nuinsseg
+        --init-from THE_LAST_ROUND --work w8 [--out wsiseg/data/default.safetensors]
     python pipelines/train_default_model.py --variant bowl --data-root ../shared/data/bowl --out bowl.safetensors
-        [--variant synthetic|synthetic-long ... --init-from THE_LAST_ROUND]
+
+The shipped H&E default is the eighth round of a chain (``he``, ``he-gaps``, ``he-distance``,
+``he-distance-2`` twice, ``he-distance-dice`` three times), each ``--init-from`` the last: README.md, "The
+shipped model", has every command.
 
 1. Trains (unless ``--bundle`` names a finished run) the variant's U-Net on
    the ``resnet_lite`` backbone: Model 1 at 1/4 resolution, Model 2
-   fine-tuned from it with context, and the full-resolution baseline
-   (``wsiseg train --stage all`` with the variant's settings, below).
+   fine-tuned from it with context, and, for the variants with
+   ``stage="all"``, a separate full-resolution baseline (``wsiseg train``
+   with the variant's settings, below). The instance-aware variants
+   (``he-border``, ``he-distance*``, the shipped default) train Model 1 and
+   Model 2 only: ``--full-resolution`` runs Model 2 everywhere.
 2. Scores the data set's test split (NuInsSeg: its val split) with
-   ``wsiseg evaluate``'s code: the baseline, and the two-stage pipeline over
-   a sweep of thresholds, with 128-pixel tiles.
+   ``wsiseg evaluate``'s code in the setting ``wsiseg segment`` runs: the
+   baseline where there is one, and the two-stage pipeline over a sweep of
+   thresholds (0 is Model 2 everywhere).
 3. Picks the default threshold with ``wsiseg calibrate``'s rule
    (:func:`wsiseg.calibrate.choose_threshold`): the highest threshold whose
-   mean Dice is within one point of the baseline's (``wsiseg calibrate
+   mean Dice is within one point, and whose PQ within 0.01, of full
+   resolution (the baseline, else threshold 0) (``wsiseg calibrate
    --max-loss 1``).
 4. Writes the bundle with those defaults, its domain profile on the same split
    (:mod:`wsiseg.domain`, what ``wsiseg segment``'s domain check compares with),
@@ -62,14 +68,16 @@ BOWL_ROUND = dict(BOWL, epochs=10, lr=3e-4, stain_jitter=0.2, scale_jitter=0.25,
 #: (benchmarks/RESULTS.md, "A default model trained on real H&E nuclei"); ``he-gaps`` then fine-tunes that
 #: round (``--init-from``) 30 more epochs at 1e-4 with the borders of touching nuclei as background.
 HE = dict(COMMON, dataset="nuinsseg", epochs=30, lr=3e-4, mpp=0.316, scale_jitter=0.58, stain_jitter=0.2)
-#: The instance-aware H&E candidates: fine-tuned from the shipped NuInsSeg bundle (every layer but the classifier),
+#: The instance-aware H&E rounds: ``he-border`` and ``he-distance`` fine-tune the ``he-gaps`` bundle (every layer but
+#: the classifier),
 #: Model 1 and Model 2 only (``--full-resolution`` runs Model 2 everywhere), with a border or a distance output,
 #: 90-degree rotations and flips, HED stain jitter 0.3 and gamma jitter 0.6 (stains from 1.6 times paler to 1.6
-#: times darker in optical density) (benchmarks/RESULTS.md, "Instance-aware H&E model").
+#: times darker in optical density) (benchmarks/RESULTS.md, "Instance-aware H&E models").
 HE_INSTANCE = dict(HE, stage="two-stage", epochs=40, stain_jitter=0.3, gamma_jitter=0.6, rotate=True)
 #: ``he-distance-2`` fine-tunes ``he-distance``'s bundle (``--init-from``) 30 more epochs at 1e-4 with milder stain
 #: and gamma jitter (0.2, 0.3); ``he-distance-dice`` is the same round with the loss ``focal_dice`` (focal plus
-#: the nucleus mask's soft Dice).
+#: the nucleus mask's soft Dice), three rounds of which made the shipped default (benchmarks/RESULTS.md, "The
+#: instance-aware H&E default").
 VARIANTS: dict[str, dict[str, Any]] = {
     "bowl": BOWL,
     "hematoxylin": dict(BOWL, input_transform="hematoxylin", stain_jitter=0.2, scale_jitter=0.5),

@@ -295,6 +295,25 @@ def test_union_reader_reads_the_union_once_and_serves_each_box(rng) -> None:
         served(Box(0, 5, 4, 10))
 
 
+def test_union_reader_reads_far_apart_boxes_one_by_one(rng) -> None:
+    """Tiles batched by window shape can lie at opposite ends of a slide (its top and bottom rows):
+    their union is never read then, only what each call asks for (memory follows the tiles)."""
+    values = torch.from_numpy(rng.random((3, 200, 60)).astype(np.float32))
+    reads = []
+
+    def read(box: Box) -> torch.Tensor:
+        reads.append(box)
+        return values[(slice(None), *box.slices())]
+
+    top, bottom = Box(0, 10, 5, 25), Box(190, 200, 30, 50)
+    served = union_reader(read, [top, bottom])
+    for box in (top, bottom, Box(2, 4, 6, 9)):
+        torch.testing.assert_close(served(box), values[(slice(None), *box.slices())], rtol=0, atol=0)
+    assert reads == [top, bottom, Box(2, 4, 6, 9)]
+    with pytest.raises(ValueError, match="outside"):
+        served(Box(0, 5, 50, 61))
+
+
 def test_compose_tile_skips_model1_where_model2_weighs_one(rng) -> None:
     p1, p2 = (torch.from_numpy(rng.random((2, 8, 9)).astype(np.float32)) for _ in range(2))
     calls = []

@@ -267,25 +267,41 @@ def upsample_stage1(read: ReadMap, low_shape: tuple[int, int], scale: tuple[floa
     return sample_map(read, low_shape, (tile.y0, tile.x0), tile.shape, 1.0, scale)
 
 
+#: A batch's boxes are read as one union only while the union is at most this many times their summed area:
+#: tiles batched by window shape can lie far apart (the top and the bottom row of a slide share one), and
+#: their union would then span the slide (benchmarks/RESULTS.md, "The instance-aware H&E default").
+UNION_SLACK = 2.0
+
+
 def union_reader(read: ReadMap, boxes: list[Box]) -> ReadMap:
     """``read`` for boxes inside the union of ``boxes``, served from one read of that union.
 
     The union is read on the first call (not at all when nothing is asked
     for), so a stored map's chunks are decoded once for a batch of tiles
-    rather than once per tile. A box outside the union is an error.
+    rather than once per tile. Where the union is more than
+    :data:`UNION_SLACK` times the boxes' summed area (boxes far apart), each
+    call reads its own box instead, so memory follows the boxes, not the
+    distance between them. A box outside the union is an error.
     """
     union = Box(min(b.y0 for b in boxes), max(b.y1 for b in boxes), min(b.x0 for b in boxes), max(b.x1 for b in boxes))
+    compact = _area(union) <= UNION_SLACK * sum(_area(b) for b in boxes)
     values: list[torch.Tensor] = []
 
     def read_inside(box: Box) -> torch.Tensor:
         if not (union.y0 <= box.y0 <= box.y1 <= union.y1 and union.x0 <= box.x0 <= box.x1 <= union.x1):
             raise ValueError(f"box {box} lies outside the union read {union}")
+        if not compact:
+            return read(box)
         if not values:
             values.append(read(union))
         return values[0][(slice(None), *box.relative_to(union).slices())]
 
     return read_inside
 
+
+def _area(box: Box) -> int:
+    height, width = box.shape
+    return height * width
 
 
 def _context_samples(
