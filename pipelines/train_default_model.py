@@ -212,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _portable(config: dict[str, Any]) -> dict[str, Any]:
     """The config with this machine's folders left out: paths in the training record and commands
-    keep their last component (a shipped bundle's header names no one's home folder)."""
+    (absolute, or outside the repository) keep their last component (a shipped bundle's header names no one's home folder)."""
     def short(text: str) -> str:
-        return " ".join(Path(word).name if word.startswith("/") else word for word in text.split(" "))
+        return " ".join(Path(word).name if word.startswith(("/", "../")) else word for word in text.split(" "))
 
     training = dict(config.get("training", {}))
     for key in ("data_root", "init_from", "model1_from", "backbone_weights"):
