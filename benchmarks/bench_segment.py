@@ -56,8 +56,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import (ROOT, Stopwatch, add_results_argument, command_line, cores, header, machine, make_parser,
-                    peak_rss_mb, set_torch_threads, write_result)
+from common import (ROOT, Stopwatch, add_results_argument, command_line, cores, full_resolution_network, header,
+                    machine, make_parser, peak_rss_mb, set_torch_threads, write_result)
 
 
 # --------------------------------------------------------------------------- running
@@ -352,10 +352,8 @@ def run_monai(region: Path, model: str, tile: int, halo: int, out: Path) -> None
     import torch
     from monai.inferers import sliding_window_inference
 
-    from wsiseg.bundle import load_bundle, resolve_model
-
     set_torch_threads()
-    net = load_bundle(resolve_model(model)).model.eval()
+    net = full_resolution_network(model)
     x = torch.from_numpy(tifffile.imread(region)).permute(2, 0, 1)[None].float() / 255
     with Stopwatch() as watch, torch.inference_mode():
         logits = sliding_window_inference(
@@ -439,10 +437,8 @@ def run_monai_wsi(slide: Path, model: str, tile: int, halo: int, out: Path) -> N
     from monai.inferers import PatchInferer, WSISlidingWindowSplitter
     from monai.inferers.merger import ZarrAvgMerger
 
-    from wsiseg.bundle import load_bundle, resolve_model
-
     set_torch_threads()
-    net = load_bundle(resolve_model(model)).model.eval()
+    net = full_resolution_network(model)
     window = tile + 2 * halo
     splitter = WSISlidingWindowSplitter(patch_size=window, overlap=2 * halo, reader="OpenSlide")
     inferer = PatchInferer(splitter=splitter, merger_cls=ZarrAvgMerger, batch_size=4, store=str(out),

@@ -171,6 +171,16 @@ def two_stage_pair(reference: str) -> Any:
     return Bundle({role: loaded.models[role] for role in ("model1", "model2")}, loaded.config)
 
 
+def full_resolution_network(reference: str) -> Any:
+    """The network a bundle runs on every tile at full resolution, for peers: its ``model`` (a separate
+    baseline), else its Model 2 (which ``--full-resolution`` runs everywhere with Model 1's context; a peer
+    runs it without, the same network and work per tile)."""
+    from wsiseg.bundle import load_bundle, resolve_model
+
+    models = load_bundle(resolve_model(reference)).models
+    return (models.get("model") or models["model2"]).eval()
+
+
 def add_scoring_arguments(parser: argparse.ArgumentParser, many: bool = True) -> None:
     """``--model NAME=BUNDLE`` (repeatable with ``many``), ``--dataset`` (default NuInsSeg), the data and results."""
     parser.add_argument("--model", type=named_bundle, required=True, metavar="NAME=BUNDLE",

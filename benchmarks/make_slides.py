@@ -141,8 +141,8 @@ class SlideComposer:
                 yield tile
 
 
-def make_slide(size: int, out: Path, seed: int = 0, target: float = 0.30) -> dict[str, float]:
-    """Write one ``size x size`` slide; returns its tissue fraction and seconds."""
+def make_slide(size: int, out: Path, seed: int = 0, target: float = 0.30, mpp: float = MPP) -> dict[str, float]:
+    """Write one ``size x size`` slide whose level 0 says ``mpp`` um per pixel; returns its tissue fraction and seconds."""
     import tifffile
 
     watch = Stopwatch()
@@ -156,7 +156,7 @@ def make_slide(size: int, out: Path, seed: int = 0, target: float = 0.30) -> dic
     with tifffile.TiffWriter(out, bigtiff=True) as writer:
         for index, factor in enumerate(factors):
             side = -(-size // factor)
-            extra = {"resolution": (1e4 / MPP, 1e4 / MPP), "resolutionunit": "CENTIMETER"} if index == 0 else {}
+            extra = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"} if index == 0 else {}
             writer.write(
                 composer.tiles(factor), shape=(side, side, 3), dtype=np.uint8, tile=(TILE, TILE),
                 photometric="rgb", compression="jpeg", compressionargs={"level": 90},
@@ -172,10 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "slides")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tissue", type=float, default=0.30)
+    parser.add_argument("--mpp", type=float, default=MPP,
+                        help="the pixel size level 0 declares (default 0.499, the tissue's own). 0.25 makes a "
+                             "40x-like slide for timing the pixel-size path; its nuclei are then half the size "
+                             "a 40x scan shows, so it is for speed, not for quality")
     args = parser.parse_args(argv)
     for size in args.size:
         path = args.out / f"synthetic-{size // 1024}k.tif"
-        info = make_slide(size, path, args.seed, args.tissue)
+        info = make_slide(size, path, args.seed, args.tissue, args.mpp)
         print(f"{path}: {info}", flush=True)
     return 0
 

@@ -60,6 +60,7 @@ def tile_records(bundle: Any, data: Any, samples: list, scan_mpp: float | None) 
         alone, _ = run_as_segment(scanned, setting, bundle, None, "two-stage", 2.0, "cpu", tissue=True)
         everywhere, _ = run_as_segment(scanned, setting, bundle, None, "two-stage", 0.0, "cpu", tissue=True)
         grid = TileGrid(*alone.mask.shape, alone.tile_size)
+        pixel_features = model1_pixel_features(bundle, scanned, setting)
 
         def score(labels: np.ndarray, truth: np.ndarray = truth, true_objects: np.ndarray = true_objects,
                   setting: Any = setting) -> tuple[float, float, np.ndarray]:
@@ -80,14 +81,95 @@ def tile_records(bundle: Any, data: Any, samples: list, scan_mpp: float | None) 
             tiles.append({"image": index, "tile": (row, col), "on_tissue": on_tissue,
                           "score": float(alone.tile_scores[row, col]) if on_tissue else -1.0,
                           "candidates": candidate_scores(alone.stage1_probabilities, box, alone.mask.shape),
+                          "features": tile_features(pixel_features, box, alone.mask.shape),
                           "dice_gain": dice - base_dice, "pq_gain": pq - base_pq})
             record["tiles"].append(len(tiles) - 1)
         images.append(record)
     return images, tiles
 
 
-#: Candidate gates, each a tile score from Model 1's low-resolution probabilities (``candidate_scores``).
+#: Candidate gates, each a tile score from Model 1's low-resolution probabilities (``candidate_scores``);
+#: with ``--learned``, also ``learned`` (:func:`fit_gain_head`).
 CANDIDATES = ("per-nucleus", "foreground", "split")
+
+
+def model1_pixel_features(bundle: Any, image: Any, setting: Any) -> Any:
+    """``(F + C + 1, h, w)`` float64 per-pixel maps of Model 1 on the low-resolution view of ``image`` (one pass
+    over the whole view; the images are a tile or a few): its penultimate features, its probabilities and their
+    normalised entropy. A gate that is linear in these maps is one per-pixel map, so the engine could integrate it
+    over tiles as it integrates the uncertainty."""
+    import numpy as np
+    import torch
+
+    from wsiseg.models.base import logits_to_probabilities
+    from wsiseg.resample import read_scaled
+    from wsiseg.run.in_memory import ImageSource
+    from wsiseg.tiling import Box, scaled_size
+    from wsiseg.uncertainty import entropy
+
+    factor = setting.downsample * setting.config.ratio
+    height, width = (scaled_size(n, factor) for n in image.shape[:2])
+    view = read_scaled(ImageSource(image), 0, factor, Box(0, height, 0, width))
+    model = bundle.model1.eval()
+    x = torch.from_numpy(view).permute(2, 0, 1)[None].float() / 255.0
+    with torch.inference_mode():
+        logits, features = model(x)
+    probabilities = logits_to_probabilities(logits)[0].numpy().astype(np.float64)
+    return np.concatenate([features[0].numpy().astype(np.float64), probabilities,
+                           entropy(probabilities)[None]], axis=0)
+
+
+def tile_features(maps: Any, box: Any, shape: tuple[int, int]) -> list[float]:
+    """Means of the per-pixel ``maps`` (``(K, h, w)``, the low-resolution view) over the tile ``box`` (working
+    pixels of an image of ``shape``)."""
+    k, h, w = maps.shape
+    sy, sx = shape[0] / h, shape[1] / w
+    crop = maps[:, int(box.y0 / sy): max(int(box.y0 / sy) + 1, round(box.y1 / sy)),
+                int(box.x0 / sx): max(int(box.x0 / sx) + 1, round(box.x1 / sx))]
+    return crop.reshape(k, -1).mean(axis=1).tolist()
+
+
+def fit_gain_head(tiles: list[dict], alphas: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0), folds: int = 5) -> Any:
+    """A ridge regression from a tile's feature means (:func:`tile_features`) to its gain from refinement
+    (Dice gain and PQ gain, each divided by its standard deviation over ``tiles``, summed); the penalty picked
+    by ``folds``-fold cross-validation of the rank correlation. Returns ``score(features) -> float``."""
+    import numpy as np
+
+    tissue = [t for t in tiles if t["on_tissue"]]
+    x = np.array([t["features"] for t in tissue])
+    dice, pq = np.array([t["dice_gain"] for t in tissue]), np.array([t["pq_gain"] for t in tissue])
+    y = dice / max(dice.std(), 1e-12) + pq / max(pq.std(), 1e-12)
+    mean, scale = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-12)
+    z = (x - mean) / scale
+
+    def solve(rows: np.ndarray, alpha: float) -> np.ndarray:
+        a = np.c_[z[rows], np.ones(len(rows))]
+        penalty = alpha * np.eye(a.shape[1])
+        penalty[-1, -1] = 0.0
+        return np.linalg.solve(a.T @ a + penalty, a.T @ y[rows])
+
+    def rank(values: np.ndarray) -> np.ndarray:
+        return np.argsort(np.argsort(values)).astype(float)
+
+    order = np.random.default_rng(0).permutation(len(y))
+    best = None
+    for alpha in alphas:
+        correlations = []
+        for fold in range(folds):
+            held = order[fold::folds]
+            kept = np.setdiff1d(order, held)
+            w = solve(kept, alpha)
+            predicted = np.c_[z[held], np.ones(len(held))] @ w
+            correlations.append(np.corrcoef(rank(predicted), rank(y[held]))[0, 1])
+        if best is None or np.mean(correlations) > best[0]:
+            best = (float(np.mean(correlations)), alpha)
+    weights = solve(np.arange(len(y)), best[1])
+
+    def score(features: list[float]) -> float:
+        return float(np.r_[(np.asarray(features) - mean) / scale, 1.0] @ weights)
+
+    score.alpha, score.cv_rank_correlation = best[1], best[0]  # type: ignore[attr-defined]
+    return score
 
 
 def candidate_scores(probabilities: Any, box: Any, shape: tuple[int, int]) -> dict[str, float]:
@@ -127,7 +209,7 @@ def curves(images: list[dict], tiles: list[dict], seed: int = 0) -> dict[str, An
         "oracle-dice": sorted(candidates, key=lambda i: -tiles[i]["dice_gain"]),
         "oracle-pq": sorted(candidates, key=lambda i: -tiles[i]["pq_gain"]),
         **{f"gate-{name}": sorted(candidates, key=lambda i, name=name: -tiles[i]["candidates"][name])
-           for name in CANDIDATES},
+           for name in tiles[0]["candidates"]},
     }
     out: dict[str, Any] = {}
     scored: dict[tuple[int, tuple[int, ...]], tuple[float, float, Any]] = {}  # (image, its refined tiles) -> scores
@@ -189,6 +271,8 @@ def plot(result: dict[str, Any], path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser(__doc__)
     parser.add_argument("--scan-mpp", type=float, default=None, help="score the images as if scanned at this size")
+    parser.add_argument("--learned", action="store_true",
+                        help="also fit a gain head on the train split's tiles and rank by it (gate-learned)")
     add_scoring_arguments(parser, many=False)
     args = parser.parse_args(argv)
     from wsiseg.evaluate import scored_split
@@ -198,11 +282,20 @@ def main(argv: list[str] | None = None) -> int:
     bundle = two_stage_pair(path)
     data, samples, _ = scored_split(bundle, args.dataset, args.data_root, "test", None, False, args.limit)
     images, tiles = tile_records(bundle, data, samples, args.scan_mpp)
+    learned = None
+    if args.learned:
+        _, train, _ = scored_split(bundle, args.dataset, args.data_root, "train", None, False, args.limit)
+        _, train_tiles = tile_records(bundle, data, train, args.scan_mpp)
+        head = fit_gain_head(train_tiles)
+        for tile in tiles:
+            tile["candidates"]["learned"] = head(tile["features"])
+        learned = {"train_images": len(train), "alpha": head.alpha, "cv_rank_correlation": head.cv_rank_correlation}
+    candidates = list(tiles[0]["candidates"])
     result = curves(images, tiles)
     on_tissue = sum(t["on_tissue"] for t in tiles)
     record = {"command": command_line(__file__, argv), "machine": machine(), "bundle": path, "images": len(samples),
-              "tiles": len(tiles), "tissue_tiles": on_tissue, "curves": result,
-              "tiles_gain": [{k: v for k, v in t.items() if k != "tile"} for t in tiles]}
+              "tiles": len(tiles), "tissue_tiles": on_tissue, "curves": result, "learned": learned,
+              "tiles_gain": [{k: v for k, v in t.items() if k not in ("tile", "features")} for t in tiles]}
     worse = sum(t["dice_gain"] < 0 for t in tiles if t["on_tissue"])
     lines = header(record["command"], record["machine"]) + [
         f"{len(samples)} images, {len(tiles)} tiles, {on_tissue} on tissue; refining alone makes the Dice of "
@@ -212,11 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for order, dice_rows, pq_rows in (("oracle", result["oracle-dice"], result["oracle-pq"]),
                                       ("gate", result["gate"], result["gate"]),
-                                      *((f"gate-{n}", result[f"gate-{n}"], result[f"gate-{n}"]) for n in CANDIDATES),
+                                      *((f"gate-{n}", result[f"gate-{n}"], result[f"gate-{n}"]) for n in candidates),
                                       ("random", result["random"], result["random"])):
         lines.append(f"| {order} | {dice_rows[0]['dice']:.4f} | {dice_rows[-1]['dice']:.4f} | "
                      f"{captured(dice_rows, 'dice', 0.2):.0%} | {pq_rows[0]['pq']:.4f} | {pq_rows[-1]['pq']:.4f} | "
                      f"{captured(pq_rows, 'pq', 0.2):.0%} |")
+    if learned:
+        lines += ["", f"gate-learned: a ridge regression from a tile's means of Model 1's {len(tiles[0]['features'])} "
+                  "per-pixel maps (penultimate features, probabilities, entropy) to its Dice and PQ gain, fitted on "
+                  f"{learned['train_images']} train-split images (penalty {learned['alpha']:g}, 5-fold rank "
+                  f"correlation {learned['cv_rank_correlation']:.2f})."]
     args.results.mkdir(parents=True, exist_ok=True)
     plot(result, args.results / f"refine_ceiling-{name}.png", f"{name}: refined fraction against quality")
     lines += ["", f"![refined fraction against Dice and PQ](refine_ceiling-{name}.png)"]

@@ -169,3 +169,58 @@ def test_build_model_defaults_to_the_network_training_builds() -> None:
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     model = build_model(defaults["arch"], 1)
     assert model.spec["backbone"] == defaults["backbone"] == "resnet_lite"
+
+
+@pytest.mark.parametrize("arch,backbone", [(arch, "resnet_lite") for arch in ARCHS] + [
+    ("unet", "mobilenet_v3_large"), ("ifbfnet", "resnet18")])
+def test_folded_batch_norms_give_the_same_outputs_and_leave_the_model_alone(arch: str, backbone: str) -> None:
+    """An inference copy with every batch norm folded into its convolution: the same logits and features
+    (up to float rounding), no BatchNorm2d left where pairs are adjacent (U-Net on resnet_lite: all), and
+    the model given keeps its batch norms and its training mode."""
+    from wsiseg.models.base import fold_batch_norms
+
+    torch.manual_seed(0)
+    model = build_model(arch, 3, backbone=backbone)
+    for module in model.modules():  # statistics and affine weights of a trained model, not the identity
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    folded = fold_batch_norms(model)
+    assert model.training and sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == norms
+    left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert left < norms and not folded.training
+    if (arch, backbone) == ("unet", "resnet_lite"):
+        assert left == 0
+    x = torch.rand(2, 3, 96, 128)
+    with torch.inference_mode():
+        expected, found = model.eval()(x), folded(x)
+    torch.testing.assert_close(found[0], expected[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(found[1], expected[1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_whose_folded_copy_differs_is_kept_unfolded() -> None:
+    """A block that normalises a convolution's input, not its output, under the ResNet names: folding it
+    would change the result, so the check returns the unfolded copy."""
+    from wsiseg.models.base import fold_batch_norms
+
+    class NormFirst(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.bn1 = torch.nn.BatchNorm2d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv1(self.bn1(x))
+
+    torch.manual_seed(0)
+    model = NormFirst()
+    model.bn1.running_mean.uniform_(-1.0, 1.0)
+    model.bn1.running_var.uniform_(0.5, 2.0)
+    folded = fold_batch_norms(model)
+    assert isinstance(folded.bn1, torch.nn.BatchNorm2d) and folded is not model
+    x = torch.rand(1, 3, 16, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), model.eval()(x))

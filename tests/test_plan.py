@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from wsiseg.config import BundleSettings, RunOptions, TwoStageConfig
 from wsiseg.errors import BundleError, InputError
 from wsiseg.config import model1_ratio
-from wsiseg.run.plan import ModelFacts, auto_tile_size, make_plan, working_scale
+from wsiseg.run.driver import _batches
+from wsiseg.run.plan import ModelFacts, auto_tile_size, make_plan, view_for, working_scale
 from wsiseg.slide import Level, Slide
 from wsiseg.ngff import CONTEXT, IMAGE, MASK, PROBABILITY, REFINED
 
@@ -127,3 +129,46 @@ def test_model1_keeps_its_trained_pixel_size_on_coarser_slides() -> None:
     assert model1_ratio(4, 0.316, 0.8) == 2
     assert model1_ratio(4, 0.316, 2.0) == 1        # never below 1
     assert model1_ratio(4, None, 0.5) == 4 and model1_ratio(4, 0.316, None) == 4
+
+
+def test_model1_at_one_third_of_a_halving_pyramid_takes_block_means_of_level_0() -> None:
+    """A 20x slide whose levels halve, Model 1 at 1/3: block means of 3 over level 0 (level 1 resampled by 1.5
+    decodes a quarter of the pixels but scores lower: benchmarks/RESULTS.md, "Where stage 1 reads on 20x
+    slides"); a level that divides the downsample gives block means of that level."""
+    slide = _slide(levels=((12000, 9000), (6000, 4500), (3000, 2250)), tile=(256, 256), mpp=(0.5, 0.5))
+    plan = make_plan(slide, None, None, FACTS, TwoStageConfig(ratio=3))
+    assert (plan.stage1_level, plan.stage1_coarsen, plan.stage1_shape, plan.stage1_scale) == (0, 3, (4000, 3000), (3.0, 3.0))
+    assert view_for(slide, 2) == (1, 1) and view_for(slide, 8) == (2, 2) and view_for(slide, 6) == (1, 3)
+    assert view_for(slide, 1.005) == (0, 1) and view_for(slide, 2.01) == (1, 1) and view_for(slide, 5) == (0, 5) and view_for(slide, 2.5) == (1, 1.25)
+
+
+def test_refine_batches_keep_to_one_row_of_neighbouring_tiles() -> None:
+    """Tiles of one window shape at opposite ends of a slide (rows 1 and 22 of column 0) or far apart in a
+    row go to separate batches; neighbours (at most BATCH_GAP columns apart) share one."""
+    slide = _slide(levels=((12000, 9000), (6000, 4500)), tile=(256, 256), mpp=(0.5, 0.5))
+    plan = make_plan(slide, None, None, FACTS, TwoStageConfig(ratio=3))
+    refined = np.zeros(plan.grid.shape, bool)
+    for row, col in ((1, 0), (1, 1), (1, 2), (1, 4), (1, 8), (22, 0)):
+        refined[row, col] = True
+    assert plan.grid.window(1, 0, plan.halo).shape == plan.grid.window(22, 0, plan.halo).shape
+    refines = [tiles for kind, tiles in _batches(plan, refined, set(), 4) if kind == "refine"]
+    assert refines == [[(1, 0)], [(1, 1), (1, 2), (1, 4)], [(1, 8)], [(22, 0)]]
+    composed = sorted(t for kind, tiles in _batches(plan, refined, set(), 4) if kind == "compose" for t in tiles)
+    assert len(composed) == plan.grid.num_tiles - 6
+
+
+def test_an_image_in_memory_may_carry_its_own_reduced_levels() -> None:
+    """ImageSource with ``coarser`` levels reads them as a slide's pyramid: stage 1 at 1/4 takes block means
+    of 2 over the stored level 1, not of 4 over level 0; a level that is not RGB uint8 is a clear error."""
+    from wsiseg.run.in_memory import ImageSource
+    from wsiseg.tiling import Box, downsample_mean
+
+    level0 = np.random.default_rng(0).integers(0, 200, (640, 800, 3)).astype(np.uint8)
+    level1 = downsample_mean(level0, 2) + 1  # told apart from level 0's block means
+    source = ImageSource(level0, coarser=(level1,))
+    assert [level.downsample for level in source.levels] == [(1.0, 1.0), (2.0, 2.0)]
+    np.testing.assert_array_equal(source.read_region(1, Box(3, 9, 5, 12)), level1[3:9, 5:12])
+    plan = make_plan(source, None, None, ModelFacts({"model1": 1, "model2": 1}, 1), TwoStageConfig(ratio=4))
+    assert (plan.stage1_level, plan.stage1_coarsen, plan.stage1_shape) == (1, 2, (160, 200))
+    with pytest.raises(InputError, match="uint8"):
+        ImageSource(level0, coarser=(level1.astype(np.float32),))

@@ -59,13 +59,17 @@ def test_region_read_decodes_only_touched_tiles(pyramid_slide, monkeypatch) -> N
     assert sorted(decoded) == [tiles_across + 0, tiles_across + 1, tiles_across + 2]
 
 
-def test_best_level_for_ratio(pyramid_slide) -> None:
+def test_views_take_block_means_of_the_coarsest_level_that_divides_the_downsample(pyramid_slide) -> None:
+    from wsiseg.run.plan import view_for
+
     slide = open_slide(pyramid_slide)
-    assert slide.best_level_for(4) == (2, 1)
-    assert slide.best_level_for(8) == (2, 2)
-    assert slide.best_level_for(2) == (1, 1)
-    assert slide.best_level_for(3) == (0, 3)
-    assert slide.best_level_for(6) == (1, 3)
+    assert [float(np.mean(level.downsample)) for level in slide.levels] == [1.0, 2.0, 4.0]
+    assert view_for(slide, 4) == (2, 1)
+    assert view_for(slide, 8) == (2, 2)
+    assert view_for(slide, 2) == (1, 1)
+    assert view_for(slide, 3) == (0, 3)
+    assert view_for(slide, 6) == (1, 3)
+    assert view_for(slide, 2.5) == (1, 1.25)  # no level divides it: the coarsest finer level, area-resampled
 
 
 def test_real_aperio_slide_reads_the_same_through_both_backends() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -65,3 +66,20 @@ def test_linear_resample_matches_bilinear_interpolate() -> None:
     # A window of the upsampled map equals the same window resampled directly.
     window = linear_resample(x, pixel_centres(5, 10, 1.0, scale), pixel_centres(17, 12, 1.0, scale))
     torch.testing.assert_close(window, reference[:, 5:15, 17:29], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("ratio", [2, 3, 4, 5, 17])
+def test_block_means_equal_the_rounded_float_mean_of_each_block(ratio: int) -> None:
+    """downsample_mean against a float reference: whole blocks (summed in uint16, or uint32 from a ratio of
+    16 on) and the partial blocks of the far edges, rounded half to even."""
+    from wsiseg.tiling import downsample_mean
+
+    rng = np.random.default_rng(ratio)
+    image = rng.integers(0, 256, (3 * ratio + 2, 4 * ratio + 1, 3)).astype(np.uint8)
+    image[:ratio, :ratio] = 255  # a block at the top of the range
+    out = downsample_mean(image, ratio)
+    assert out.shape == (4, 5, 3) and out.dtype == np.uint8
+    for i in range(4):
+        for j in range(5):
+            block = image[i * ratio : (i + 1) * ratio, j * ratio : (j + 1) * ratio].reshape(-1, 3)
+            np.testing.assert_array_equal(out[i, j], np.rint(block.mean(axis=0, dtype=np.float64)))

@@ -242,9 +242,6 @@ def test_the_blocks_a_tissue_tile_needs_hold_everything_it_reads_from_stage_1() 
         levels = [SimpleNamespace(shape=(3000, 2500), downsample=(1.0, 1.0), tile_shape=None)]
         mpp = None
 
-        def best_level_for(self, downsample):
-            return 0, round(downsample)
-
     facts = ModelFacts({"model1": 1, "model2": 1}, 1, {"model1": 32, "model2": 32})
     plan = make_plan(Source(), None, None, facts, TwoStageConfig(ratio=3, tile_size=160, halo=32, stage1_block=96))
     rng = np.random.default_rng(3)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from wsiseg.errors import InputError
-from wsiseg.models.base import FlopCount, SegmentationModel, forward_gflop, logits_to_probabilities
+from wsiseg.models.base import FlopCount, SegmentationModel, fold_batch_norms, forward_gflop, logits_to_probabilities
 from wsiseg.runtime import resolve_device
 from wsiseg.tiling import Box, TileGrid, linear_resample, round_up, sample_plan
 
@@ -39,7 +39,9 @@ class ModelRunner:
     Parameters
     ----------
     model : SegmentationModel
-        Moved to ``device`` and put in eval mode.
+        Left as it is: the runner holds an eval-mode copy with its batch norms
+        folded into the convolutions (:func:`~wsiseg.models.base.fold_batch_norms`),
+        moved to ``device``.
     device : str or torch.device
         ``"auto"``: CUDA when available, else CPU.
     channels_last : bool, optional
@@ -66,7 +68,7 @@ class ModelRunner:
         self.device = resolve_device(device)
         self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.model = model.to(self.device, memory_format=memory_format).eval()
+        self.model = fold_batch_norms(model).to(self.device, memory_format=memory_format)
         self.batch_size = 1 if self.device.type == "cpu" else 4
         self.count_work = count_work
         self._gflop_per_image: dict[tuple[int, int], float] = {}

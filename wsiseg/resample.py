@@ -49,15 +49,32 @@ def read_scaled(source: Any, level: int, coarsen: float, box: Box) -> np.ndarray
 
 
 def _read_area(source: Any, level: int, factor: float, box: Box, shape: tuple[int, int]) -> np.ndarray:
-    """``(h, w, 3)`` uint8: ``box`` of ``level`` downsampled by the non-integer ``factor``, in strips."""
+    """``(h, w, 3)`` uint8: ``box`` of ``level`` downsampled by the non-integer ``factor``, in strips.
+
+    Each output pixel is a weighted sum of the few input pixels its footprint
+    covers (:func:`~wsiseg.tiling.area_weights`), rows first, then columns.
+    """
     strip = max(1, int(4096 // (factor * factor)))
-    x_first, x_weights = area_weights(box.x0, box.x1, factor, shape[1])
+    x_first, x_index, x_weights = area_weights(box.x0, box.x1, factor, shape[1])
+    x_read = int(x_index.max()) + 1
     pixels = np.empty((*box.shape, 3), np.uint8)
     for y in range(box.y0, box.y1, strip):
         y1 = min(y + strip, box.y1)
-        y_first, y_weights = area_weights(y, y1, factor, shape[0])
-        region = Box(y_first, y_first + y_weights.shape[1], x_first, x_first + x_weights.shape[1])
-        values = source.read_region(level, region).astype(np.float64)
-        rows = np.einsum("ij,jwc->iwc", y_weights, values)
-        pixels[y - box.y0 : y1 - box.y0] = np.rint(np.einsum("iwc,kw->ikc", rows, x_weights)).clip(0, 255)
+        y_first, y_index, y_weights = area_weights(y, y1, factor, shape[0])
+        region = Box(y_first, y_first + int(y_index.max()) + 1, x_first, x_first + x_read)
+        values = source.read_region(level, region)
+        rows = _band_sum(values, y_index, y_weights, axis=0)
+        pixels[y - box.y0 : y1 - box.y0] = np.rint(_band_sum(rows, x_index, x_weights, axis=1)).clip(0, 255)
     return pixels
+
+
+def _band_sum(values: np.ndarray, index: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
+    """``out[i] = sum_k weights[i, k] * values[index[i, k]]`` along ``axis`` (0 or 1 of ``(h, w, 3)``), float32."""
+    shape = [1, 1, 1]
+    shape[axis] = -1
+    total = None
+    for k in range(index.shape[1]):
+        part = np.take(values, index[:, k], axis=axis).astype(np.float32)
+        part *= weights[:, k].reshape(shape)
+        total = part if total is None else total + part
+    return total

@@ -150,24 +150,6 @@ class Slide:
         """Every level as ``(dask array, (sy, sx) downsample)``."""
         return [(self.to_dask(i, chunk), lvl.downsample) for i, lvl in enumerate(self.levels)]
 
-    def best_level_for(self, downsample: float) -> tuple[int, int]:
-        """Level and integer coarsening factor that give ``downsample``.
-
-        Picks the level with the largest downsample ``d`` such that
-        ``downsample / d`` is within 1 % of a whole number ``k >= 1``; level 0
-        (``k = round(downsample)``) always qualifies.
-
-        Returns
-        -------
-        (level, k)
-        """
-        for index in range(len(self.levels) - 1, -1, -1):
-            d = float(np.mean(self.levels[index].downsample))
-            k = round(downsample / d)
-            if k >= 1 and abs(downsample / d - k) <= 0.01 * k:
-                return index, k
-        return 0, max(1, round(downsample))
-
 
 def _chunk_sizes(size: int, chunk: int) -> tuple[int, ...]:
     full, rest = divmod(size, chunk)

@@ -239,28 +239,35 @@ def scaled_size(size: int, factor: float) -> int:
     return max(1, math.ceil(size / factor - 1e-9))
 
 
-def area_weights(start: int, stop: int, factor: float, size: int) -> tuple[int, np.ndarray]:
-    """Weights of area downsampling by a non-integer ``factor`` along one axis.
+def area_weights(start: int, stop: int, factor: float, size: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """Weights of area downsampling by a non-integer ``factor`` along one axis, as a band.
 
     Output pixel ``i`` is the mean of the input over ``[i * factor, (i + 1) * factor)``
     (clipped to the ``size`` input pixels), each input pixel weighted by how much
     of it the interval covers. The weights of a pixel depend only on ``i``, so
-    windows read apart agree with one read of the whole image.
+    windows read apart agree with one read of the whole image. An interval
+    covers at most ``ceil(factor) + 1`` input pixels, so the weights are kept
+    as that many ``(index, weight)`` pairs per output pixel, not as a dense matrix.
 
     Returns
     -------
     first : int
-        The first input pixel used.
+        The first input pixel used (indices below are relative to it).
+    indices : np.ndarray
+        ``(stop - start, k)`` int64, input pixels ``first + indices[i]`` that output ``i`` averages.
     weights : np.ndarray
-        ``(stop - start, n)`` float64, each row summing to 1, over input pixels ``first .. first + n``.
+        ``(stop - start, k)`` float32, each row summing to 1 (0 where a slot is unused).
     """
     low = np.arange(start, stop, dtype=np.float64) * factor
     high = np.minimum(low + factor, size)
-    first, last = int(np.floor(low[0])), min(int(np.ceil(high[-1])), size)
-    edges = np.arange(first, last + 1, dtype=np.float64)
-    overlap = np.minimum(high[:, None], edges[None, 1:]) - np.maximum(low[:, None], edges[None, :-1])
+    first = int(np.floor(low[0]))
+    span = int(np.ceil(factor)) + 1
+    pixels = np.floor(low)[:, None].astype(np.int64) + np.arange(span)[None, :]
+    overlap = np.minimum(high[:, None], pixels + 1.0) - np.maximum(low[:, None], pixels.astype(np.float64))
     overlap = np.clip(overlap, 0.0, None)
-    return first, overlap / overlap.sum(axis=1, keepdims=True)
+    overlap[pixels >= size] = 0.0
+    weights = overlap / overlap.sum(axis=1, keepdims=True)
+    return first, np.minimum(pixels, size - 1) - first, weights.astype(np.float32)
 
 
 def downsample_mean(image: np.ndarray, ratio: int) -> np.ndarray:
@@ -278,7 +285,10 @@ def downsample_mean(image: np.ndarray, ratio: int) -> np.ndarray:
         ``(ceil(H / ratio), ceil(W / ratio), 3)`` uint8; output pixel ``(i, j)``
         is the rounded mean of input ``[i*r, (i+1)*r) x [j*r, (j+1)*r)``
         (partial blocks at the far edges average the pixels they have).
-        Whole blocks are summed in uint32 without copying the input.
+        Whole blocks are summed by adding strided slices (rows, then
+        columns) into a small integer type: a reduction over two strided axes
+        of a 5-D view is about ten times slower (``benchmarks/RESULTS.md``,
+        "Paying less per tile").
     """
     if ratio == 1:
         return image
@@ -287,14 +297,28 @@ def downsample_mean(image: np.ndarray, ratio: int) -> np.ndarray:
     full_h, full_w = height // ratio, width // ratio
     out = np.empty((out_h, out_w, channels), np.uint8)
     if full_h and full_w:
-        core = image[: full_h * ratio, : full_w * ratio].reshape(full_h, ratio, full_w, ratio, channels)
-        out[:full_h, :full_w] = _rounded_mean(core.sum(axis=(1, 3), dtype=np.uint32), ratio * ratio)
+        out[:full_h, :full_w] = _rounded_mean(_block_sums(image[: full_h * ratio, : full_w * ratio], ratio), ratio * ratio)
     # Partial blocks along the bottom and right edges.
     for i in range(out_h):
         for j in range(out_w) if i >= full_h else range(full_w, out_w):
             block = image[i * ratio : (i + 1) * ratio, j * ratio : (j + 1) * ratio].reshape(-1, channels)
             out[i, j] = _rounded_mean(block.sum(axis=0, dtype=np.uint32), block.shape[0])
     return out
+
+
+def _block_sums(image: np.ndarray, ratio: int) -> np.ndarray:
+    """``(H / r, W / r, C)`` sums of the ``r x r`` blocks of ``image`` (``H``, ``W`` multiples of ``r``),
+    uint16 while ``r * r * 255`` fits, else uint32."""
+    height, width, channels = image.shape
+    dtype = np.uint16 if ratio * ratio * 255 < np.iinfo(np.uint16).max - ratio * ratio else np.uint32
+    rows = image[0::ratio].astype(dtype)
+    for k in range(1, ratio):
+        rows += image[k::ratio]
+    columns = rows.reshape(height // ratio, width // ratio, ratio, channels)
+    sums = columns[:, :, 0].copy()
+    for k in range(1, ratio):
+        sums += columns[:, :, k]
+    return sums
 
 
 def _rounded_mean(sums: np.ndarray, count: int) -> np.ndarray:

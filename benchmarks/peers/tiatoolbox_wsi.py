@@ -1,5 +1,5 @@
 """(Benchmark only.) A whole slide through TIAToolbox 2.x's ``SemanticSegmentor`` with a wsiseg
-bundle's full-resolution network; run by ``bench_segment.py wsi-peer --peers tiatoolbox`` with the
+bundle's full-resolution network (its baseline, else Model 2 without context); run by ``bench_segment.py wsi-peer --peers tiatoolbox`` with the
 Python of a separate virtual environment that holds TIAToolbox, never wsiseg's own.
 
     python benchmarks/peers/tiatoolbox_wsi.py SLIDE MODEL OUT_DIR --tile 512 --halo 32
@@ -24,7 +24,7 @@ from pathlib import Path
 # wsiseg from this checkout (not installed in the peer's environment), and the benchmarks' helpers.
 sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1])]
 
-from common import Stopwatch, make_parser, peak_rss_mb, set_torch_threads  # noqa: E402
+from common import Stopwatch, full_resolution_network, make_parser, peak_rss_mb, set_torch_threads  # noqa: E402
 
 
 def main() -> None:
@@ -42,10 +42,8 @@ def main() -> None:
     from tiatoolbox.models.engine.semantic_segmentor import SemanticSegmentor
     from tiatoolbox.models.models_abc import ModelABC
 
-    from wsiseg.bundle import load_bundle, resolve_model
-
     set_torch_threads()
-    network = load_bundle(resolve_model(args.model)).model.eval()
+    network = full_resolution_network(args.model)
     patches = [0]
 
     class BundleNetwork(ModelABC):

@@ -289,13 +289,20 @@ def stage2_jobs(
                 del reads[chunk]  # a Dask scheduler keeps it until its users finish
 
 
+#: Most columns between neighbouring tiles of one refine batch (see :func:`_batches`).
+BATCH_GAP = 2
+
+
 def _batches(
     plan: Plan, refined: np.ndarray, done: set[tuple[int, int]], tiles_per_task: int
 ) -> list[tuple[str, list[tuple[int, int]]]]:
     """``("refine" | "compose", tiles)`` in row-major order of their first tile.
 
-    Selected tiles are batched by window shape (one forward pass per batch),
-    unrefined ones in runs of ``max(4 * tiles_per_task, 16)``.
+    Selected tiles are batched by window shape (one forward pass per batch)
+    and place: a batch's tiles lie in one row of tiles, at most
+    :data:`BATCH_GAP` columns apart, so what a batch reads stays together
+    (the first and the last tile of a row share a window shape too).
+    Unrefined ones go in runs of ``max(4 * tiles_per_task, 16)``.
     """
     grid = plan.grid
     batches: list[tuple[str, list[tuple[int, int]]]] = []
@@ -305,6 +312,9 @@ def _batches(
         if (row, col) in done:
             continue
         key: Any = grid.window(row, col, plan.halo).shape if refined[row, col] else "compose"
+        last = pending[key][-1] if pending.get(key) else None
+        if key != "compose" and last is not None and (last[0] != row or col - last[1] > BATCH_GAP):
+            batches.append(("refine", pending.pop(key)))
         pending[key].append((row, col))
         if len(pending[key]) == (compose_size if key == "compose" else tiles_per_task):
             batches.append(("compose" if key == "compose" else "refine", pending.pop(key)))

@@ -71,23 +71,29 @@ class SegmentationResult:
 
 
 class ImageSource:
-    """An ``(H, W, 3)`` uint8 image as a one-level pyramid (coarser views are block means, or
-    area-resampled where the factor is not whole), with its pixel size when known."""
+    """An ``(H, W, 3)`` uint8 image as a pyramid, with its pixel size when known.
 
-    def __init__(self, image: np.ndarray, mpp: float | None = None) -> None:
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise InputError(
-                f"expected an (H, W, 3) uint8 RGB image, got shape {image.shape} and dtype {image.dtype}"
-            )
+    Without ``coarser`` it is one level (coarser views are block means, or
+    area-resampled where the factor is not whole); ``coarser`` adds reduced
+    levels as a slide stores them (``(h, w, 3)`` uint8 each, its downsample
+    level 0's size over its own), so a run reads them as it reads a slide's.
+    """
+
+    def __init__(self, image: np.ndarray, mpp: float | None = None, coarser: tuple[np.ndarray, ...] = ()) -> None:
+        for level in (image, *coarser):
+            if level.ndim != 3 or level.shape[2] != 3 or level.dtype != np.uint8:
+                raise InputError(
+                    f"expected an (H, W, 3) uint8 RGB image, got shape {level.shape} and dtype {level.dtype}"
+                )
         self.image = image
-        self.levels = (Level(image.shape[:2], (1.0, 1.0), None),)
+        self.images = (image, *coarser)
+        height, width = image.shape[:2]
+        self.levels = tuple(Level(level.shape[:2], (height / level.shape[0], width / level.shape[1]), None)
+                            for level in self.images)
         self.mpp = (mpp, mpp) if mpp else None
 
     def read_region(self, level: int, box: Box) -> np.ndarray:
-        return self.image[box.slices()]
-
-    def best_level_for(self, downsample: float) -> tuple[int, int]:
-        return 0, max(1, round(downsample))
+        return self.images[level][box.slices()]
 
 
 class MemoryStore:
@@ -121,7 +127,7 @@ class LoadedModels:
 
 
 def segment_image(
-    image: np.ndarray,
+    image: np.ndarray | ImageSource,
     model1: Any,
     model2: Any,
     config: TwoStageConfig = TwoStageConfig(),
@@ -136,8 +142,8 @@ def segment_image(
 
     Parameters
     ----------
-    image : np.ndarray
-        ``(H, W, 3)`` uint8 RGB.
+    image : np.ndarray or ImageSource
+        ``(H, W, 3)`` uint8 RGB, or an :class:`ImageSource` (an image with reduced levels).
     model1, model2 : SegmentationModel
         Same class count and feature channels.
     config : TwoStageConfig
@@ -192,7 +198,7 @@ def segment_full_resolution(
 
 def _run(
     models: dict[str, Any],
-    image: np.ndarray,
+    image: np.ndarray | ImageSource,
     config: TwoStageConfig,
     full_resolution: bool,
     device: str,
@@ -206,7 +212,7 @@ def _run(
     from wsiseg.runtime import synchronize
 
     start = time.perf_counter()
-    source = ImageSource(image)
+    source = image if isinstance(image, ImageSource) else ImageSource(image)
     if downsample < 1:
         raise InputError(f"an image is worked at its own pixels or coarser, not downsampled by {downsample}")
     runners = {role: ModelRunner(model, device, count_work=False) for role, model in models.items()}

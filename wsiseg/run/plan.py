@@ -34,8 +34,6 @@ class Source(Protocol):
 
     def read_region(self, level: int, box: Box) -> np.ndarray: ...
 
-    def best_level_for(self, downsample: float) -> tuple[int, int]: ...
-
 
 class Store(Protocol):
     """Named arrays a run reads and writes (an OME-Zarr output or arrays in memory)."""
@@ -333,17 +331,23 @@ def auto_tile_size(file_tile: tuple[int, int] | None, stride: int, target: int =
 def view_for(source: Any, downsample: float) -> tuple[int, float]:
     """Level and coarsening factor that give ``downsample`` (level-0 pixels per pixel).
 
-    A level whose downsample divides it (within 1 %, :meth:`~wsiseg.slide.Slide.best_level_for`)
-    gives a whole factor (block means); otherwise the coarsest level finer than
-    it is area-resampled by the remaining, non-integer factor.
+    The coarsest level whose downsample divides it (within 1 %) gives a whole
+    factor: block means of the level's own pixels. Otherwise the coarsest
+    level finer than it is area-resampled by the remaining, non-integer
+    factor. A 0.5 um slide read at 1/3 therefore takes block means of 3 over
+    level 0, not level 1 resampled by 1.5: that decodes 4 times the pixels,
+    but level 1's own JPEG costs Model 1 1.7 points of Dice on the val split
+    (``benchmarks/RESULTS.md``, "Where stage 1 reads on 20x slides").
     """
-    level, whole = source.best_level_for(downsample)
-    if abs(downsample / float(np.mean(source.levels[level].downsample)) - whole) <= 0.01 * whole:
-        return level, whole
-    level = max(
-        (i for i, lv in enumerate(source.levels) if float(np.mean(lv.downsample)) <= downsample * 1.01), default=0
-    )
-    return level, downsample / float(np.mean(source.levels[level].downsample))
+    def level_downsample(index: int) -> float:
+        return float(np.mean(source.levels[index].downsample))
+
+    for level in range(len(source.levels) - 1, -1, -1):
+        whole = round(downsample / level_downsample(level))
+        if whole >= 1 and abs(downsample / level_downsample(level) - whole) <= 0.01 * whole:
+            return level, whole
+    level = max((i for i in range(len(source.levels)) if level_downsample(i) <= downsample * 1.01), default=0)
+    return level, downsample / level_downsample(level)
 
 
 def working_scale(
