@@ -39,7 +39,7 @@ class ModelRunner:
     Parameters
     ----------
     model : SegmentationModel
-        Left as it is: the runner holds an eval-mode copy with its batch norms
+        Put in eval mode; the runner holds a copy of it with its batch norms
         folded into the convolutions (:func:`~wsiseg.models.base.fold_batch_norms`),
         moved to ``device``.
     device : str or torch.device
@@ -68,6 +68,7 @@ class ModelRunner:
         self.device = resolve_device(device)
         self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        model.eval()
         self.model = fold_batch_norms(model).to(self.device, memory_format=memory_format)
         self.batch_size = 1 if self.device.type == "cpu" else 4
         self.count_work = count_work
