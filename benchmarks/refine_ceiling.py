@@ -119,14 +119,18 @@ def model1_pixel_features(bundle: Any, image: Any, setting: Any) -> Any:
                            entropy(probabilities)[None]], axis=0)
 
 
-def tile_features(maps: Any, box: Any, shape: tuple[int, int]) -> list[float]:
-    """Means of the per-pixel ``maps`` (``(K, h, w)``, the low-resolution view) over the tile ``box`` (working
-    pixels of an image of ``shape``)."""
-    k, h, w = maps.shape
+def tile_crop(maps: Any, box: Any, shape: tuple[int, int]) -> Any:
+    """The part of low-resolution ``(K, h, w)`` maps under the tile ``box`` (working pixels of an image of ``shape``)."""
+    _, h, w = maps.shape
     sy, sx = shape[0] / h, shape[1] / w
-    crop = maps[:, int(box.y0 / sy): max(int(box.y0 / sy) + 1, round(box.y1 / sy)),
+    return maps[:, int(box.y0 / sy): max(int(box.y0 / sy) + 1, round(box.y1 / sy)),
                 int(box.x0 / sx): max(int(box.x0 / sx) + 1, round(box.x1 / sx))]
-    return crop.reshape(k, -1).mean(axis=1).tolist()
+
+
+def tile_features(maps: Any, box: Any, shape: tuple[int, int]) -> list[float]:
+    """Means of the per-pixel ``maps`` (``(K, h, w)``, the low-resolution view) over the tile ``box``."""
+    crop = tile_crop(maps, box, shape)
+    return crop.reshape(crop.shape[0], -1).mean(axis=1).tolist()
 
 
 def fit_gain_head(tiles: list[dict], alphas: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0), folds: int = 5) -> Any:
@@ -182,10 +186,8 @@ def candidate_scores(probabilities: Any, box: Any, shape: tuple[int, int]) -> di
 
     from wsiseg.uncertainty import entropy
 
-    c, h, w = probabilities.shape
-    sy, sx = shape[0] / h, shape[1] / w
-    crop = probabilities[:, int(box.y0 / sy): max(int(box.y0 / sy) + 1, round(box.y1 / sy)),
-                         int(box.x0 / sx): max(int(box.x0 / sx) + 1, round(box.x1 / sx))].astype(np.float64)
+    c = probabilities.shape[0]
+    crop = tile_crop(probabilities, box, shape).astype(np.float64)
     foreground = crop[0] if c == 1 else 1.0 - crop[0]
     mean_foreground = float(foreground.mean())
     scores = {"per-nucleus": float(entropy(crop).mean()) / max(mean_foreground, 0.01),

@@ -25,14 +25,13 @@ sampling).
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench_segment import run_segment
 from common import RESULTS, command_line, header, machine, make_parser, write_result
 
 FRACTIONS = tuple(round(0.05 * i, 2) for i in range(21))
@@ -96,11 +95,6 @@ def reached(rows: list[dict[str, float]], target: float) -> float | None:
     return next((row["fraction"] for row in rows if row["dice"] >= target), None)
 
 
-def segment(slide: Path, out: Path, workers: int, *flags: str) -> None:
-    subprocess.run([sys.executable, "-m", "wsiseg.cli", "segment", str(slide), "--out", str(out), "--quiet",
-                    "--workers", str(workers), *flags], check=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser(__doc__)
     parser.add_argument("slide", type=Path)
@@ -109,10 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="wsiseg-ceiling-"))
     try:
-        segment(args.slide, scratch / "alone.zarr", args.workers, "--threshold", "2")
-        segment(args.slide, scratch / "everywhere.zarr", args.workers, "--full-resolution")
+        reports = [run_segment(args.slide, scratch / "alone.zarr", ["--threshold", "2"], args.workers, None),
+                   run_segment(args.slide, scratch / "everywhere.zarr", ["--full-resolution"], args.workers, None)]
         counts = tile_disagreement(scratch / "alone.zarr", scratch / "everywhere.zarr")
-        reports = [json.loads((scratch / name / "report.json").read_text()) for name in ("alone.zarr", "everywhere.zarr")]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     result = curves(counts)

@@ -226,3 +226,24 @@ def test_only_known_blocks_fold_their_named_pairs_and_an_uncopyable_model_is_kep
         torch.testing.assert_close(folded(x), model.eval()(x))
     model.cached = torch.rand(3, requires_grad=True) * 2  # a tensor made inside a graph: deepcopy refuses it
     assert fold_batch_norms(model) is model
+
+
+def test_runners_of_one_model_share_its_folded_copy_until_its_weights_change() -> None:
+    """Evaluation makes a runner per image: the folded copy is made once per model state, and an
+    optimiser step (an in-place change of the weights) gives the next runner a fresh copy with the new weights."""
+    from wsiseg.inference import ModelRunner
+
+    torch.manual_seed(0)
+    model = build_model("unet", 2, backbone="resnet_lite")
+    first, second = ModelRunner(model, "cpu", count_work=False), ModelRunner(model, "cpu", count_work=False)
+    assert second.model is first.model and first.model is not model
+    model.train()
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.rand(2, 3, 32, 32))[0].mean().backward()
+    optimiser.step()
+    third = ModelRunner(model, "cpu", count_work=False)
+    assert third.model is not first.model and not model.training
+    x = torch.rand(1, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(third.model(x)[0], model(x)[0], rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(first.model(x)[0], model(x)[0], atol=1e-4)

@@ -85,7 +85,6 @@ class ImageSource:
                 raise InputError(
                     f"expected an (H, W, 3) uint8 RGB image, got shape {level.shape} and dtype {level.dtype}"
                 )
-        self.image = image
         self.images = (image, *coarser)
         height, width = image.shape[:2]
         self.levels = tuple(Level(level.shape[:2], (height / level.shape[0], width / level.shape[1]), None)

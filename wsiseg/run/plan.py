@@ -336,8 +336,9 @@ def view_for(source: Any, downsample: float) -> tuple[int, float]:
     level finer than it is area-resampled by the remaining, non-integer
     factor. A 0.5 um slide read at 1/3 therefore takes block means of 3 over
     level 0, not level 1 resampled by 1.5: that decodes 4 times the pixels,
-    but level 1's own JPEG costs Model 1 1.7 points of Dice on the val split
-    (``benchmarks/RESULTS.md``, "Where stage 1 reads on 20x slides").
+    but reading level 1 cost Model 1 1.7 points of Dice on the val split
+    stored as a slide (``benchmarks/RESULTS.md``, "Where stage 1 reads on
+    20x slides").
     """
     def level_downsample(index: int) -> float:
         return float(np.mean(source.levels[index].downsample))
